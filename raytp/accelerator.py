@@ -1,0 +1,156 @@
+"""The one place that knows device names, Ray resources, process-group backends and device env vars.
+
+``Accelerator`` answers, for cpu / xpu / cuda: the Ray bundle of one rank, the torch
+device of a rank, the torch.distributed backend, the environment a worker needs
+before it imports torch's distributed or DeepSpeed, and whether the node has the
+devices. Probes of the hardware are plain functions so the choices are unit-tested
+without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from raytp.errors import ConfigError
+
+
+def _torch_has(device: str) -> bool:
+    import torch
+
+    mod = getattr(torch, device, None)
+    try:
+        return bool(mod is not None and mod.is_available())
+    except Exception:  # noqa: BLE001 - a broken driver stack means "not available"
+        return False
+
+
+def _device_count(device: str) -> int:
+    import torch
+
+    return int(getattr(torch, device).device_count()) if _torch_has(device) else 0
+
+
+def _xccl_available() -> bool:
+    import torch.distributed as dist
+
+    probe = getattr(dist, "is_xccl_available", None)
+    return bool(probe and probe())
+
+
+def _ccl_importable() -> bool:
+    return importlib.util.find_spec("oneccl_bindings_for_pytorch") is not None
+
+
+def select_xpu_backend(xccl_available: bool, ccl_importable: bool) -> str:
+    """torch-native ``xccl`` (torch >= 2.8 XPU builds) first, else ``ccl`` from oneccl_bindings_for_pytorch."""
+    if xccl_available:
+        return "xccl"
+    if ccl_importable:
+        return "ccl"
+    raise ConfigError(
+        "device",
+        "xpu needs a collective backend: install torch's XPU build (ships 'xccl') or oneccl_bind_pt (provides 'ccl'); "
+        "see README 'Intel XPU'.",
+    )
+
+
+def resolve_device(requested: str, *, has=_torch_has) -> str:
+    """Map ``auto`` to the first of xpu, cuda, cpu that torch can use here."""
+    if requested != "auto":
+        return requested
+    for device in ("xpu", "cuda"):
+        if has(device):
+            return device
+    return "cpu"
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """Hardware facts for one device type. Instances: ``get('cpu' | 'xpu' | 'cuda')``."""
+
+    name: str
+    default_dtype: str
+    # Ray resource that one rank's bundle asks for besides CPU (Ray counts Intel GPUs as "GPU" too).
+    ray_device_resource: str | None
+    deepspeed_accelerator: str
+
+    def bundle(self, num_cpus: float) -> dict[str, float]:
+        """Resources of one rank's placement-group bundle."""
+        b = {"CPU": float(num_cpus)}
+        if self.ray_device_resource:
+            b[self.ray_device_resource] = 1.0
+        return b
+
+    def torch_device(self, local_rank: int = 0) -> str:
+        """The torch device a rank uses. Ray restricts device visibility to the rank's one device, so it is index 0."""
+        del local_rank  # Ray's per-actor visibility (CUDA_VISIBLE_DEVICES / ONEAPI_DEVICE_SELECTOR) already picks it
+        return "cpu" if self.name == "cpu" else f"{self.name}:0"
+
+    def backend(self, *, xccl_available=None, ccl_importable=None) -> str:
+        """torch.distributed backend for this device; probes the installed torch unless told."""
+        if self.name == "cpu":
+            return "gloo"  # DeepSpeed swaps in its shared-memory all-reduce for AutoTP on CPU
+        if self.name == "cuda":
+            return "nccl"
+        return select_xpu_backend(
+            _xccl_available() if xccl_available is None else xccl_available,
+            _ccl_importable() if ccl_importable is None else ccl_importable,
+        )
+
+    def worker_env(self, *, rank: int, world_size: int, master_addr: str, master_port: int, num_threads: int) -> dict[str, str]:
+        """Environment a rank sets before importing torch.distributed users (DeepSpeed reads these at import/init)."""
+        env = {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            # DeepSpeed's shm all-reduce segfaults without LOCAL_SIZE; a TP group is on one node (STRICT_PACK).
+            "LOCAL_SIZE": str(world_size),
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            "DS_ACCELERATOR": self.deepspeed_accelerator,
+            # Ray sets OMP_NUM_THREADS=1 in actors; give each rank the CPUs of its bundle.
+            "OMP_NUM_THREADS": str(num_threads),
+            "MKL_NUM_THREADS": str(num_threads),
+        }
+        if self.name == "xpu":
+            env.update({
+                # Settings from Intel's DeepSpeed AutoTP examples: exchange IPC handles over sockets,
+                # no MPI launcher (Ray is the launcher), local rank/size for oneCCL's topology.
+                "CCL_ZE_IPC_EXCHANGE": "sockets",
+                "CCL_PROCESS_LAUNCHER": "none",
+                "CCL_LOCAL_RANK": str(rank),
+                "CCL_LOCAL_SIZE": str(world_size),
+                "CCL_ATL_TRANSPORT": "ofi",
+                "FI_PROVIDER": "tcp",
+            })
+        return env
+
+    def check_available(self, num_devices: int) -> None:
+        """Fail at startup if this node cannot provide ``num_devices`` of this device type."""
+        if self.name == "cpu":
+            return
+        if not _torch_has(self.name):
+            hint = "install torch's XPU build and Intel's GPU driver (README 'Intel XPU')" if self.name == "xpu" else \
+                "install a CUDA build of torch and the NVIDIA driver"
+            raise ConfigError("device", f"{self.name} requested but torch sees no {self.name} device; {hint}, or use device: cpu.")
+        found = _device_count(self.name)
+        if found < num_devices:
+            raise ConfigError(
+                "tensor_parallel_size",
+                f"{num_devices} {self.name} devices needed per replica but this node has {found}.",
+            )
+
+
+_ACCELERATORS = {
+    "cpu": Accelerator("cpu", "bfloat16", None, "cpu"),
+    "xpu": Accelerator("xpu", "float16", "GPU", "xpu"),
+    "cuda": Accelerator("cuda", "float16", "GPU", "cuda"),
+}
+
+
+def get(name: str) -> Accelerator:
+    try:
+        return _ACCELERATORS[name]
+    except KeyError:
+        raise ConfigError("device", f"unknown device {name!r}; choose auto, cpu, xpu or cuda.") from None

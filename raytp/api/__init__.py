@@ -1,0 +1,1 @@
+"""OpenAI-compatible schemas (protocol) and conversions between them and engine types (openai)."""

@@ -1,0 +1,26 @@
+"""The few places where transformers 4.4x (ipex-llm's pin) and transformers 5 differ."""
+
+from __future__ import annotations
+
+import transformers
+from packaging.version import Version
+
+TRANSFORMERS_5 = Version(transformers.__version__) >= Version("5.0.0")
+
+
+def dtype_kwarg(dtype) -> dict:
+    """transformers 5 takes ``dtype=``; 4.x takes ``torch_dtype=``."""
+    return {"dtype": dtype} if TRANSFORMERS_5 else {"torch_dtype": dtype}
+
+
+def cache_arg_name(model) -> str:
+    """Newer transformers 5 releases call the KV-cache argument ``cache``; older ones ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under whichever name this transformers uses."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

@@ -1,0 +1,1 @@
+"""The engine: scheduler (pure Python), engine loop, detokenizer. Imports neither torch nor Ray."""

@@ -1,0 +1,51 @@
+"""Incremental detokenization with exact stop-string cuts.
+
+Text is emitted only when it is stable: never a partial multi-byte character (the
+decoder's U+FFFD marks one) and never a tail that could still become a stop string,
+so a stop string never leaks into a stream, even when it spans several tokens.
+"""
+
+from __future__ import annotations
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self._holdback = max((len(s) for s in self.stop), default=1) - 1
+        self._ids: list[int] = []
+        self._prefix = 0  # decode window start: a token boundary where text was clean
+        self._read = 0  # tokens whose text is already in self.text
+        self.text = ""  # all decoded text so far (before any stop cut)
+        self._emitted = 0  # chars of self.text already returned
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Add one generated token; return (new stable text, stop string hit)."""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.text += new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self._ids)
+        # The holdback guarantees any new stop match starts at or after the emitted text.
+        hits = [at for at in (self.text.find(s, self._emitted) for s in self.stop) if at != -1]
+        if hits:
+            at = min(hits)
+            delta = self.text[self._emitted:at]
+            self._emitted = at
+            return delta, True
+        stable = len(self.text) - self._holdback
+        if stable <= self._emitted:
+            return "", False
+        delta = self.text[self._emitted:stable]
+        self._emitted = stable
+        return delta, False
+
+    def flush(self) -> str:
+        """Text held back for a possible stop string; call when the sequence ends without one."""
+        delta = self.text[self._emitted:]
+        self._emitted = len(self.text)
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

@@ -1,0 +1,170 @@
+"""The engine loop: schedule → execute → update, over every live request of one replica.
+
+One asyncio task owns the gang: it alone sends commands to the executor, so ranks
+see one ordered command stream and requests never interleave wrongly. Requests
+enter through ``generate`` (an async iterator of ``RequestOutput`` deltas) and leave
+when finished, aborted (the iterator is closed) or failed (``EngineDeadError``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+
+from raytp.engine.detokenizer import IncrementalDetokenizer
+from raytp.engine.scheduler import SchedulerOutput, Sequence, StaticBatchScheduler
+from raytp.engine.types import RequestOutput, SamplingParams
+from raytp.errors import EngineDeadError
+
+logger = logging.getLogger(__name__)
+
+
+class _Stream:
+    def __init__(self, seq: Sequence, detok: IncrementalDetokenizer):
+        self.seq = seq
+        self.detok = detok
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.pending_ids: list[int] = []  # tokens whose text is still held back
+
+
+class Engine:
+    """Owns a scheduler and an executor. ``executor`` needs ``start()``, ``execute(kind, *args)``, ``shutdown()``."""
+
+    def __init__(self, executor, tokenizer, *, max_num_seqs: int, max_queue_size: int, seed: int = 0, scheduler=None):
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler or StaticBatchScheduler(max_num_seqs, max_queue_size)
+        self.eos_token_id = tokenizer.eos_token_id
+        self._streams: dict[str, _Stream] = {}
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task | None = None
+        self._dead: EngineDeadError | None = None
+        self._seeds = random.Random(seed)
+        self.load_reports = []
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    async def start(self, warmup: bool = True) -> None:
+        """Start the gang, run the loop, and (optionally) prove it with a 2-token warm-up generation."""
+        self.load_reports = await self.executor.start()
+        self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
+        if warmup:
+            prompt = tuple(self.tokenizer.encode("warm up", add_special_tokens=False)) or (0,)
+            async for _ in self.generate("warmup", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)):
+                pass
+
+    def check_health(self) -> None:
+        """Raise ``EngineDeadError`` if the gang or the loop has failed."""
+        if self._dead is not None:
+            raise self._dead
+        if self._loop_task is None or self._loop_task.done():
+            raise EngineDeadError("engine loop is not running")
+
+    async def shutdown(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+        self._fail_all(EngineDeadError("engine shut down"))
+        self.executor.shutdown()
+
+    # ---- requests --------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_ids: tuple[int, ...], params: SamplingParams):
+        """Yield ``RequestOutput`` deltas until one has ``finish_reason``. Closing the iterator aborts the request.
+
+        Raises ``EngineDeadError`` if the gang fails, ``QueueFullError`` if the replica is at capacity.
+        """
+        self.check_health()
+        if request_id in self._streams:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not params.greedy and params.seed is None:
+            params = _with_seed(params, self._seeds.getrandbits(63))
+        seq = Sequence(request_id, tuple(prompt_ids), params)
+        self.scheduler.add(seq)
+        stream = self._streams[request_id] = _Stream(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
+        self._wake.set()
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if not seq.finished:
+                self.scheduler.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self.scheduler.num_waiting
+
+    # ---- the loop --------------------------------------------------------------------------
+    async def _run_loop(self) -> None:
+        try:
+            while True:
+                if not await self.step():
+                    self._wake.clear()
+                    await self._wake.wait()
+        except EngineDeadError as e:
+            self._dead = e
+            self._fail_all(e)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug here must not leave requests hanging
+            logger.exception("engine loop crashed")
+            self._dead = EngineDeadError(f"engine loop crashed: {type(e).__name__}: {e}")
+            self._fail_all(self._dead)
+
+    async def step(self) -> bool:
+        """One iteration. Returns False when there was nothing to do."""
+        out = self.scheduler.schedule()  # 1. schedule
+        if out.kind == "idle":
+            return False
+        args = ([s.to_input() for s in out.seqs],) if out.kind == "prefill" else ()
+        tokens = await self.executor.execute(out.kind, *args)  # 2. execute (all ranks, one round trip)
+        if out.kind != "release":
+            self._update(out, tokens)  # 3. update
+        return True
+
+    def _update(self, out: SchedulerOutput, tokens: list[int]) -> None:
+        for seq, token in zip(out.seqs, tokens):
+            if seq.finished:
+                continue
+            stream = self._streams.get(seq.seq_id)
+            if stream is None:  # its caller went away between steps
+                seq.finish_reason = "abort"
+                continue
+            seq.output_ids.append(token)
+            stream.pending_ids.append(token)
+            hit_eos = token == self.eos_token_id and not seq.params.ignore_eos
+            delta, hit_stop = ("", False) if hit_eos else stream.detok.add(token)
+            if hit_eos or hit_stop:
+                seq.finish_reason = "stop"
+            elif len(seq.output_ids) >= seq.params.max_tokens:
+                seq.finish_reason = "length"
+            if seq.finish_reason and not hit_stop:
+                delta += stream.detok.flush()
+            if delta or seq.finish_reason:
+                stream.queue.put_nowait(RequestOutput(
+                    request_id=seq.seq_id, text=delta, token_ids=stream.pending_ids,
+                    num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+                    finish_reason=seq.finish_reason,
+                ))
+                stream.pending_ids = []
+
+    def _fail_all(self, error: EngineDeadError) -> None:
+        self.scheduler.drain()
+        for stream in list(self._streams.values()):
+            stream.seq.finish_reason = stream.seq.finish_reason or "error"
+            stream.queue.put_nowait(error)
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)

@@ -1,0 +1,127 @@
+"""The gang: one Ray actor per placement-group bundle, one process group, one seam.
+
+``RayExecutor`` creates the workers in the caller's placement group (a Serve
+replica's own, or one it makes when run outside Serve), walks them through their
+init phases, then drives them with ``collective_rpc``: the same method and the same
+arguments to every rank. Any failure — a dead actor, a timeout, a worker exception —
+marks the executor dead for good: a broken process group is never retried; the
+replica is replaced as a unit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ray
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raytp import accelerator
+from raytp.config import ResolvedConfig
+from raytp.engine.types import LoadReport
+from raytp.errors import EngineDeadError
+from raytp.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+class RayExecutor:
+    def __init__(self, config: ResolvedConfig):
+        self.config = config
+        self.workers: list = []
+        self.load_reports: list[LoadReport] = []
+        self._own_pg = None
+        self._dead_reason: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.config.tensor_parallel_size
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead_reason
+
+    async def start(self) -> list[LoadReport]:
+        """Create, connect and load the gang; raise ``EngineDeadError`` if any phase fails or times out."""
+        cfg = self.config
+        accel = accelerator.get(cfg.device)
+        pg = get_current_placement_group()
+        if pg is None:  # outside Serve (tests, benchmarks): make the group a Serve replica would own
+            pg = self._own_pg = placement_group([accel.bundle(cfg.num_cpus_per_worker)] * self.world_size,
+                                                strategy=cfg.placement_strategy)
+        actor_cls = ray.remote(Worker)
+        num_gpus = 1 if accel.ray_device_resource == "GPU" else 0
+        # 1. One actor per bundle, pinned to it.
+        self.workers = [
+            actor_cls.options(
+                num_cpus=cfg.num_cpus_per_worker,
+                num_gpus=num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank,
+                    placement_group_capture_child_tasks=True,
+                ),
+                name=None,
+                max_restarts=0,  # a restarted rank could never rejoin the process group
+            ).remote(rank, cfg)
+            for rank in range(self.world_size)
+        ]
+        timeout = cfg.worker_start_timeout_s
+        try:
+            # 2. Rank 0 publishes its address and a free port; 3. every rank sets its env and device.
+            addr, port = await self._wait([self.workers[0].node_address.remote()], timeout, "rendezvous")
+            await self._wait([w.init_device.remote(addr, port) for w in self.workers], timeout, "init_device")
+            # 4. All ranks join the process group together (it blocks until all have).
+            await self._wait([w.init_distributed.remote() for w in self.workers], timeout, "init_distributed")
+            # 5. Load: AutoTP's init is collective, so all ranks load at once.
+            self.load_reports = await self._wait([w.load_model.remote() for w in self.workers], timeout, "load_model", all_results=True)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self.load_reports
+
+    async def collective_rpc(self, method: str, *args, timeout_s: float | None = None) -> list:
+        """Call ``Worker.execute(method, *args)`` on every rank; return every rank's result in rank order."""
+        if self._dead_reason:
+            raise EngineDeadError(f"TP gang is dead: {self._dead_reason}")
+        refs = [w.execute.remote(method, *args) for w in self.workers]
+        return await self._wait(refs, timeout_s or self.config.step_timeout_s, method, all_results=True)
+
+    async def execute(self, method: str, *args):
+        """``collective_rpc`` returning rank 0's result (the sampled tokens)."""
+        return (await self.collective_rpc(method, *args))[0]
+
+    async def pids(self) -> list[int]:
+        return await self._wait([w.pid.remote() for w in self.workers], 30, "pid", all_results=True)
+
+    async def _wait(self, refs: list, timeout_s: float, what: str, all_results: bool = False):
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*refs), timeout_s)
+        except asyncio.TimeoutError:
+            self._mark_dead(f"'{what}' did not finish within {timeout_s:.0f}s on all ranks")
+            raise EngineDeadError(f"TP gang is dead: {self._dead_reason}") from None
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a dead actor or any worker exception breaks the group
+            self._mark_dead(f"'{what}' failed: {type(e).__name__}: {e}")
+            raise EngineDeadError(f"TP gang is dead: {self._dead_reason}") from e
+        return results if all_results else results[0]
+
+    def _mark_dead(self, reason: str) -> None:
+        if not self._dead_reason:
+            logger.error("raytp gang failure: %s", reason)
+            self._dead_reason = reason
+
+    def shutdown(self) -> None:
+        """Kill every rank (a broken group cannot barrier) and free a placement group we made."""
+        for w in self.workers:
+            try:
+                ray.kill(w, no_restart=True)
+            except Exception:  # noqa: BLE001 - already dead is fine
+                pass
+        self.workers = []
+        if self._own_pg is not None:
+            remove_placement_group(self._own_pg)
+            self._own_pg = None
+        if not self._dead_reason:
+            self._dead_reason = "shut down"

@@ -1,0 +1,43 @@
+"""The application builder named in serve_config.yaml: ``import_path: raytp.serve.app:build_app``.
+
+``build_app(args)`` validates ``args`` once (``RaytpConfig`` → ``resolve``) and binds
+the ingress to one server deployment whose replicas each own a placement group of
+``tensor_parallel_size`` bundles. Deployment options in serve_config.yaml's
+``deployments:`` section (num_replicas, autoscaling_config, ...) override these defaults
+by deployment name: ``OpenAIIngress`` and ``LLMServer``.
+"""
+
+from __future__ import annotations
+
+from ray import serve
+
+from raytp import accelerator
+from raytp.config import RaytpConfig, ResolvedConfig, resolve
+from raytp.serve.ingress import OpenAIIngress
+from raytp.serve.server import LLMServer
+
+
+def server_deployment(config: ResolvedConfig):
+    """The ``LLMServer`` deployment with one bundle per rank."""
+    bundle = accelerator.get(config.device).bundle(config.num_cpus_per_worker)
+    return serve.deployment(
+        LLMServer,
+        name="LLMServer",
+        placement_group_bundles=[bundle] * config.tensor_parallel_size,
+        placement_group_strategy=config.placement_strategy,
+        # The replica actor lives in bundle 0 beside rank 0: it must take none of the rank's CPU.
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.max_num_seqs + config.max_queue_size,
+        health_check_period_s=5,
+        health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=30,
+    )
+
+
+def build_app(args: dict | None = None, *, engine_factory=None):
+    """Validate ``args`` (a ``RaytpConfig`` dict) and return the bound Serve application."""
+    config = resolve(RaytpConfig(**(args or {})))
+    server = server_deployment(config).bind(config, engine_factory)
+    ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=1000)
+    return ingress.bind(server, config.api_key)

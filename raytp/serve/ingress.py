@@ -1,0 +1,159 @@
+"""The ingress deployment: FastAPI routes of the OpenAI API, auth, SSE, errors, and the Python handle API.
+
+HTTP: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
+``GET /health``. Every error is an OpenAI-style body ``{"error": {message, type,
+param, code}}``. A streaming client that disconnects cancels its server-side
+generator, which aborts the request in the engine.
+
+Python (``serve.get_app_handle(app_name)`` returns a handle to this deployment):
+``generate(prompt, **sampling) -> str``, ``generate_stream(prompt, **sampling)``
+(with ``handle.options(stream=True)``; yields text deltas), ``completions(body)`` /
+``chat_completions(body)`` (OpenAI bodies in and out), ``models()``, ``health()``.
+"""
+
+
+import hmac
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from raytp.api.openai import invalid_request
+from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
+from raytp.errors import AuthenticationError, EngineDeadError, QueueFullError, RaytpError
+
+logger = logging.getLogger("ray.serve")
+app = FastAPI(title="raytp", description="Tensor-parallel LLM serving on Ray Serve (OpenAI-compatible API)")
+
+
+def to_raytp_error(e: BaseException) -> RaytpError:
+    """Map whatever a handle call raised to a typed raytp error."""
+    if isinstance(e, RaytpError):
+        return e
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, RaytpError):
+        return cause
+    if isinstance(e, RayActorError) or isinstance(cause, RayActorError):
+        return EngineDeadError("the model replica died; retry shortly while it is replaced")
+    if isinstance(e, RayTaskError):
+        logger.error("raytp: server error: %s", e)
+        return RaytpError(f"internal error: {type(cause or e).__name__}")
+    logger.exception("raytp: unexpected error", exc_info=e)
+    return RaytpError(f"internal error: {type(e).__name__}")
+
+
+def error_response(err: RaytpError) -> JSONResponse:
+    headers = {"Retry-After": str(err.retry_after_s)} if isinstance(err, QueueFullError) else None
+    return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _bad_request(_: Request, exc: RequestValidationError):
+    return error_response(invalid_request(list(exc.errors())))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException):
+    err = RaytpError(str(exc.detail), code=str(exc.status_code))
+    err.status_code = exc.status_code
+    err.error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return error_response(err)
+
+
+async def _sse(gen, first):
+    """OpenAI SSE framing; a mid-stream failure becomes an error event, then [DONE]."""
+    try:
+        if first is not None:
+            yield f"data: {json.dumps(first)}\n\n"
+        async for chunk in gen:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except Exception as e:  # noqa: BLE001
+        yield f"data: {json.dumps(to_raytp_error(e).to_dict())}\n\n"
+    finally:
+        gen.cancel()  # no-op when finished; on client disconnect it aborts the request in the engine
+    yield "data: [DONE]\n\n"
+
+
+@serve.ingress(app)
+class OpenAIIngress:
+    def __init__(self, server, api_key: "str | None" = None):
+        self.server = server
+        self.api_key = api_key
+
+    # ---- HTTP ------------------------------------------------------------------------------
+    @app.get("/health")
+    async def http_health(self):
+        try:
+            return await self.server.health.remote()
+        except Exception as e:  # noqa: BLE001
+            return error_response(to_raytp_error(e))
+
+    @app.get("/v1/models")
+    async def http_models(self, request: Request):
+        return await self._call(request, "models")
+
+    @app.post("/v1/completions")
+    async def http_completions(self, body: CompletionRequest, request: Request):
+        return await self._call(request, "completions_stream" if body.stream else "completions", body, stream=body.stream)
+
+    @app.post("/v1/chat/completions")
+    async def http_chat(self, body: ChatCompletionRequest, request: Request):
+        return await self._call(request, "chat_completions_stream" if body.stream else "chat_completions", body,
+                                stream=body.stream)
+
+    async def _call(self, request: Request, method: str, *args, stream: bool = False):
+        if not self._authorized(request):
+            return error_response(AuthenticationError("missing or invalid API key (Authorization: Bearer <key>)"))
+        if not stream:
+            try:
+                return await getattr(self.server, method).remote(*args)
+            except Exception as e:  # noqa: BLE001
+                return error_response(to_raytp_error(e))
+        gen = getattr(self.server.options(stream=True), method).remote(*args)
+        try:  # errors before the first chunk (bad input, queue full) are plain HTTP errors
+            first = await gen.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except Exception as e:  # noqa: BLE001
+            return error_response(to_raytp_error(e))
+        return StreamingResponse(_sse(gen, first), media_type="text/event-stream")
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.api_key:
+            return True
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.api_key)
+
+    # ---- Python handle API -----------------------------------------------------------------
+    async def generate(self, prompt: str, **sampling) -> str:
+        return await self.server.generate.remote(prompt, **sampling)
+
+    async def generate_stream(self, prompt: str, **sampling):
+        async for delta in self.server.options(stream=True).generate_stream.remote(prompt, **sampling):
+            yield delta
+
+    async def completions(self, body: dict) -> dict:
+        return await self.server.completions.remote(body)
+
+    async def chat_completions(self, body: dict) -> dict:
+        return await self.server.chat_completions.remote(body)
+
+    async def completions_stream(self, body: dict):
+        async for chunk in self.server.options(stream=True).completions_stream.remote(body):
+            yield chunk
+
+    async def chat_completions_stream(self, body: dict):
+        async for chunk in self.server.options(stream=True).chat_completions_stream.remote(body):
+            yield chunk
+
+    async def models(self) -> dict:
+        return await self.server.models.remote()
+
+    async def health(self) -> dict:
+        return await self.server.health.remote()

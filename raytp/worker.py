@@ -1,0 +1,107 @@
+"""One rank of a gang. A cheap constructor, then explicit init phases, then ``execute``.
+
+Phases, called by the executor on every rank: ``init_device`` (env vars, threads;
+Ray has already set device visibility) → ``init_distributed`` (join the process
+group) → ``load_model`` (shard on this rank's device) → ``execute`` (model-runner verbs).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+
+from raytp import accelerator
+from raytp.config import ResolvedConfig
+from raytp.engine.types import LoadReport
+
+logger = logging.getLogger(__name__)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+class Worker:
+    """A rank. Methods are the gang's verbs; the executor calls them identically on every rank."""
+
+    def __init__(self, rank: int, config: ResolvedConfig):
+        self.rank = rank
+        self.config = config
+        self.accel = accelerator.get(config.device)
+        self.runner = None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node_address(self) -> tuple[str, int]:
+        """Rank 0's rendezvous address: this node's IP and a port free right now."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))
+            return ip, s.getsockname()[1]
+
+    def init_device(self, master_addr: str, master_port: int) -> None:
+        threads = max(1, int(self.config.num_cpus_per_worker))
+        os.environ.update(self.accel.worker_env(
+            rank=self.rank, world_size=self.config.tensor_parallel_size,
+            master_addr=master_addr, master_port=master_port, num_threads=threads,
+        ))
+        import torch
+
+        torch.set_num_threads(threads)
+        if self.accel.name != "cpu":
+            getattr(torch, self.accel.name).set_device(self.accel.torch_device())
+
+    def init_distributed(self) -> None:
+        if self.config.tensor_parallel_size == 1:
+            return  # a single rank needs no process group
+        from raytp import model_loader
+
+        model_loader.init_distributed(
+            self.accel.backend(), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+            self.rank, self.config.tensor_parallel_size, self.config.step_timeout_s,
+        )
+
+    def load_model(self) -> LoadReport:
+        from raytp import model_loader
+        from raytp.model_runner import ModelRunner
+
+        start = time.perf_counter()
+        device = self.accel.torch_device()
+        model = model_loader.load_shard(self.config, self.rank, device)
+        pad = getattr(model.config, "pad_token_id", None)
+        self.runner = ModelRunner(model, device, self.rank, self.config.tensor_parallel_size,
+                                  pad_token_id=pad if isinstance(pad, int) else 0)
+        report = LoadReport(
+            rank=self.rank, load_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), rss_mb=_rss_mb(),
+            num_params=sum(p.numel() for p in model.parameters()),
+        )
+        logger.info("rank %d: model loaded in %.1fs, peak RSS %.0f MB", self.rank, report.load_s, report.peak_rss_mb)
+        return report
+
+    def execute(self, method: str, *args):
+        """Run a model-runner verb (``prefill`` / ``decode`` / ``release``). Only rank 0's result is meaningful."""
+        return getattr(self.runner, method)(*args)
+
+    def health(self) -> bool:
+        return self.runner is not None
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+
+        self.runner = None
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # gloo aborts at exit if a peer is torn down mid-collective
+            dist.destroy_process_group()
