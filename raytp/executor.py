@@ -111,6 +111,8 @@ class RayExecutor:
         if not self._dead_reason:
             logger.error("raytp gang failure: %s", reason)
             self._dead_reason = reason
+            # Surviving ranks may be blocked in a collective forever: kill them now, not at replica teardown.
+            self.shutdown()
 
     def shutdown(self) -> None:
         """Kill every rank (a broken group cannot barrier) and free a placement group we made."""

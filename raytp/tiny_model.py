@@ -17,7 +17,7 @@ import tempfile
 # name -> (LlamaConfig overrides, dtype saved on disk)
 PRESETS: dict[str, tuple[dict, str]] = {
     "raytp-tiny-llama": (
-        dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2),
         "float32",
     ),

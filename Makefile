@@ -1,0 +1,40 @@
+# Two entry points: `make serve` (serve the default model) and `make test` (the whole test suite).
+# Both create their virtual environments from scratch when missing.
+PY ?= python3
+VENV ?= .venv
+IPEX_VENV ?= .venv-ipex
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
+
+.PHONY: serve test test-default test-ipex venv venv-ipex
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(VENV)/bin/python -m raytp.cli build-ops
+	touch $@
+
+$(IPEX_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(IPEX_VENV)
+	$(IPEX_VENV)/bin/pip install -q -U pip
+	$(IPEX_VENV)/bin/pip install -q torch==2.13.0
+	$(IPEX_VENV)/bin/pip install -q -e '.[dev,ipex-llm]'
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(IPEX_VENV)/torch_extensions $(IPEX_VENV)/bin/python -m raytp.cli build-ops
+	touch $@
+
+venv: $(VENV)/.installed
+venv-ipex: $(IPEX_VENV)/.installed
+
+serve: venv
+	$(VENV)/bin/serve run serve_config.yaml
+
+# The default environment (transformers 5) runs everything; the ipex-llm environment
+# (transformers 4.47) runs the whole suite again, including the IPEX-LLM low-bit tests.
+test: test-default test-ipex
+
+test-default: venv
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(VENV)/bin/python -m pytest tests
+
+test-ipex: venv-ipex
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(IPEX_VENV)/torch_extensions $(IPEX_VENV)/bin/python -m pytest tests

@@ -1,0 +1,151 @@
+"""The engine loop against a scripted executor: no Ray, no model weights."""
+
+import asyncio
+
+import pytest
+
+from raytp.engine.engine import Engine
+from raytp.engine.types import SamplingParams
+from raytp.errors import EngineDeadError, QueueFullError
+
+
+class ScriptedExecutor:
+    """Plays back, per sequence, the tokens of a script keyed by the prompt's first token."""
+
+    def __init__(self, scripts: dict[int, list[int]], fail_after: int | None = None):
+        self.scripts = scripts
+        self.fail_after = fail_after
+        self.calls: list[str] = []
+        self.batch = []
+        self.shut = False
+
+    async def start(self):
+        return []
+
+    async def execute(self, kind, *args):
+        self.calls.append(kind)
+        await asyncio.sleep(0)
+        if self.fail_after is not None and len(self.calls) > self.fail_after:
+            raise EngineDeadError("rank 1 died")
+        if kind == "prefill":
+            self.batch = [(s.prompt_ids[0], 0) for s in args[0]]
+        elif kind == "release":
+            self.batch = []
+            return None
+        else:
+            self.batch = [(k, i + 1) for k, i in self.batch]
+        return [self.scripts[k][min(i, len(self.scripts[k]) - 1)] for k, i in self.batch]
+
+    def shutdown(self):
+        self.shut = True
+
+
+async def collect(engine, rid, prompt, params):
+    outs = [o async for o in engine.generate(rid, prompt, params)]
+    return "".join(o.text for o in outs), outs[-1]
+
+
+def make(tok, scripts, **kw):
+    ex = ScriptedExecutor(scripts, kw.pop("fail_after", None))
+    return Engine(ex, tok, max_num_seqs=kw.pop("max_num_seqs", 4), max_queue_size=kw.pop("max_queue_size", 16)), ex
+
+
+def ids(tok, text):
+    return tok.encode(text, add_special_tokens=False)
+
+
+def test_finish_reasons_and_usage(tiny_tokenizer):
+    tok = tiny_tokenizer
+    eos = tok.eos_token_id
+    scripts = {1: ids(tok, "the model serves") + [eos], 2: ids(tok, "requests arrive stream")}
+
+    async def main():
+        engine, ex = make(tok, scripts)
+        await engine.start(warmup=False)
+        (t1, o1), (t2, o2), (t3, o3) = await asyncio.gather(
+            collect(engine, "a", (1, 9), SamplingParams(max_tokens=50, temperature=0)),
+            collect(engine, "b", (2,), SamplingParams(max_tokens=3, temperature=0)),
+            collect(engine, "c", (2, 5, 5), SamplingParams(max_tokens=50, temperature=0, stop=("arrive",))),
+        )
+        assert (t1, o1.finish_reason) == ("the model serves", "stop")
+        assert o1.num_prompt_tokens == 2 and o1.num_output_tokens == len(scripts[1])
+        assert o2.finish_reason == "length" and o2.num_output_tokens == 3
+        assert tok.decode(scripts[2][:3]) == t2
+        assert (t3, o3.finish_reason) == ("requests ", "stop")
+        assert ex.calls[0] == "prefill" and "decode" in ex.calls
+        await engine.shutdown()
+        assert ex.shut
+
+    asyncio.run(main())
+
+
+def test_ignore_eos_runs_to_max_tokens(tiny_tokenizer):
+    tok = tiny_tokenizer
+    scripts = {1: [tok.eos_token_id]}
+
+    async def main():
+        engine, _ = make(tok, scripts)
+        await engine.start(warmup=False)
+        _, last = await collect(engine, "a", (1,), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+        assert last.finish_reason == "length" and last.num_output_tokens == 5
+        _, last = await collect(engine, "b", (1,), SamplingParams(max_tokens=5, temperature=0))
+        assert last.finish_reason == "stop" and last.num_output_tokens == 1
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_gang_failure_fails_every_request_and_health(tiny_tokenizer):
+    tok = tiny_tokenizer
+    scripts = {1: ids(tok, "the model serves tokens across ranks") * 10}
+
+    async def main():
+        engine, _ = make(tok, scripts, fail_after=3, max_num_seqs=1)
+        await engine.start(warmup=False)
+        results = await asyncio.wait_for(asyncio.gather(
+            *(collect(engine, f"r{i}", (1,), SamplingParams(max_tokens=100, temperature=0)) for i in range(3)),
+            return_exceptions=True), timeout=5)
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        with pytest.raises(EngineDeadError):
+            engine.check_health()
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "late", (1,), SamplingParams(max_tokens=1, temperature=0))
+
+    asyncio.run(main())
+
+
+def test_queue_full_is_typed(tiny_tokenizer):
+    tok = tiny_tokenizer
+
+    async def main():
+        engine, _ = make(tok, {1: [5] * 100}, max_num_seqs=1, max_queue_size=1)
+        await engine.start(warmup=False)
+        long = asyncio.ensure_future(collect(engine, "a", (1,), SamplingParams(max_tokens=60, temperature=0)))
+        await asyncio.sleep(0.01)  # "a" is running; "b" fills the queue
+        waiting = asyncio.ensure_future(collect(engine, "b", (1,), SamplingParams(max_tokens=2, temperature=0)))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFullError):
+            await collect(engine, "c", (1,), SamplingParams(max_tokens=2, temperature=0))
+        assert (await long)[1].num_output_tokens == 60
+        assert (await waiting)[1].num_output_tokens == 2
+        await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_closing_the_stream_aborts(tiny_tokenizer):
+    tok = tiny_tokenizer
+
+    async def main():
+        engine, ex = make(tok, {1: ids(tok, "the model ") * 50}, max_num_seqs=1)
+        await engine.start(warmup=False)
+        gen = engine.generate("a", (1,), SamplingParams(max_tokens=500, temperature=0))
+        await gen.__anext__()
+        await gen.aclose()
+        # the aborted request's batch ends at the next step; a new request then runs
+        _, last = await asyncio.wait_for(collect(engine, "b", (1,), SamplingParams(max_tokens=2, temperature=0)), 5)
+        assert last.num_output_tokens == 2
+        assert ex.calls.count("decode") < 20
+        await engine.shutdown()
+
+    asyncio.run(main())
