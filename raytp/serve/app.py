@@ -34,10 +34,19 @@ def server_deployment(config: ResolvedConfig):
     )
 
 
-def build_app(args: dict | None = None, *, engine_factory=None):
+def build_app(args: dict | None = None):
     """Validate ``args`` (a ``RaytpConfig`` dict) and return the bound Serve application."""
-    config = resolve(RaytpConfig(**(args or {})))
-    server = server_deployment(config).bind(config, engine_factory)
+    return bind_app(resolve(RaytpConfig(**(args or {}))))
+
+
+def bind_app(config: ResolvedConfig, engine_factory=None, server_options: dict | None = None):
+    """Bind the application for a resolved config (Python users).
+
+    ``server_options``: Serve deployment options for ``LLMServer`` (e.g. ``num_replicas``,
+    ``autoscaling_config``), as serve_config.yaml's ``deployments:`` gives them.
+    ``engine_factory(config, tokenizer)`` replaces the engine (tests, custom engines).
+    """
+    server = server_deployment(config).options(**(server_options or {})).bind(config, engine_factory)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1000)
     return ingress.bind(server, config.api_key)

@@ -12,6 +12,7 @@ Python (``serve.get_app_handle(app_name)`` returns a handle to this deployment):
 """
 
 
+import asyncio
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
 from raytp.errors import AuthenticationError, EngineDeadError, QueueFullError, RaytpError
 
 logger = logging.getLogger("ray.serve")
+HEALTH_TIMEOUT_S = 5.0
 app = FastAPI(title="raytp", description="Tensor-parallel LLM serving on Ray Serve (OpenAI-compatible API)")
 
 
@@ -88,8 +90,11 @@ class OpenAIIngress:
     # ---- HTTP ------------------------------------------------------------------------------
     @app.get("/health")
     async def http_health(self):
+        """200 only when a replica's gang is loaded and warmed up; 503 otherwise, within a few seconds."""
         try:
-            return await self.server.health.remote()
+            return await asyncio.wait_for(self.server.health.remote(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return error_response(EngineDeadError("no model replica is ready yet"))
         except Exception as e:  # noqa: BLE001
             return error_response(to_raytp_error(e))
 

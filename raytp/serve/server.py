@@ -58,6 +58,7 @@ class LLMServer:
         self.engine.check_health()
         return {
             "status": "ok",
+            "replica_id": serve.get_replica_context().replica_id.unique_id,
             "tensor_parallel_size": self.config.tensor_parallel_size,
             "startup_s": round(self.startup_s, 2),
             "num_running": self.engine.num_running,

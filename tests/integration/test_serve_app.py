@@ -1,0 +1,183 @@
+"""A real Serve app (ingress + TP=2 server, placement group of 2 bundles) over real HTTP and handles."""
+
+import json
+
+import pytest
+import requests
+
+URL = "http://127.0.0.1:8000"
+MODEL = "raytp-tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    from ray import serve
+
+    from raytp.serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app({"model": MODEL, "tensor_parallel_size": 2, "dtype": "float32", "device": "cpu",
+                         "max_model_len": 256, "max_num_seqs": 4}), name="raytp", route_prefix="/")
+    yield serve.get_app_handle("raytp")
+    serve.shutdown()
+
+
+def post(path, body, **kw):
+    return requests.post(URL + path, json=body, timeout=60, **kw)
+
+
+def sse_events(resp):
+    events = [line[len("data: "):] for line in resp.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_health_reports_loaded_gang(app):
+    r = requests.get(URL + "/health", timeout=30)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["tensor_parallel_size"] == 2
+    assert [rank["rank"] for rank in body["ranks"]] == [0, 1]
+
+
+def test_placement_group_has_one_bundle_per_rank(app):
+    from ray.util import placement_group_table
+
+    created = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
+    assert len(created) == 1
+    assert len(created[0]["bundles"]) == 2 and created[0]["strategy"] == "STRICT_PACK"
+
+
+def test_models_card(app):
+    from raytp import tiny_model
+
+    data = requests.get(URL + "/v1/models", timeout=30).json()["data"]
+    assert [m["id"] for m in data] == [MODEL]
+    assert data[0]["root"] == tiny_model.ensure(MODEL)
+
+
+def test_completion_greedy_deterministic_with_usage(app, tiny_tokenizer):
+    body = {"model": MODEL, "prompt": "the model serves", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    a, b = post("/v1/completions", body).json(), post("/v1/completions", body).json()
+    assert a["choices"][0]["text"] == b["choices"][0]["text"] != ""
+    assert a["choices"][0]["finish_reason"] == "length"
+    n_prompt = len(tiny_tokenizer.encode("the model serves"))
+    assert a["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 12, "total_tokens": n_prompt + 12}
+
+
+def test_stop_string_is_cut(app):
+    body = {"model": MODEL, "prompt": "the model serves", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    full = post("/v1/completions", body).json()["choices"][0]["text"]
+    stop = full[5:8]
+    cut = post("/v1/completions", {**body, "stop": [stop]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == full[:full.index(stop)]
+
+
+def test_seeded_sampling_reproducible(app):
+    body = {"model": MODEL, "prompt": "the gang", "max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "top_k": 50,
+            "seed": 42}
+    assert post("/v1/completions", body).json()["choices"][0]["text"] == post("/v1/completions", body).json()["choices"][0]["text"]
+
+
+def test_chat_completion(app):
+    r = post("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                      "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["completion_tokens"] <= 8
+
+
+def test_streaming_equals_non_streaming(app):
+    body = {"model": MODEL, "prompt": "requests arrive", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    full = post("/v1/completions", body).json()["choices"][0]["text"]
+    r = post("/v1/completions", {**body, "stream": True}, stream=True)
+    assert r.headers["content-type"].startswith("text/event-stream")
+    chunks = sse_events(r)
+    assert len(chunks) > 1
+    assert "".join(c["choices"][0]["text"] for c in chunks) == full
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_streaming_with_usage(app):
+    r = post("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hello"}],
+                                      "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True,
+                                      "stream_options": {"include_usage": True}}, stream=True)
+    chunks = sse_events(r)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+@pytest.mark.parametrize("path,body,status,param", [
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -5}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "the " * 300, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3}, 400, "n"),
+])
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(app, path, body, status, param):
+    for stream in (False, True):
+        r = post(path, {**body, "stream": stream} if isinstance(body, dict) else body)
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and err["message"] and "type" in err and "code" in err
+    ok = post("/v1/completions", {"model": MODEL, "prompt": "ok", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def test_invalid_json_and_unknown_route(app):
+    r = requests.post(URL + "/v1/completions", data="{not json", headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = requests.get(URL + "/v1/nothing", timeout=30)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_openai_client(app):
+    import openai
+
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    c = client.completions.create(model=MODEL, prompt="the model", max_tokens=5, temperature=0)
+    assert c.choices[0].finish_reason in ("stop", "length") and c.usage.completion_tokens <= 5
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                            temperature=0, stream=True)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+    assert streamed == chat.choices[0].message.content
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=0)
+
+
+def test_handle_generate_and_stream(app):
+    from raytp.errors import InvalidRequestError
+
+    text = app.generate.remote("the model serves", max_tokens=10, temperature=0, ignore_eos=True).result()
+    deltas = list(app.options(stream=True).generate_stream.remote("the model serves", max_tokens=10, temperature=0,
+                                                                  ignore_eos=True))
+    assert text and "".join(deltas) == text
+    body = app.completions.remote({"model": MODEL, "prompt": "the model serves", "max_tokens": 10, "temperature": 0,
+                                   "ignore_eos": True}).result()
+    assert body["choices"][0]["text"] == text
+    with pytest.raises(InvalidRequestError):
+        app.generate.remote("x", max_tokens=0).result()
+
+
+def test_concurrent_requests_do_not_interleave(app):
+    """Concurrent greedy requests (batched together) each get what they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["the model", "requests arrive stream", "cpu xpu and cuda", "the gang keeps every shard", "finish"]
+    alone = [post("/v1/completions", {"model": MODEL, "prompt": p, "max_tokens": 10, "temperature": 0,
+                                      "ignore_eos": True}).json()["choices"][0]["text"] for p in prompts]
+    with ThreadPoolExecutor(len(prompts) * 2) as pool:
+        together = list(pool.map(lambda p: post("/v1/completions", {
+            "model": MODEL, "prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+        }).json()["choices"][0]["text"], prompts * 2))
+    assert together == alone * 2
