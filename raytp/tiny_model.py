@@ -27,7 +27,7 @@ PRESETS: dict[str, tuple[dict, str]] = {
         "bfloat16",
     ),
 }
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "2"
 VOCAB_SIZE = 512
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -109,3 +109,18 @@ def _generate(name: str, out_dir: str) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    _portable_tokenizer_config(out_dir)
+
+
+def _portable_tokenizer_config(out_dir: str) -> None:
+    """Make the tokenizer load in transformers 4.x too (the ipex-llm environment shares this cache):
+    name a class both know, and keep the chat template inside tokenizer_config.json."""
+    import json
+
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg["chat_template"] = CHAT_TEMPLATE
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=2)

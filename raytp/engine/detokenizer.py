@@ -42,7 +42,14 @@ class IncrementalDetokenizer:
         return delta, False
 
     def flush(self) -> str:
-        """Text held back for a possible stop string; call when the sequence ends without one."""
+        """Everything not yet returned; call when the sequence ends without a stop string.
+
+        Includes held-back text and the text of trailing tokens that never completed a
+        character (decoded as U+FFFD, as a full decode of the output would show them)."""
+        if self._read < len(self._ids):
+            prefix_text = self._decode(self._ids[self._prefix:self._read])
+            self.text += self._decode(self._ids[self._prefix:])[len(prefix_text):]
+            self._prefix = self._read = len(self._ids)
         delta = self.text[self._emitted:]
         self._emitted = len(self.text)
         return delta

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.integration.conftest import run_gang
+from tests.conftest import run_gang
 
 MAX_TOKENS = 24
 

@@ -46,3 +46,10 @@ def test_earliest_stop_wins_and_never_leaks(tiny_tokenizer):
 def test_no_stop_flushes_holdback(tiny_tokenizer):
     deltas, hit = run(tiny_tokenizer, "the gang keeps", stop=["zzzz"])
     assert not hit and "".join(deltas) == "the gang keeps"
+
+
+def test_flush_keeps_an_unfinished_character(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("ab 🙂", add_special_tokens=False)[:-1]  # cut inside the emoji's bytes
+    d = IncrementalDetokenizer(tiny_tokenizer)
+    text = "".join(d.add(t)[0] for t in ids) + d.flush()
+    assert text == tiny_tokenizer.decode(ids) and text.endswith("\ufffd")

@@ -1,0 +1,81 @@
+"""A rank killed with SIGKILL mid-stream: in-flight requests fail fast, Serve replaces the whole gang."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import requests
+
+URL = "http://127.0.0.1:8000"
+MODEL = "raytp-tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    from ray import serve
+
+    from raytp.serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"}),
+              name="raytp", route_prefix="/")
+    yield serve.get_deployment_handle("LLMServer", app_name="raytp")
+    serve.shutdown()
+
+
+def stream(results, i, first_chunk):
+    body = {"model": MODEL, "prompt": f"the model {i}", "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    events = []
+    with requests.post(URL + "/v1/completions", json=body, stream=True, timeout=60) as r:
+        if r.status_code != 200:  # failed before its first chunk (it was still queued): a plain 503
+            results[i] = (r.status_code, r.json()["error"])
+            return
+        for line in r.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                events.append(line[6:])
+                first_chunk.set()
+    assert events[-1] == "[DONE]"
+    results[i] = (200, json.loads(events[-2])["error"])
+
+
+def test_killed_rank_fails_requests_fast_and_gang_is_replaced(app):
+    old_pids = app.worker_pids.remote().result()
+    assert len(old_pids) == 2
+    results, first = {}, threading.Event()
+    threads = [threading.Thread(target=stream, args=(results, i, first)) for i in range(3)]
+    for t in threads:
+        t.start()
+    assert first.wait(30)
+    killed_at = time.monotonic()
+    os.kill(old_pids[1], signal.SIGKILL)
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "a request hung after a rank died"
+    assert time.monotonic() - killed_at < 10
+    assert len(results) == 3
+    for status, error in results.values():
+        assert status in (200, 503)  # 200: an SSE error event after some chunks, then [DONE]
+        assert error["type"] == "service_unavailable" and "gang is dead" in error["message"]
+
+    # Serve notices the failed health check and starts a fresh replica: new placement group, new gang.
+    deadline, recovered_in = time.monotonic() + 150, None
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(URL + "/health", timeout=10).status_code == 200:
+                recovered_in = time.monotonic() - killed_at
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    assert recovered_in is not None, "replica was not replaced"
+    print(f"recovered in {recovered_in:.1f}s")
+    new_pids = app.worker_pids.remote().result()
+    assert not set(new_pids) & set(old_pids)
+    assert not any(psutil.pid_exists(p) for p in old_pids), "old ranks leaked"
+    r = requests.post(URL + "/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200
