@@ -94,6 +94,9 @@ class RayExecutor:
     async def pids(self) -> list[int]:
         return await self._wait([w.pid.remote() for w in self.workers], 30, "pid", all_results=True)
 
+    async def memory_stats(self) -> list[dict]:
+        return await self._wait([w.memory_stats.remote() for w in self.workers], 30, "memory_stats", all_results=True)
+
     async def _wait(self, refs: list, timeout_s: float, what: str, all_results: bool = False):
         try:
             results = await asyncio.wait_for(asyncio.gather(*refs), timeout_s)

@@ -95,6 +95,14 @@ class Worker:
         """Run a model-runner verb (``prefill`` / ``decode`` / ``release``). Only rank 0's result is meaningful."""
         return getattr(self.runner, method)(*args)
 
+    def memory_stats(self) -> dict:
+        """Host memory of this rank now: RSS, PSS (shared pages split among sharers) and peak RSS, in MB."""
+        import psutil
+
+        full = psutil.Process().memory_full_info()
+        return {"rank": self.rank, "rss_mb": full.rss / 2**20, "pss_mb": getattr(full, "pss", 0) / 2**20,
+                "peak_rss_mb": _peak_rss_mb()}
+
     def health(self) -> bool:
         return self.runner is not None
 
