@@ -66,12 +66,13 @@ def gang(model: str, tp: int, dtype: str, n_new: int, cpus: int) -> dict:
         rng = random.Random(0)
         for batch in (1, 8):
             seqs = [SeqInput(str(i), tuple(rng.randrange(10, 400) for _ in range(32)), params) for i in range(batch)]
-            await ex.execute("prefill", seqs)
-            await ex.execute("decode")
+            await ex.execute("step", [], seqs, False)
+            await ex.execute("step", [], [], True)
             t = time.perf_counter()
             for _ in range(n_new):
-                await ex.execute("decode")
+                await ex.execute("step", [], [], True)
             out[f"tok_s_b{batch}"] = batch * n_new / (time.perf_counter() - t)
+            await ex.execute("step", [s.seq_id for s in seqs], [], False)
         # after decoding, so memory-mapped weights that were only touched in forward are counted
         out["memory_after_decode"] = await ex.memory_stats()
         ex.shutdown()

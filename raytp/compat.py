@@ -24,3 +24,22 @@ def output_cache(output):
     """The KV cache a forward returned, under whichever name this transformers uses."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+def cache_kv(cache) -> list[tuple]:
+    """Per-layer (keys, values) tensors [batch, kv_heads, seq, head_dim] of an HF dynamic cache."""
+    if hasattr(cache, "layers"):  # transformers 5: one DynamicLayer per decoder layer
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))  # transformers 4.x
+
+
+def set_cache_kv(cache, kv: list[tuple]) -> None:
+    """Replace every layer's tensors (after filtering or merging rows)."""
+    if hasattr(cache, "layers"):
+        for layer, (k, v) in zip(cache.layers, kv):
+            layer.keys, layer.values = k, v
+        return
+    cache.key_cache = [k for k, _ in kv]
+    cache.value_cache = [v for _, v in kv]
+    if hasattr(cache, "_seen_tokens"):
+        cache._seen_tokens = kv[0][0].shape[-2]

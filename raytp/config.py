@@ -54,6 +54,14 @@ class RaytpConfig(BaseModel):
         None, ge=8, description="Longest prompt + completion in tokens. Defaults to the model's max_position_embeddings."
     )
     max_num_seqs: int = Field(8, ge=1, le=1024, description="Most sequences decoded together in one batch.")
+    max_num_batched_tokens: int = Field(
+        2048, ge=1, description="Most prompt tokens prefilled in one engine step (a longer single prompt still runs "
+        "alone), so new prompts cannot stall running streams for long.",
+    )
+    scheduling: Literal["continuous", "static"] = Field(
+        "continuous", description="'continuous': iteration-level batching (requests join and leave every step). "
+        "'static': upstream DeepSpeed's policy (a batch runs to completion before the next starts), for comparison.",
+    )
     max_queue_size: int = Field(
         256, ge=1, description="Most requests waiting for a batch slot per replica; more are rejected (HTTP 429)."
     )
@@ -88,6 +96,8 @@ class ResolvedConfig:
     low_bit: str | None
     max_model_len: int
     max_num_seqs: int
+    max_num_batched_tokens: int
+    scheduling: str
     max_queue_size: int
     trust_remote_code: bool
     placement_strategy: str
@@ -127,6 +137,8 @@ def resolve(cfg: RaytpConfig | dict, *, check_devices: bool = True) -> ResolvedC
         low_bit=cfg.low_bit,
         max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        scheduling=cfg.scheduling,
         max_queue_size=cfg.max_queue_size,
         trust_remote_code=cfg.trust_remote_code,
         placement_strategy=cfg.placement_strategy,

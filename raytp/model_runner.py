@@ -1,17 +1,23 @@
-"""One rank's batch state: a left-padded batch, its HF KV cache, and the prefill / decode verbs.
+"""One rank's running batch: its rows, their HF KV cache, and one verb, ``step``.
 
-Every rank of a gang holds the same batch and runs the same forward (DeepSpeed AutoTP
-all-reduces inside it). Rank 0 samples the next tokens and broadcasts them, so ranks
-never decide anything on their own and cannot diverge. The KV cache is the HF
-``past_key_values`` object that the model itself returns: AutoTP only replaces linear
-layers, so the cache holds this rank's share of heads and needs no special handling.
+Every rank of a gang holds the same rows in the same order and runs the same forward
+(DeepSpeed AutoTP all-reduces inside it). Rank 0 samples and broadcasts the tokens, so
+ranks never decide anything on their own and cannot diverge.
+
+KV cache: the HF dynamic cache the model itself returns, one [rows, kv_heads, seq,
+head_dim] tensor pair per layer (AutoTP only splits linears, so each rank's tensors
+hold its share of heads). Rows are left-padded to a common length and masked, the
+approach TGI takes for HF models: a finished row is removed with ``index_select``; new
+rows are prefilled as their own batch and concatenated, the shorter side left-padded.
+Both are plain tensor ops that work the same on every device and transformers version
+(``raytp.compat`` reads and writes the per-layer tensors), with no paged-attention kernel.
 """
 
 from __future__ import annotations
 
 import torch
 
-from raytp.compat import cache_arg_name, output_cache
+from raytp.compat import cache_arg_name, cache_kv, output_cache, set_cache_kv
 from raytp.engine.types import SeqInput
 from raytp.sampler import make_generator, sample
 
@@ -27,60 +33,105 @@ class ModelRunner:
         self._reset()
 
     def _reset(self) -> None:
+        self.rows: list[str] = []
         self.params = []
         self.generators = []
         self.cache = None
-        self.attention_mask = None
-        self.positions = None
-        self.last_tokens = None
+        self.mask = None  # [rows, seq] 1 = real token
+        self.last_pos = None  # [rows] position of each row's last token
+        self.last_tokens = None  # [rows]
 
     @torch.inference_mode()
-    def prefill(self, seqs: list[SeqInput]) -> list[int] | None:
-        """Start a new batch with ``seqs`` (replacing any previous one); return first tokens (rank 0)."""
-        self._reset()
-        longest = max(len(s.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), longest), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-        for i, s in enumerate(seqs):  # left padding keeps every row's last token in the last column
+    def step(self, finished: list[str], new: list[SeqInput], decode: bool) -> list[int] | None:
+        """1. drop ``finished`` rows; 2. prefill ``new`` rows (returns their first tokens), or
+        3. if ``decode``, one token for every row (returns them in row order). Rank 0 returns the tokens."""
+        if finished:
+            self._drop(set(finished))
+        if new:
+            return self._prefill(new)
+        if decode:
+            return self._decode()
+        return None
+
+    def _drop(self, finished: set[str]) -> None:
+        keep = [i for i, r in enumerate(self.rows) if r not in finished]
+        if not keep:
+            self._reset()
+            return
+        idx = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.params = [self.params[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep] if self.generators else []
+        self.mask, self.last_pos, self.last_tokens = self.mask[idx], self.last_pos[idx], self.last_tokens[idx]
+        # columns that are padding in every remaining row are dead weight: trim them
+        start = int((self.mask.sum(0) > 0).nonzero()[0])
+        self.mask = self.mask[:, start:]
+        set_cache_kv(self.cache, [(k[idx, :, start:], v[idx, :, start:]) for k, v in cache_kv(self.cache)])
+
+    def _prefill(self, new: list[SeqInput]) -> list[int] | None:
+        longest = max(len(s.prompt_ids) for s in new)
+        ids = torch.full((len(new), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(new), longest), dtype=torch.long)
+        for i, s in enumerate(new):  # left padding keeps every row's last token in the last column
             ids[i, longest - len(s.prompt_ids):] = torch.tensor(s.prompt_ids, dtype=torch.long)
             mask[i, longest - len(s.prompt_ids):] = 1
-        self.params = [s.params for s in seqs]
+        mask = mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        params = [s.params for s in new]
+        generators = [make_generator(p, self.device) for p in params] if self.rank == 0 else []
+        logits, cache = self._forward(ids.to(self.device), mask, positions, None)
+        tokens = self._sample(logits, params, generators)
+        self._merge([s.seq_id for s in new], params, generators, cache, mask, positions[:, -1], tokens)
+        return tokens.tolist() if self.rank == 0 else None
+
+    def _decode(self) -> list[int] | None:
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.last_pos = self.last_pos + 1
+        logits, self.cache = self._forward(self.last_tokens.unsqueeze(1), self.mask, self.last_pos.unsqueeze(1), self.cache)
+        self.last_tokens = self._sample(logits, self.params, self.generators)
+        return self.last_tokens.tolist() if self.rank == 0 else None
+
+    def _merge(self, rows, params, generators, cache, mask, last_pos, tokens) -> None:
+        if not self.rows:
+            self.rows, self.params, self.generators = rows, params, generators
+            self.cache, self.mask, self.last_pos, self.last_tokens = cache, mask, last_pos, tokens
+            return
+        old_len, new_len = self.mask.shape[1], mask.shape[1]
+        length = max(old_len, new_len)
+
+        def pad(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
+            if n == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = n
+            return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
+
+        merged = [
+            (torch.cat([pad(k0, 2, length - old_len), pad(k1, 2, length - new_len)]),
+             torch.cat([pad(v0, 2, length - old_len), pad(v1, 2, length - new_len)]))
+            for (k0, v0), (k1, v1) in zip(cache_kv(self.cache), cache_kv(cache))
+        ]
+        set_cache_kv(self.cache, merged)
+        self.mask = torch.cat([pad(self.mask, 1, length - old_len), pad(mask, 1, length - new_len)])
+        self.rows += rows
+        self.params += params
+        self.generators += generators
+        self.last_pos = torch.cat([self.last_pos, last_pos])
+        self.last_tokens = torch.cat([self.last_tokens, tokens])
+
+    def _forward(self, input_ids, mask, positions, cache):
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_arg: cache})
+        return out.logits[:, -1, :], output_cache(out)
+
+    def _sample(self, logits, params, generators) -> torch.Tensor:
         if self.rank == 0:
-            self.generators = [make_generator(p, self.device) for p in self.params]
-        self.attention_mask = mask.to(self.device)
-        positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        return self._forward(ids.to(self.device), positions)
-
-    @torch.inference_mode()
-    def decode(self) -> list[int] | None:
-        """One decode step for every row of the current batch; return the new tokens (rank 0)."""
-        assert self.cache is not None, "decode before prefill"
-        ones = torch.ones((self.attention_mask.shape[0], 1), dtype=self.attention_mask.dtype, device=self.device)
-        self.attention_mask = torch.cat([self.attention_mask, ones], dim=1)
-        return self._forward(self.last_tokens.unsqueeze(1), self.positions[:, -1:] + 1)
-
-    def release(self) -> None:
-        """Drop the batch and its KV cache."""
-        self._reset()
-
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> list[int] | None:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=self.attention_mask,
-            position_ids=positions,
-            use_cache=True,
-            **{self._cache_arg: self.cache},
-        )
-        self.cache = output_cache(out)
-        self.positions = positions
-        logits = out.logits[:, -1, :]
-        if self.rank == 0:
-            tokens = sample(logits, self.params, self.generators)
+            tokens = sample(logits, params, generators)
         else:
             tokens = torch.empty(logits.shape[0], dtype=torch.long, device=self.device)
         if self.world_size > 1:
             import torch.distributed as dist
 
             dist.broadcast(tokens, src=0)
-        self.last_tokens = tokens
-        return tokens.tolist() if self.rank == 0 else None
+        return tokens

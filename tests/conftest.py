@@ -49,9 +49,10 @@ def run_gang(config: dict, prompts: list[list[int]], max_tokens: int) -> list[li
         await ex.start()
         try:
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-            steps = [await ex.execute("prefill", [SeqInput(str(i), tuple(p), params) for i, p in enumerate(prompts)])]
+            steps = [await ex.execute("step", [], [SeqInput(str(i), tuple(p), params) for i, p in enumerate(prompts)],
+                                      False)]
             for _ in range(max_tokens - 1):
-                steps.append(await ex.execute("decode"))
+                steps.append(await ex.execute("step", [], [], True))
             return [list(col) for col in zip(*steps)]
         finally:
             ex.shutdown()

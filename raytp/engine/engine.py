@@ -14,7 +14,7 @@ import random
 import time
 
 from raytp.engine.detokenizer import IncrementalDetokenizer
-from raytp.engine.scheduler import SchedulerOutput, Sequence, StaticBatchScheduler
+from raytp.engine.scheduler import SchedulerOutput, Sequence
 from raytp.engine.types import RequestOutput, SamplingParams
 from raytp.errors import EngineDeadError
 
@@ -30,12 +30,13 @@ class _Stream:
 
 
 class Engine:
-    """Owns a scheduler and an executor. ``executor`` needs ``start()``, ``execute(kind, *args)``, ``shutdown()``."""
+    """Owns a scheduler and an executor. ``executor`` needs ``start()``, ``execute(method, *args)``, ``shutdown()``;
+    ``scheduler`` is a ``raytp.engine.scheduler`` policy."""
 
-    def __init__(self, executor, tokenizer, *, max_num_seqs: int, max_queue_size: int, seed: int = 0, scheduler=None):
+    def __init__(self, executor, tokenizer, scheduler, *, seed: int = 0):
         self.executor = executor
         self.tokenizer = tokenizer
-        self.scheduler = scheduler or StaticBatchScheduler(max_num_seqs, max_queue_size)
+        self.scheduler = scheduler
         self.eos_token_id = tokenizer.eos_token_id
         self._streams: dict[str, _Stream] = {}
         self._wake = asyncio.Event()
@@ -125,9 +126,11 @@ class Engine:
         out = self.scheduler.schedule()  # 1. schedule
         if out.kind == "idle":
             return False
-        args = ([s.to_input() for s in out.seqs],) if out.kind == "prefill" else ()
-        tokens = await self.executor.execute(out.kind, *args)  # 2. execute (all ranks, one round trip)
+        new = [s.to_input() for s in out.seqs] if out.kind == "prefill" else []
+        # 2. execute: the same command to every rank, one round trip
+        tokens = await self.executor.execute("step", list(out.finished_ids), new, out.kind == "decode")
         if out.kind != "release":
+            assert len(tokens) == len(out.seqs), "workers and scheduler disagree on the rows"
             self._update(out, tokens)  # 3. update
         return True
 

@@ -28,10 +28,12 @@ logger = logging.getLogger("ray.serve")
 
 def _default_engine(config: ResolvedConfig, tokenizer):
     from raytp.engine.engine import Engine
+    from raytp.engine.scheduler import make_scheduler
     from raytp.executor import RayExecutor
 
-    return Engine(RayExecutor(config), tokenizer, max_num_seqs=config.max_num_seqs,
-                  max_queue_size=config.max_queue_size, seed=config.seed)
+    scheduler = make_scheduler(config.scheduling, config.max_num_seqs, config.max_queue_size,
+                               config.max_num_batched_tokens)
+    return Engine(RayExecutor(config), tokenizer, scheduler, seed=config.seed)
 
 
 class LLMServer:

@@ -5,36 +5,47 @@ import asyncio
 import pytest
 
 from raytp.engine.engine import Engine
+from raytp.engine.scheduler import ContinuousBatchScheduler
 from raytp.engine.types import SamplingParams
 from raytp.errors import EngineDeadError, QueueFullError
 
 
 class ScriptedExecutor:
-    """Plays back, per sequence, the tokens of a script keyed by the prompt's first token."""
+    """A fake gang speaking the worker's ``step`` protocol: each row plays back the script keyed by
+    its prompt's first token."""
 
     def __init__(self, scripts: dict[int, list[int]], fail_after: int | None = None):
         self.scripts = scripts
         self.fail_after = fail_after
         self.calls: list[str] = []
-        self.batch = []
+        self.rows: dict[str, list] = {}  # seq_id -> [script key, tokens emitted]
         self.shut = False
 
     async def start(self):
         return []
 
-    async def execute(self, kind, *args):
-        self.calls.append(kind)
+    async def execute(self, method, finished, new, decode):
+        assert method == "step"
+        self.calls.append("prefill" if new else "decode" if decode else "release")
         await asyncio.sleep(0)
         if self.fail_after is not None and len(self.calls) > self.fail_after:
             raise EngineDeadError("rank 1 died")
-        if kind == "prefill":
-            self.batch = [(s.prompt_ids[0], 0) for s in args[0]]
-        elif kind == "release":
-            self.batch = []
-            return None
+        for seq_id in finished:
+            del self.rows[seq_id]
+        if new:
+            for s in new:
+                self.rows[s.seq_id] = [s.prompt_ids[0], 0]
+            active = [s.seq_id for s in new]
+        elif decode:
+            active = list(self.rows)
         else:
-            self.batch = [(k, i + 1) for k, i in self.batch]
-        return [self.scripts[k][min(i, len(self.scripts[k]) - 1)] for k, i in self.batch]
+            return None
+        out = []
+        for seq_id in active:
+            key, i = self.rows[seq_id]
+            out.append(self.scripts[key][min(i, len(self.scripts[key]) - 1)])
+            self.rows[seq_id][1] += 1
+        return out
 
     def shutdown(self):
         self.shut = True
@@ -47,7 +58,8 @@ async def collect(engine, rid, prompt, params):
 
 def make(tok, scripts, **kw):
     ex = ScriptedExecutor(scripts, kw.pop("fail_after", None))
-    return Engine(ex, tok, max_num_seqs=kw.pop("max_num_seqs", 4), max_queue_size=kw.pop("max_queue_size", 16)), ex
+    scheduler = ContinuousBatchScheduler(kw.pop("max_num_seqs", 4), kw.pop("max_queue_size", 16), 64)
+    return Engine(ex, tok, scheduler), ex
 
 
 def ids(tok, text):

@@ -1,0 +1,65 @@
+"""Admission control over HTTP: a full waiting queue answers 429 with Retry-After; nothing is dropped."""
+
+import concurrent.futures
+
+import pytest
+import requests
+
+URL = "http://127.0.0.1:8000"
+MODEL = "raytp-tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    from ray import serve
+
+    from raytp.serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32",
+                         "max_num_seqs": 2, "max_queue_size": 2}), name="raytp", route_prefix="/")
+    yield
+    serve.shutdown()
+
+
+def test_queue_full_gets_429_and_everything_else_a_full_answer(app):
+    def call(i):
+        body = {"model": MODEL, "prompt": f"the model {i}", "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+                "stream": i % 2 == 0}
+        r = requests.post(URL + "/v1/completions", json=body, timeout=120)
+        if r.status_code == 429:
+            return 429, r.headers.get("Retry-After"), r.json()["error"]["type"]
+        text = r.text if body["stream"] else r.json()["usage"]["completion_tokens"]
+        return r.status_code, text, None
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(call, range(12)))
+    statuses = [r[0] for r in results]
+    assert len(results) == 12 and set(statuses) <= {200, 429}
+    assert statuses.count(429) >= 1 and statuses.count(200) >= 4
+    for status, detail, kind in results:
+        if status == 429:
+            assert detail == "1" and kind == "rate_limit_exceeded"
+        elif isinstance(detail, int):
+            assert detail == 40
+        else:
+            assert detail.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in detail
+    ok = requests.post(URL + "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_disconnected_streams_free_their_slots(app):
+    import time
+
+    body = {"model": MODEL, "prompt": "the model", "max_tokens": 900, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    responses = [requests.post(URL + "/v1/completions", json=body, stream=True, timeout=60) for _ in range(2)]
+    for r in responses:
+        next(r.iter_lines())  # first chunk arrived: the request is running
+    assert requests.get(URL + "/health", timeout=10).json()["num_running"] == 2
+    for r in responses:
+        r.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 10
+    while requests.get(URL + "/health", timeout=10).json()["num_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert requests.get(URL + "/health", timeout=10).json()["num_running"] == 0
