@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
+from collections import Counter
 
 from raytp.engine.detokenizer import IncrementalDetokenizer
 from raytp.engine.scheduler import SchedulerOutput, Sequence
@@ -44,6 +44,7 @@ class Engine:
         self._dead: EngineDeadError | None = None
         self._seeds = random.Random(seed)
         self.load_reports = []
+        self.finished_counts: Counter[str] = Counter()  # requests ended, by finish reason (incl. abort, error)
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, warmup: bool = True) -> None:
@@ -92,8 +93,9 @@ class Engine:
                 if item.finished:
                     return
         finally:
-            if not seq.finished:
+            if not seq.finished:  # the caller went away: free the row at the next step
                 self.scheduler.abort(request_id)
+            self.finished_counts[seq.finish_reason or "abort"] += 1
             self._streams.pop(request_id, None)
 
     @property

@@ -65,6 +65,7 @@ class LLMServer:
             "startup_s": round(self.startup_s, 2),
             "num_running": self.engine.num_running,
             "num_waiting": self.engine.num_waiting,
+            "num_finished": dict(self.engine.finished_counts),
             "ranks": [vars(r) for r in self.engine.load_reports],
         }
 

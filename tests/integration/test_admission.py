@@ -48,18 +48,23 @@ def test_queue_full_gets_429_and_everything_else_a_full_answer(app):
     assert ok.status_code == 200
 
 
-def test_disconnected_streams_free_their_slots(app):
+def test_disconnected_streams_are_aborted(app):
     import time
 
-    body = {"model": MODEL, "prompt": "the model", "max_tokens": 900, "temperature": 0, "ignore_eos": True,
+    def finished():
+        return requests.get(URL + "/health", timeout=10).json()["num_finished"]
+
+    before = finished()
+    body = {"model": MODEL, "prompt": "the model", "max_tokens": 1000, "temperature": 0, "ignore_eos": True,
             "stream": True}
     responses = [requests.post(URL + "/v1/completions", json=body, stream=True, timeout=60) for _ in range(2)]
     for r in responses:
         next(r.iter_lines())  # first chunk arrived: the request is running
-    assert requests.get(URL + "/health", timeout=10).json()["num_running"] == 2
-    for r in responses:
         r.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 10
-    while requests.get(URL + "/health", timeout=10).json()["num_running"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while finished().get("abort", 0) < before.get("abort", 0) + 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = finished()
+    assert after.get("abort", 0) == before.get("abort", 0) + 2
+    assert after.get("length", 0) == before.get("length", 0), "the requests were cut short, not run to max_tokens"
     assert requests.get(URL + "/health", timeout=10).json()["num_running"] == 0
