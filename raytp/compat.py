@@ -20,6 +20,16 @@ def cache_arg_name(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def empty_cache():
+    """The cache object to pass on a prefill. transformers 4.x returns a legacy tuple cache when given None,
+    which cannot be filtered or merged in place, so give it a DynamicCache; 5.x makes its own."""
+    if TRANSFORMERS_5:
+        return None
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
 def output_cache(output):
     """The KV cache a forward returned, under whichever name this transformers uses."""
     cache = getattr(output, "cache", None)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from raytp.compat import cache_arg_name, cache_kv, output_cache, set_cache_kv
+from raytp.compat import cache_arg_name, cache_kv, empty_cache, output_cache, set_cache_kv
 from raytp.engine.types import SeqInput
 from raytp.sampler import make_generator, sample
 
@@ -79,7 +79,7 @@ class ModelRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         params = [s.params for s in new]
         generators = [make_generator(p, self.device) for p in params] if self.rank == 0 else []
-        logits, cache = self._forward(ids.to(self.device), mask, positions, None)
+        logits, cache = self._forward(ids.to(self.device), mask, positions, empty_cache())
         tokens = self._sample(logits, params, generators)
         self._merge([s.seq_id for s in new], params, generators, cache, mask, positions[:, -1], tokens)
         return tokens.tolist() if self.rank == 0 else None

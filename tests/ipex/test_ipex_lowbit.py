@@ -58,3 +58,37 @@ def test_tp2_sym_int4_serves_over_http(ray_session, tiny_model_path, tiny_tokeni
         assert r.json()["choices"][0]["text"] == ref_text
     finally:
         serve.shutdown()
+
+
+def test_tp2_sym_int4_continuous_batching_equals_solo(ray_session, tiny_tokenizer):
+    """IPEX-LLM's own KV-cache classes survive row filtering and merging."""
+    import asyncio
+
+    from raytp.config import resolve
+    from raytp.engine.engine import Engine
+    from raytp.engine.scheduler import ContinuousBatchScheduler
+    from raytp.engine.types import SamplingParams
+    from raytp.executor import RayExecutor
+
+    cfg = resolve({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32", "low_bit": "sym_int4"})
+    prompts = [tiny_tokenizer.encode(t) for t in ("the model", "requests arrive and stream on xpu", "cpu", "the gang keeps")]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 5, 9, 16)]
+
+    async def collect(engine, rid, prompt, sp, delay=0.0):
+        await asyncio.sleep(delay)
+        return [t for out in [o async for o in engine.generate(rid, tuple(prompt), sp)] for t in out.token_ids]
+
+    async def main():
+        engine = Engine(RayExecutor(cfg), tiny_tokenizer, ContinuousBatchScheduler(4, 16, 64))
+        await engine.start()
+        try:
+            solo = [await collect(engine, f"solo{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]
+            together = await asyncio.gather(*(collect(engine, f"c{i}", p, sp, 0.05 * i)
+                                              for i, (p, sp) in enumerate(zip(prompts, params))))
+            return solo, together
+        finally:
+            await engine.shutdown()
+
+    solo, together = asyncio.run(main())
+    assert [len(s) for s in solo] == [12, 5, 9, 16]
+    assert together == solo
