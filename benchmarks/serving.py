@@ -19,7 +19,8 @@ import statistics
 import sys
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+import _results  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
 PORT = 8766
 
 
@@ -133,8 +134,13 @@ def main() -> int:
     ap.add_argument("--max-concurrency", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--tp", type=int, action="append", help="TP sizes (default: 1 and 2)")
+    ap.add_argument("--continuous-max-num-seqs", type=int, help="max_num_seqs for (a) (default: --max-num-seqs)")
+    ap.add_argument("--runs", default="continuous,static,transformers", help="which of the three to run")
+    ap.add_argument("--name", default="serving", help="results file name under benchmarks/results/")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    wanted = set(args.runs.split(","))
+    seqs = {"continuous": args.continuous_max_num_seqs or args.max_num_seqs, "static": args.max_num_seqs}
 
     import ray
     from transformers import AutoConfig
@@ -147,30 +153,30 @@ def main() -> int:
     ray.init(include_dashboard=False, log_to_driver=False)
     runs = {}
     for tp in args.tp or [1, 2]:
-        for scheduling in ("continuous", "static"):
+        for scheduling in [p for p in ("continuous", "static") if p in wanted]:
             runs[f"tp{tp}_{scheduling}"] = r = raytp_run(args.model, tp, scheduling, args.dtype, work,
-                                                         args.max_concurrency, args.max_num_seqs)
+                                                         args.max_concurrency, seqs[scheduling])
             print(f"tp{tp} {scheduling}: {json.dumps(r)}", flush=True)
     ray.shutdown()
-    runs["transformers_one_at_a_time"] = r = transformers_run(path, args.dtype, work, args.max_concurrency)
-    print(f"transformers: {json.dumps(r)}", flush=True)
+    if "transformers" in wanted:
+        runs["transformers_one_at_a_time"] = r = transformers_run(path, args.dtype, work, args.max_concurrency)
+        print(f"transformers: {json.dumps(r)}", flush=True)
 
-    hf = runs["transformers_one_at_a_time"]
+    hf = runs.get("transformers_one_at_a_time")
     ratios = {}
     for tp in args.tp or [1, 2]:
-        a, b = runs[f"tp{tp}_continuous"], runs[f"tp{tp}_static"]
-        ratios[f"tp{tp}"] = {"throughput_a_over_b": a["output_tok_s"] / b["output_tok_s"],
-                             "ttft_p99_a_over_b": a["ttft_p99_s"] / b["ttft_p99_s"],
-                             "throughput_a_over_c": a["output_tok_s"] / hf["output_tok_s"]}
+        a, b = runs.get(f"tp{tp}_continuous"), runs.get(f"tp{tp}_static")
+        if a and b:
+            ratios[f"tp{tp}"] = {"throughput_a_over_b": a["output_tok_s"] / b["output_tok_s"],
+                                 "ttft_p99_a_over_b": a["ttft_p99_s"] / b["ttft_p99_s"]}
+        if a and hf:
+            ratios.setdefault(f"tp{tp}", {})["throughput_a_over_c"] = a["output_tok_s"] / hf["output_tok_s"]
     result = {"model": args.model, "dtype": args.dtype, "num_prompts": args.num_prompts,
-              "max_concurrency": args.max_concurrency, "max_num_seqs": args.max_num_seqs, "cpus": os.cpu_count(),
+              "max_concurrency": args.max_concurrency, "max_num_seqs": seqs, "cpus": os.cpu_count(),
               "runs": runs, "ratios": ratios,
               "targets": {"throughput_a_over_b": ">= 2", "ttft_p99_a_over_b": "<= 0.5", "throughput_a_over_c": ">= 4"}}
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "serving.json"), "w") as f:
-        json.dump(result, f, indent=2)
     lines = [f"# Serving: {args.model} {args.dtype}, {args.num_prompts} requests, {args.max_concurrency} clients, "
-             f"prompts 64-256, outputs 32-128 (ignore_eos), {os.cpu_count()} CPUs", "",
+             f"prompts 64-256, outputs 32-128 (ignore_eos), {os.cpu_count()} CPUs, max_num_seqs {seqs}", "",
              "| run | output tok/s | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | TPOT p99 (ms) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, r in runs.items():
@@ -179,12 +185,9 @@ def main() -> int:
     lines += ["", "| TP | (a)/(b) throughput (target ≥ 2) | (a)/(b) TTFT p99 (target ≤ 0.5) | (a)/(c) throughput (target ≥ 4) |",
               "| --- | --- | --- | --- |"]
     for tp, q in ratios.items():
-        lines.append(f"| {tp} | {q['throughput_a_over_b']:.2f} | {q['ttft_p99_a_over_b']:.2f} | "
-                     f"{q['throughput_a_over_c']:.2f} |")
-    md = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS, "serving.md"), "w") as f:
-        f.write(md)
-    print(md)
+        cells = [f"{q[k]:.2f}" if k in q else "-" for k in ("throughput_a_over_b", "ttft_p99_a_over_b", "throughput_a_over_c")]
+        lines.append(f"| {tp} | " + " | ".join(cells) + " |")
+    _results.write(args.name, result, lines)
     return 0
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+import _results  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
 HF_SCRIPT = r"""
 import json, resource, sys, time, torch
@@ -124,9 +124,6 @@ def main() -> int:
         print(json.dumps({model: r}, indent=1), flush=True)
     ray.shutdown()
 
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "tp_scaling.json"), "w") as f:
-        json.dump(results, f, indent=2)
     lines = [f"# TP scaling ({args.cpus} CPUs, {args.dtype}, {args.new_tokens} greedy tokens)", "",
              "| model | run | peak RSS per rank (MB) | PSS per rank after decode (MB) | decode tok/s b=1 | "
              "decode tok/s b=8 | b=1 vs HF |",
@@ -143,10 +140,7 @@ def main() -> int:
             lines.append(f"| {model} | raytp {tp.upper()} | {rss} | {pss} | {g['tok_s_b1']:.1f} | {g['tok_s_b8']:.1f} | "
                          f"{g['tok_s_b1'] / hf['tok_s_b1']:.2f} |")
         lines.append(f"| {model} | serve.run → healthy (TP=2) | | | {r['serve_run_to_healthy_s']:.1f} s | | |")
-    md = "\n".join(lines) + "\n"
-    with open(os.path.join(RESULTS, "tp_scaling.md"), "w") as f:
-        f.write(md)
-    print(md)
+    _results.write("tp_scaling", results, lines)
     return 0
 
 

@@ -3,6 +3,7 @@ integration/ (local Ray, gloo + DeepSpeed shm, tiny random Llama, TP=2), ipex/ (
 environment), device/ (real XPU / CUDA; skipped where absent)."""
 
 import asyncio
+import contextlib
 import os
 
 import pytest
@@ -58,3 +59,24 @@ def run_gang(config: dict, prompts: list[list[int]], max_tokens: int) -> list[li
             ex.shutdown()
 
     return asyncio.run(main())
+
+
+URL = "http://127.0.0.1:8000"
+
+
+@contextlib.contextmanager
+def serve_app(args: dict, **server_options):
+    """Run raytp as Serve app 'raytp' on 127.0.0.1:8000 for the block; yields the app's handle.
+
+    ``args`` is a RaytpConfig dict; ``server_options`` are LLMServer deployment options (num_replicas, ...)."""
+    from ray import serve
+
+    from raytp.config import resolve
+    from raytp.serve.app import bind_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    try:
+        serve.run(bind_app(resolve(args), server_options=server_options), name="raytp", route_prefix="/")
+        yield serve.get_app_handle("raytp")
+    finally:
+        serve.shutdown()

@@ -5,21 +5,16 @@ import concurrent.futures
 import pytest
 import requests
 
-URL = "http://127.0.0.1:8000"
+from tests.conftest import URL, serve_app
+
 MODEL = "raytp-tiny-llama"
 
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    from ray import serve
-
-    from raytp.serve.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    serve.run(build_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32",
-                         "max_num_seqs": 2, "max_queue_size": 2}), name="raytp", route_prefix="/")
-    yield
-    serve.shutdown()
+    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32",
+                    "max_num_seqs": 2, "max_queue_size": 2}) as handle:
+        yield handle
 
 
 def test_queue_full_gets_429_and_everything_else_a_full_answer(app):

@@ -10,7 +10,8 @@ import psutil
 import pytest
 import requests
 
-URL = "http://127.0.0.1:8000"
+from tests.conftest import URL, serve_app
+
 MODEL = "raytp-tiny-llama"
 
 
@@ -18,13 +19,8 @@ MODEL = "raytp-tiny-llama"
 def app(ray_session):
     from ray import serve
 
-    from raytp.serve.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    serve.run(build_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"}),
-              name="raytp", route_prefix="/")
-    yield serve.get_deployment_handle("LLMServer", app_name="raytp")
-    serve.shutdown()
+    with serve_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"}):
+        yield serve.get_deployment_handle("LLMServer", app_name="raytp")
 
 
 def stream(results, i, first_chunk):

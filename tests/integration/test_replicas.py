@@ -5,24 +5,18 @@ import concurrent.futures
 import pytest
 import requests
 
-URL = "http://127.0.0.1:8000"
+from tests.conftest import URL, serve_app
+
 MODEL = "raytp-tiny-llama"
 KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    from ray import serve
-
-    from raytp.config import resolve
-    from raytp.serve.app import bind_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    config = resolve({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32", "api_key": KEY})
-    # what `deployments: [{name: LLMServer, num_replicas: 2}]` does in serve_config.yaml
-    serve.run(bind_app(config, server_options={"num_replicas": 2}), name="raytp", route_prefix="/")
-    yield
-    serve.shutdown()
+    # num_replicas=2 is what `deployments: [{name: LLMServer, num_replicas: 2}]` does in serve_config.yaml
+    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32", "api_key": KEY},
+                   num_replicas=2) as handle:
+        yield handle
 
 
 def auth(key=KEY):

@@ -5,21 +5,16 @@ import json
 import pytest
 import requests
 
-URL = "http://127.0.0.1:8000"
+from tests.conftest import URL, serve_app
+
 MODEL = "raytp-tiny-llama"
 
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    from ray import serve
-
-    from raytp.serve.app import build_app
-
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    serve.run(build_app({"model": MODEL, "tensor_parallel_size": 2, "dtype": "float32", "device": "cpu",
-                         "max_model_len": 256, "max_num_seqs": 4}), name="raytp", route_prefix="/")
-    yield serve.get_app_handle("raytp")
-    serve.shutdown()
+    with serve_app({"model": MODEL, "tensor_parallel_size": 2, "dtype": "float32", "device": "cpu",
+                    "max_model_len": 256, "max_num_seqs": 4}) as handle:
+        yield handle
 
 
 def post(path, body, **kw):
@@ -91,13 +86,15 @@ def test_chat_completion(app):
 
 def test_streaming_equals_non_streaming(app):
     body = {"model": MODEL, "prompt": "requests arrive", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
-    full = post("/v1/completions", body).json()["choices"][0]["text"]
-    r = post("/v1/completions", {**body, "stream": True}, stream=True)
+    full = post("/v1/completions", body).json()
+    r = post("/v1/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}, stream=True)
     assert r.headers["content-type"].startswith("text/event-stream")
     chunks = sse_events(r)
-    assert len(chunks) > 1
-    assert "".join(c["choices"][0]["text"] for c in chunks) == full
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    text_chunks, usage = chunks[:-1], chunks[-1]["usage"]
+    assert len(text_chunks) > 1
+    assert "".join(c["choices"][0]["text"] for c in text_chunks) == full["choices"][0]["text"]
+    assert usage == full["usage"]
+    assert text_chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
 def test_chat_streaming_with_usage(app):

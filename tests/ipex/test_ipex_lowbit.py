@@ -8,7 +8,7 @@ import pytest
 import requests
 import torch
 
-from tests.conftest import run_gang
+from tests.conftest import URL, run_gang, serve_app
 
 ipex_llm = pytest.importorskip("ipex_llm")
 pytestmark = pytest.mark.ipex
@@ -40,24 +40,16 @@ def test_tp2_low_bit_matches_single_process(ray_session, tiny_model_path, tiny_t
 
 
 def test_tp2_sym_int4_serves_over_http(ray_session, tiny_model_path, tiny_tokenizer):
-    from ray import serve
-
-    from raytp.serve.app import build_app
-
     prompt_ids = tiny_tokenizer.encode(PROMPT)
     ref_text = tiny_tokenizer.decode(single_process_reference(tiny_model_path, "sym_int4", prompt_ids),
                                      skip_special_tokens=True)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
-    try:
-        serve.run(build_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
-                             "low_bit": "sym_int4"}), name="raytp", route_prefix="/")
-        assert requests.get("http://127.0.0.1:8000/health", timeout=30).status_code == 200
-        r = requests.post("http://127.0.0.1:8000/v1/completions", timeout=60, json={
+    with serve_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
+                    "low_bit": "sym_int4"}):
+        assert requests.get(URL + "/health", timeout=30).status_code == 200
+        r = requests.post(URL + "/v1/completions", timeout=60, json={
             "model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True})
         assert r.status_code == 200
         assert r.json()["choices"][0]["text"] == ref_text
-    finally:
-        serve.shutdown()
 
 
 def test_tp2_sym_int4_continuous_batching_equals_solo(ray_session, tiny_tokenizer):

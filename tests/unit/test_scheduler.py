@@ -1,6 +1,10 @@
 import pytest
 
-from raytp.engine.scheduler import ContinuousBatchScheduler, Sequence, StaticBatchScheduler
+from raytp.engine.scheduler import (
+    ContinuousBatchScheduler,
+    Sequence,
+    StaticBatchScheduler,
+)
 from raytp.engine.types import SamplingParams
 from raytp.errors import QueueFullError
 
