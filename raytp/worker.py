@@ -102,14 +102,3 @@ class Worker:
         full = psutil.Process().memory_full_info()
         return {"rank": self.rank, "rss_mb": full.rss / 2**20, "pss_mb": getattr(full, "pss", 0) / 2**20,
                 "peak_rss_mb": _peak_rss_mb()}
-
-    def health(self) -> bool:
-        return self.runner is not None
-
-    def shutdown(self) -> None:
-        import torch.distributed as dist
-
-        self.runner = None
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # gloo aborts at exit if a peer is torn down mid-collective
-            dist.destroy_process_group()

@@ -51,6 +51,13 @@ class LLMServer:
         logger.info("raytp: TP=%d gang for %s healthy after %.1fs", config.tensor_parallel_size,
                     config.served_model_name, self.startup_s)
 
+    def __del__(self):
+        # Serve calls this when it stops the replica (scale-down, redeploy, failed health check):
+        # free the ranks now rather than when Ray notices their owner is gone.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.executor.shutdown()
+
     # ---- health ----------------------------------------------------------------------------
     async def check_health(self) -> None:
         """Serve's health check: raises when the gang is dead, so Serve replaces this replica."""
