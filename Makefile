@@ -3,7 +3,6 @@
 PY ?= python3
 VENV ?= .venv
 IPEX_VENV ?= .venv-ipex
-export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: serve test test-default test-ipex venv venv-ipex
 
@@ -12,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -U pip
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[dev]'
-	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(VENV)/bin/python -m raytp.cli build-ops
+	$(VENV)/bin/raytp build-ops
 	touch $@
 
 $(IPEX_VENV)/.installed: pyproject.toml
@@ -20,7 +19,7 @@ $(IPEX_VENV)/.installed: pyproject.toml
 	$(IPEX_VENV)/bin/pip install -q -U pip
 	$(IPEX_VENV)/bin/pip install -q torch==2.13.0
 	$(IPEX_VENV)/bin/pip install -q -e '.[dev,ipex-llm]'
-	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(IPEX_VENV)/torch_extensions $(IPEX_VENV)/bin/python -m raytp.cli build-ops
+	$(IPEX_VENV)/bin/raytp build-ops
 	touch $@
 
 venv: $(VENV)/.installed
@@ -34,7 +33,7 @@ serve: venv
 test: test-default test-ipex
 
 test-default: venv
-	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest tests
 
 test-ipex: venv-ipex
-	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(IPEX_VENV)/torch_extensions $(IPEX_VENV)/bin/python -m pytest tests
+	$(IPEX_VENV)/bin/python -m pytest tests

@@ -10,6 +10,8 @@ without it.
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from dataclasses import dataclass
 
 from raytp.errors import ConfigError
@@ -40,6 +42,14 @@ def _xccl_available() -> bool:
 
 def _ccl_importable() -> bool:
     return importlib.util.find_spec("oneccl_bindings_for_pytorch") is not None
+
+
+def torch_extensions_dir() -> str:
+    """Where DeepSpeed's just-in-time ops are built: per Python environment unless TORCH_EXTENSIONS_DIR is set.
+
+    torch's default (~/.cache/torch_extensions) is shared by every environment on the machine, so two
+    environments with different builds rebuild over each other and wait on each other's build lock."""
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
 
 
 def select_xpu_backend(xccl_available: bool, ccl_importable: bool) -> str:
@@ -112,6 +122,7 @@ class Accelerator:
             # Ray sets OMP_NUM_THREADS=1 in actors; give each rank the CPUs of its bundle.
             "OMP_NUM_THREADS": str(num_threads),
             "MKL_NUM_THREADS": str(num_threads),
+            "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
         }
         if self.name == "xpu":
             env.update({

@@ -46,6 +46,19 @@ def test_worker_env_cpu_sets_shm_allreduce_requirements():
     assert not any(k.startswith("CCL_") for k in env)
 
 
+def test_torch_extensions_dir_is_per_environment(monkeypatch):
+    import sys
+
+    from raytp.accelerator import torch_extensions_dir
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert torch_extensions_dir().startswith(sys.prefix)
+    env = accelerator.get("cpu").worker_env(rank=0, world_size=2, master_addr="h", master_port=1, num_threads=1)
+    assert env["TORCH_EXTENSIONS_DIR"] == torch_extensions_dir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/x")
+    assert torch_extensions_dir() == "/x"
+
+
 def test_worker_env_xpu_has_ccl_settings():
     env = accelerator.get("xpu").worker_env(rank=0, world_size=4, master_addr="h", master_port=1, num_threads=1)
     assert env["DS_ACCELERATOR"] == "xpu"
