@@ -11,7 +11,9 @@ replica is replaced as a unit.
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
+import os
 
 import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
@@ -33,6 +35,7 @@ class RayExecutor:
         self.load_reports: list[LoadReport] = []
         self._own_pg = None
         self._dead_reason: str | None = None
+        self._rendezvous: tuple[str, int] | None = None
 
     @property
     def world_size(self) -> int:
@@ -70,6 +73,7 @@ class RayExecutor:
         try:
             # 2. Rank 0 publishes its address and a free port; 3. every rank sets its env and device.
             addr, port = await self._wait([self.workers[0].node_address.remote()], timeout, "rendezvous")
+            self._rendezvous = (addr, port)
             await self._wait([w.init_device.remote(addr, port) for w in self.workers], timeout, "init_device")
             # 4. All ranks join the process group together (it blocks until all have).
             await self._wait([w.init_distributed.remote() for w in self.workers], timeout, "init_distributed")
@@ -117,6 +121,22 @@ class RayExecutor:
             # Surviving ranks may be blocked in a collective forever: kill them now, not at replica teardown.
             self.shutdown()
 
+    def shm_segments(self) -> list[str]:
+        """DeepSpeed's CPU all-reduce buffers of this gang (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
+        if self._rendezvous is None:
+            return []
+        addr, port = self._rendezvous
+        return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*")
+
+    def _remove_shm_segments(self) -> None:
+        # DeepSpeed never unlinks them, and killed ranks cannot: each gang would leak 2 x 66 MB of /dev/shm
+        # (RAM) per restart. The replica runs on rank 0's node (bundle 0), where the segments live.
+        for path in self.shm_segments():
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
     def shutdown(self) -> None:
         """Kill every rank (a broken group cannot barrier) and free a placement group we made."""
         for w in self.workers:
@@ -125,6 +145,7 @@ class RayExecutor:
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
         self.workers = []
+        self._remove_shm_segments()
         if self._own_pg is not None:
             remove_placement_group(self._own_pg)
             self._own_pg = None

@@ -54,9 +54,11 @@ def run_gang(config: dict, prompts: list[list[int]], max_tokens: int) -> list[li
                                       False)]
             for _ in range(max_tokens - 1):
                 steps.append(await ex.execute("step", [], [], True))
+            assert len(ex.shm_segments()) == (len(ex.workers) if config.get("tensor_parallel_size", 2) > 1 else 0)
             return [list(col) for col in zip(*steps)]
         finally:
             ex.shutdown()
+            assert ex.shm_segments() == [], "the gang's shared-memory buffers outlive it"
 
     return asyncio.run(main())
 

@@ -1,5 +1,6 @@
 """A rank killed with SIGKILL mid-stream: in-flight requests fail fast, Serve replaces the whole gang."""
 
+import glob
 import json
 import os
 import signal
@@ -73,5 +74,6 @@ def test_killed_rank_fails_requests_fast_and_gang_is_replaced(app):
     new_pids = app.worker_pids.remote().result()
     assert not set(new_pids) & set(old_pids)
     assert not any(psutil.pid_exists(p) for p in old_pids), "old ranks leaked"
+    assert len(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) == 2, "only the new gang's shm buffers remain"
     r = requests.post(URL + "/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200
