@@ -22,11 +22,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> tuple[str, bool]:
         """Add one generated token; return (new stable text, stop string hit)."""
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
-        new_text = self._decode(self._ids[self._prefix:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.text += new_text[len(prefix_text):]
-            self._prefix, self._read = self._read, len(self._ids)
+        self._read_new_tokens(final=False)
         # The holdback guarantees any new stop match starts at or after the emitted text.
         hits = [at for at in (self.text.find(s, self._emitted) for s in self.stop) if at != -1]
         if hits:
@@ -47,12 +43,18 @@ class IncrementalDetokenizer:
         Includes held-back text and the text of trailing tokens that never completed a
         character (decoded as U+FFFD, as a full decode of the output would show them)."""
         if self._read < len(self._ids):
-            prefix_text = self._decode(self._ids[self._prefix:self._read])
-            self.text += self._decode(self._ids[self._prefix:])[len(prefix_text):]
-            self._prefix = self._read = len(self._ids)
+            self._read_new_tokens(final=True)
         delta = self.text[self._emitted:]
         self._emitted = len(self.text)
         return delta
+
+    def _read_new_tokens(self, final: bool) -> None:
+        """Append the text of tokens past ``_read`` to ``self.text``: only once it is whole, unless ``final``."""
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        new_text = self._decode(self._ids[self._prefix:])
+        if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
+            self.text += new_text[len(prefix_text):]
+            self._prefix, self._read = self._read, len(self._ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
