@@ -20,6 +20,18 @@ def cache_arg_name(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def logits_to_keep_kwarg(model) -> dict:
+    """Ask the forward for the last position's logits only (``logits_to_keep`` in transformers >= 4.50,
+    ``num_logits_to_keep`` before); {} if this model's forward has neither (e.g. remote code)."""
+    import inspect
+
+    names = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in names:
+            return {name: 1}
+    return {}
+
+
 def empty_cache():
     """The cache object to pass on a prefill. transformers 4.x returns a legacy tuple cache when given None,
     which cannot be filtered or merged in place, so give it a DynamicCache; 5.x makes its own."""
