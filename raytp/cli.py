@@ -2,6 +2,7 @@
 
   raytp tiny-model [--preset NAME]   generate (once) and print a built-in random-weight checkpoint's path
   raytp build-ops                    compile DeepSpeed's CPU shared-memory all-reduce op ahead of time
+  raytp bench [...]                  benchmark OpenAI-compatible endpoints (raytp bench --help)
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def _build_ops(_args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from raytp import tiny_model
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: many flags, mirrored from `vllm bench serve`
+        from raytp.bench.main import main as bench_main
+
+        return bench_main(argv[1:])
+
     parser = argparse.ArgumentParser(prog="raytp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("tiny-model", help="generate a built-in random-weight checkpoint and print its path")
@@ -45,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_tiny_model)
     p = sub.add_parser("build-ops", help="compile DeepSpeed's CPU shm all-reduce op now")
     p.set_defaults(func=_build_ops)
+    sub.add_parser("bench", help="benchmark OpenAI-compatible endpoints (see raytp bench --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 

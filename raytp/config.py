@@ -82,6 +82,13 @@ class RaytpConfig(BaseModel):
         None, description="If set (or env RAYTP_API_KEY), every route but /health needs 'Authorization: Bearer <key>'."
     )
     seed: int = Field(0, description="Seed for requests that sample without a 'seed' of their own.")
+    max_request_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest HTTP request body accepted; larger ones get 413 before being read.",
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        60, ge=0, description="On scale-down, redeploy or shutdown, how long a replica keeps serving its in-flight "
+        "requests (new ones go to other replicas) before its gang is torn down.",
+    )
 
 
 @dataclass(frozen=True)
@@ -106,6 +113,8 @@ class ResolvedConfig:
     step_timeout_s: float
     api_key: str | None
     seed: int
+    max_request_body_bytes: int = 1_048_576
+    graceful_shutdown_timeout_s: float = 60.0
 
 
 def resolve(cfg: RaytpConfig | dict, *, check_devices: bool = True) -> ResolvedConfig:
@@ -147,6 +156,8 @@ def resolve(cfg: RaytpConfig | dict, *, check_devices: bool = True) -> ResolvedC
         step_timeout_s=cfg.step_timeout_s,
         api_key=cfg.api_key or os.environ.get("RAYTP_API_KEY") or None,
         seed=cfg.seed,
+        max_request_body_bytes=cfg.max_request_body_bytes,
+        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
     )
 
 

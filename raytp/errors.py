@@ -54,6 +54,12 @@ class ModelNotFoundError(InvalidRequestError):
         super().__init__(message, param=param, code=code)
 
 
+class PayloadTooLargeError(InvalidRequestError):
+    """The HTTP request body is over ``max_request_body_bytes`` (HTTP 413)."""
+
+    status_code = 413
+
+
 class AuthenticationError(RaytpError):
     """Missing or wrong API key (HTTP 401)."""
 

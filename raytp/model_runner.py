@@ -15,11 +15,15 @@ Both are plain tensor ops that work the same on every device and transformers ve
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from raytp.compat import cache_arg_name, cache_kv, empty_cache, logits_to_keep_kwarg, output_cache, set_cache_kv
 from raytp.engine.types import SeqInput
 from raytp.sampler import make_generator, sample
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -47,6 +51,7 @@ class ModelRunner:
         """1. drop ``finished`` rows; 2. prefill ``new`` rows (returns their first tokens), or
         3. if ``decode``, one token for every row (returns them in row order). Rank 0 returns the tokens."""
         if finished:
+            logger.debug("rank %d: drop %d rows", self.rank, len(finished), extra={"request_ids": finished})
             self._drop(set(finished))
         if new:
             return self._prefill(new)
@@ -75,6 +80,7 @@ class ModelRunner:
         # already a large enough matrix product. The tokens are sampled together: one broadcast per step.
         logits, caches = [], []
         for s in new:
+            logger.info("rank %d: prefill %d prompt tokens", self.rank, len(s.prompt_ids), extra={"request_id": s.seq_id})
             ids = torch.tensor([s.prompt_ids], dtype=torch.long, device=self.device)
             positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
             row_logits, cache = self._forward(ids, torch.ones_like(ids), positions, empty_cache())

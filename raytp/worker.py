@@ -53,6 +53,9 @@ class Worker:
             return ip, s.getsockname()[1]
 
     def init_device(self, master_addr: str, master_port: int) -> None:
+        from raytp.logs import configure_rank_logging
+
+        configure_rank_logging(self.rank, self.config.tensor_parallel_size)
         threads = max(1, int(self.config.num_cpus_per_worker))
         os.environ.update(self.accel.worker_env(
             rank=self.rank, world_size=self.config.tensor_parallel_size,

@@ -34,7 +34,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # metrics exported every second (default: every few seconds) so metric tests need not wait long
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import Counter
 
 from raytp.engine.detokenizer import IncrementalDetokenizer
 from raytp.engine.scheduler import SchedulerOutput, Sequence
+from raytp.engine.stats import EngineStats
 from raytp.engine.types import RequestOutput, SamplingParams
-from raytp.errors import EngineDeadError
+from raytp.errors import EngineDeadError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +33,11 @@ class _Stream:
 
 class Engine:
     """Owns a scheduler and an executor. ``executor`` needs ``start()``, ``execute(method, *args)``, ``shutdown()``;
-    ``scheduler`` is a ``raytp.engine.scheduler`` policy."""
+    ``scheduler`` is a ``raytp.engine.scheduler`` policy; ``stats`` an ``EngineStats`` observer."""
 
-    def __init__(self, executor, tokenizer, scheduler, *, seed: int = 0):
+    def __init__(self, executor, tokenizer, scheduler, *, seed: int = 0, stats: EngineStats | None = None):
         self.executor = executor
+        self.stats = stats or EngineStats()
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.eos_token_id = tokenizer.eos_token_id
@@ -77,7 +80,7 @@ class Engine:
         """
         self.check_health()
         if request_id in self._streams:
-            raise ValueError(f"duplicate request id {request_id!r}")
+            raise InvalidRequestError(f"request id {request_id!r} is already in use (X-Request-Id must be unique)")
         if not params.greedy and params.seed is None:
             params = _with_seed(params, self._seeds.getrandbits(63))
         seq = Sequence(request_id, tuple(prompt_ids), params)
@@ -95,7 +98,9 @@ class Engine:
         finally:
             if not seq.finished:  # the caller went away: free the row at the next step
                 self.scheduler.abort(request_id)
-            self.finished_counts[seq.finish_reason or "abort"] += 1
+            reason = seq.finish_reason or "abort"
+            self.finished_counts[reason] += 1
+            self.stats.on_finished(reason, time.monotonic() - seq.arrival_s, len(seq.prompt_ids), len(seq.output_ids))
             self._streams.pop(request_id, None)
 
     @property
@@ -129,11 +134,16 @@ class Engine:
         if out.kind == "idle":
             return False
         new = [s.to_input() for s in out.seqs] if out.kind == "prefill" else []
+        if new:
+            now = time.monotonic()
+            for s in out.seqs:
+                self.stats.on_scheduled(now - s.arrival_s)
         # 2. execute: the same command to every rank, one round trip
         tokens = await self.executor.execute("step", list(out.finished_ids), new, out.kind == "decode")
         if out.kind != "release":
             assert len(tokens) == len(out.seqs), "workers and scheduler disagree on the rows"
             self._update(out, tokens)  # 3. update
+        self.stats.on_step(self.scheduler.num_running, self.scheduler.num_waiting)
         return True
 
     def _update(self, out: SchedulerOutput, tokens: list[int]) -> None:
@@ -145,6 +155,9 @@ class Engine:
                 seq.finish_reason = "abort"
                 continue
             seq.output_ids.append(token)
+            now = time.monotonic()
+            self.stats.on_token(now - (seq.last_token_s or seq.arrival_s), first=seq.last_token_s is None)
+            seq.last_token_s = now
             stream.pending_ids.append(token)
             hit_eos = token == self.eos_token_id and not seq.params.ignore_eos
             delta, hit_stop = ("", False) if hit_eos else stream.detok.add(token)

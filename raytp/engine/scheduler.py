@@ -36,6 +36,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     arrival_s: float = field(default_factory=time.monotonic)
+    last_token_s: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -28,9 +28,16 @@ def server_deployment(config: ResolvedConfig):
         # The replica actor lives in bundle 0 beside rank 0: it must take none of the rank's CPU.
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.max_num_seqs + config.max_queue_size,
-        health_check_period_s=5,
+        # Past this, callers get BackPressureError at once (HTTP 429) instead of queueing without bound in Serve.
+        max_queued_requests=config.max_queue_size,
+        health_check_period_s=2,  # a dead gang stops receiving requests within ~2 s
         health_check_timeout_s=30,
-        graceful_shutdown_timeout_s=30,
+        # Drain: a stopping replica gets no new requests and keeps serving its in-flight ones this long.
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=1,
+        # A replica that cannot start (bad weights, out of memory) fails the deployment with its error after a few
+        # tries instead of restarting for minutes.
+        max_constructor_retry_count=3,
     )
 
 
@@ -48,5 +55,6 @@ def bind_app(config: ResolvedConfig, engine_factory=None, server_options: dict |
     """
     server = server_deployment(config).options(**(server_options or {})).bind(config, engine_factory)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
-                               max_ongoing_requests=1000)
-    return ingress.bind(server, config.api_key)
+                               max_ongoing_requests=1000,
+                               graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s)
+    return ingress.bind(server, config.api_key, config.max_request_body_bytes)

@@ -14,19 +14,22 @@ Python (``serve.get_app_handle(app_name)`` returns a handle to this deployment):
 
 import asyncio
 import hmac
+import functools
 import json
 import logging
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytp.api.openai import invalid_request
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
-from raytp.errors import AuthenticationError, EngineDeadError, QueueFullError, RaytpError
+from raytp.errors import AuthenticationError, EngineDeadError, PayloadTooLargeError, QueueFullError, RaytpError
 
 logger = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 5.0
@@ -40,7 +43,10 @@ def to_raytp_error(e: BaseException) -> RaytpError:
     cause = getattr(e, "cause", None)
     if isinstance(cause, RaytpError):
         return cause
-    if isinstance(e, RayActorError) or isinstance(cause, RayActorError):
+    if isinstance(e, BackPressureError):  # Serve's own bounded queue in front of the replicas is full
+        return QueueFullError("server is at capacity; retry later")
+    if isinstance(e, (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)) or isinstance(
+            cause, RayActorError):
         return EngineDeadError("the model replica died; retry shortly while it is replaced")
     if isinstance(e, RayTaskError):
         logger.error("raytp: server error: %s", e)
@@ -49,7 +55,15 @@ def to_raytp_error(e: BaseException) -> RaytpError:
     return RaytpError(f"internal error: {type(e).__name__}")
 
 
+@functools.cache
+def _metrics():
+    from raytp.serve.metrics import IngressMetrics
+
+    return IngressMetrics()  # created once per ingress replica process, on first use
+
+
 def error_response(err: RaytpError) -> JSONResponse:
+    _metrics().error(err.error_type, err.status_code)
     headers = {"Retry-After": str(err.retry_after_s)} if isinstance(err, QueueFullError) else None
     return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers)
 
@@ -67,7 +81,54 @@ async def _http_error(_: Request, exc: StarletteHTTPException):
     return error_response(err)
 
 
-async def _sse(gen, first):
+
+
+class BodySizeLimit:
+    """ASGI middleware: an OpenAI-style 413 for bodies over ``limit`` bytes, from Content-Length before reading
+    anything, or while a chunked body streams in (buffered up to the limit, then handed on), so an oversized
+    request never reaches JSON parsing or the model. (Starlette's own limit answers in plain text.)"""
+
+    limit = 1_048_576  # set per ingress process by OpenAIIngress.__init__
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._reject(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: disconnect notices for streaming responses
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope, receive, send):
+        err = PayloadTooLargeError(f"request body is larger than the limit of {self.limit} bytes",
+                                   code="request_too_large")
+        await error_response(err)(scope, receive, send)
+
+
+app.add_middleware(BodySizeLimit)
+
+
+async def _sse(gen, first, route: str, started: float):
     """OpenAI SSE framing; a mid-stream failure becomes an error event, then [DONE]."""
     try:
         if first is not None:
@@ -75,17 +136,33 @@ async def _sse(gen, first):
         async for chunk in gen:
             yield f"data: {json.dumps(chunk)}\n\n"
     except Exception as e:  # noqa: BLE001
-        yield f"data: {json.dumps(to_raytp_error(e).to_dict())}\n\n"
+        err = to_raytp_error(e)
+        _metrics().error(err.error_type, err.status_code)
+        yield f"data: {json.dumps(err.to_dict())}\n\n"
     finally:
         gen.cancel()  # no-op when finished; on client disconnect it aborts the request in the engine
+        _metrics().request_s.observe(time.perf_counter() - started, tags={"route": route})
     yield "data: [DONE]\n\n"
+
+
+def _http_request_id() -> str:
+    """The id Serve's proxy gave this HTTP request: the client's X-Request-Id if it sent one, else Serve's own,
+    which Serve echoes in the response header and puts on its log lines. Serve exposes it only through its
+    (private) request context; without it, raytp makes its own id (the server's fallback)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id
+    except Exception:  # noqa: BLE001 - a Serve version without this helper
+        return ""
 
 
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, server, api_key: "str | None" = None):
+    def __init__(self, server, api_key: "str | None" = None, max_request_body_bytes: int = 1_048_576):
         self.server = server
         self.api_key = api_key
+        BodySizeLimit.limit = max_request_body_bytes
 
     # ---- HTTP ------------------------------------------------------------------------------
     @app.get("/health")
@@ -104,29 +181,38 @@ class OpenAIIngress:
 
     @app.post("/v1/completions")
     async def http_completions(self, body: CompletionRequest, request: Request):
-        return await self._call(request, "completions_stream" if body.stream else "completions", body, stream=body.stream)
+        return await self._call(request, "completions_stream" if body.stream else "completions", body,
+                                _http_request_id(), stream=body.stream)
 
     @app.post("/v1/chat/completions")
     async def http_chat(self, body: ChatCompletionRequest, request: Request):
         return await self._call(request, "chat_completions_stream" if body.stream else "chat_completions", body,
-                                stream=body.stream)
+                                _http_request_id(), stream=body.stream)
 
     async def _call(self, request: Request, method: str, *args, stream: bool = False):
+        started, route = time.perf_counter(), request.url.path
         if not self._authorized(request):
             return error_response(AuthenticationError("missing or invalid API key (Authorization: Bearer <key>)"))
-        if not stream:
-            try:
-                return await getattr(self.server, method).remote(*args)
-            except Exception as e:  # noqa: BLE001
-                return error_response(to_raytp_error(e))
-        gen = getattr(self.server.options(stream=True), method).remote(*args)
         try:  # errors before the first chunk (bad input, queue full) are plain HTTP errors
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            first = None
+            result = await self._start(method, args, stream)
         except Exception as e:  # noqa: BLE001
+            _metrics().request_s.observe(time.perf_counter() - started, tags={"route": route})
             return error_response(to_raytp_error(e))
-        return StreamingResponse(_sse(gen, first), media_type="text/event-stream")
+        if not stream:
+            _metrics().request_s.observe(time.perf_counter() - started, tags={"route": route})
+            return result
+        gen, first = result
+        return StreamingResponse(_sse(gen, first, route, started), media_type="text/event-stream")
+
+    async def _start(self, method: str, args: tuple, stream: bool):
+        """Call the server: the whole result, or ``(generator, first chunk)`` when streaming."""
+        if not stream:
+            return await getattr(self.server, method).remote(*args)
+        gen = getattr(self.server.options(stream=True), method).remote(*args)
+        try:
+            return gen, await gen.__anext__()
+        except StopAsyncIteration:
+            return gen, None
 
     def _authorized(self, request: Request) -> bool:
         if not self.api_key:

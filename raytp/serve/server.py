@@ -26,14 +26,14 @@ from raytp.errors import InvalidRequestError, ModelNotFoundError
 logger = logging.getLogger("ray.serve")
 
 
-def _default_engine(config: ResolvedConfig, tokenizer):
+def _default_engine(config: ResolvedConfig, tokenizer, stats=None):
     from raytp.engine.engine import Engine
     from raytp.engine.scheduler import make_scheduler
     from raytp.executor import RayExecutor
 
     scheduler = make_scheduler(config.scheduling, config.max_num_seqs, config.max_queue_size,
                                config.max_num_batched_tokens)
-    return Engine(RayExecutor(config), tokenizer, scheduler, seed=config.seed)
+    return Engine(RayExecutor(config), tokenizer, scheduler, seed=config.seed, stats=stats)
 
 
 class LLMServer:
@@ -42,11 +42,19 @@ class LLMServer:
     async def __init__(self, config: ResolvedConfig, engine_factory=None):
         from transformers import AutoTokenizer
 
+        from raytp.serve.metrics import ServerMetrics
+
         started = time.perf_counter()
         self.config = config
+        self.metrics = ServerMetrics(config.served_model_name, config.max_num_seqs)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-        self.engine = (engine_factory or _default_engine)(config, self.tokenizer)
+        if engine_factory is None:
+            self.engine = _default_engine(config, self.tokenizer, self.metrics)
+        else:
+            self.engine = engine_factory(config, self.tokenizer)
         await self.engine.start()
+        self.metrics.loaded(self.engine.load_reports)
+        self.metrics.gang(True)
         self.startup_s = time.perf_counter() - started
         logger.info("raytp: TP=%d gang for %s healthy after %.1fs", config.tensor_parallel_size,
                     config.served_model_name, self.startup_s)
@@ -61,7 +69,11 @@ class LLMServer:
     # ---- health ----------------------------------------------------------------------------
     async def check_health(self) -> None:
         """Serve's health check: raises when the gang is dead, so Serve replaces this replica."""
-        self.engine.check_health()
+        try:
+            self.engine.check_health()
+        except Exception:
+            self.metrics.gang(False)
+            raise
 
     async def health(self) -> dict:
         self.engine.check_health()
@@ -87,18 +99,19 @@ class LLMServer:
         }]}
 
     # ---- OpenAI ----------------------------------------------------------------------------
-    async def completions(self, body) -> dict:
-        return await self._collect(*self._prepare(body, chat=False))
+    # ``request_id``: the HTTP request's id (X-Request-Id), passed on by the ingress; else Serve's or a new one.
+    async def completions(self, body, request_id: str | None = None) -> dict:
+        return await self._collect(*self._prepare(body, chat=False, request_id=request_id))
 
-    async def chat_completions(self, body) -> dict:
-        return await self._collect(*self._prepare(body, chat=True))
+    async def chat_completions(self, body, request_id: str | None = None) -> dict:
+        return await self._collect(*self._prepare(body, chat=True, request_id=request_id))
 
-    async def completions_stream(self, body):
-        async for chunk in self._stream(*self._prepare(body, chat=False)):
+    async def completions_stream(self, body, request_id: str | None = None):
+        async for chunk in self._stream(*self._prepare(body, chat=False, request_id=request_id)):
             yield chunk
 
-    async def chat_completions_stream(self, body):
-        async for chunk in self._stream(*self._prepare(body, chat=True)):
+    async def chat_completions_stream(self, body, request_id: str | None = None):
+        async for chunk in self._stream(*self._prepare(body, chat=True, request_id=request_id)):
             yield chunk
 
     # ---- plain Python ----------------------------------------------------------------------
@@ -115,7 +128,7 @@ class LLMServer:
                 yield chunk["choices"][0]["text"]
 
     # ---- shared path -----------------------------------------------------------------------
-    def _prepare(self, body, chat: bool):
+    def _prepare(self, body, chat: bool, request_id: str | None = None):
         req = oai.parse(ChatCompletionRequest if chat else CompletionRequest, body)
         if req.model != self.config.served_model_name:
             raise ModelNotFoundError(f"model {req.model!r} is not served here; available: {self.config.served_model_name!r}")
@@ -130,7 +143,8 @@ class LLMServer:
                 code="context_length_exceeded",
             )
         params = oai.sampling_params(req, max_tokens if max_tokens is not None else room)
-        request_id = oai.new_request_id("chatcmpl" if chat else "cmpl")
+        request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
+        logger.info("raytp: request %s: %d prompt tokens, max_tokens %d", request_id, len(prompt_ids), params.max_tokens)
         return req, request_id, prompt_ids, params, chat
 
     def _prompt_ids(self, req, chat: bool) -> tuple[int, ...]:
@@ -156,6 +170,7 @@ class LLMServer:
         async for out in self.engine.generate(request_id, prompt_ids, params):
             text.append(out.text)
             last = out
+        _log_finished(request_id, last)
         return oai.completion_body(request_id, req.model, "".join(text), last, chat)
 
     async def _stream(self, req, request_id, prompt_ids, params, chat):
@@ -163,5 +178,26 @@ class LLMServer:
         async for out in self.engine.generate(request_id, prompt_ids, params):
             yield oai.stream_chunk(request_id, req.model, out, chat, first=last is None)
             last = out
+        _log_finished(request_id, last)
         if req.stream_options and req.stream_options.include_usage:
             yield oai.usage_chunk(request_id, req.model, last, chat)
+
+
+def _request_id(prefix: str, rid: str | None) -> str:
+    """``<prefix>-<request id>``. Over HTTP the id is the proxy's: the client's ``X-Request-Id`` header (or one
+    Serve made), echoed in the response header and on Serve's log lines of the ingress; the ingress passes it
+    here, so one id follows a request through ingress, server, engine and every rank's log. Handle callers get
+    this replica's Serve request id, or a fresh one outside a request context."""
+    if not rid:
+        try:
+            rid = serve.get_request_context().request_id
+        except Exception:  # noqa: BLE001 - no Serve context (unit tests, direct calls)
+            rid = ""
+    return f"{prefix}-{rid}" if rid else oai.new_request_id(prefix)
+
+
+def _log_finished(request_id: str, last: RequestOutput | None) -> None:
+    # Counts only: prompts and outputs are never logged at INFO.
+    if last is not None:
+        logger.info("raytp: request %s finished (%s): %d prompt + %d completion tokens", request_id,
+                    last.finish_reason, last.num_prompt_tokens, last.num_output_tokens)

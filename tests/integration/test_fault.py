@@ -1,4 +1,5 @@
-"""A rank killed with SIGKILL mid-stream: in-flight requests fail fast, Serve replaces the whole gang."""
+"""A rank killed with SIGKILL, or stopped with SIGSTOP, mid-stream: in-flight requests fail fast with an
+explicit error, Serve replaces the whole gang (new placement group, new ranks), and nothing leaks."""
 
 import glob
 import json
@@ -20,7 +21,9 @@ MODEL = "raytp-tiny-llama"
 def app(ray_session):
     from ray import serve
 
-    with serve_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"}):
+    # step_timeout_s bounds how long a hung rank (SIGSTOP) can hold the gang
+    with serve_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
+                    "step_timeout_s": 4}):
         yield serve.get_deployment_handle("LLMServer", app_name="raytp")
 
 
@@ -40,20 +43,29 @@ def stream(results, i, first_chunk):
     results[i] = (200, json.loads(events[-2])["error"])
 
 
-def test_killed_rank_fails_requests_fast_and_gang_is_replaced(app):
+def live_placement_groups() -> list[str]:
+    from ray.util import placement_group_table
+
+    return sorted(pid for pid, pg in placement_group_table().items() if pg["state"] != "REMOVED")
+
+
+def break_rank_and_recover(app, sig: int, fail_within_s: float) -> float:
+    """Stream 3 requests, send ``sig`` to rank 1, check every request ends with the gang error in time and
+    that Serve replaces the replica's gang and placement group; return the time to recovery."""
     old_pids = app.worker_pids.remote().result()
-    assert len(old_pids) == 2
+    old_pgs = live_placement_groups()
+    assert len(old_pids) == 2 and len(old_pgs) == 1
     results, first = {}, threading.Event()
     threads = [threading.Thread(target=stream, args=(results, i, first)) for i in range(3)]
     for t in threads:
         t.start()
     assert first.wait(30)
-    killed_at = time.monotonic()
-    os.kill(old_pids[1], signal.SIGKILL)
+    broken_at = time.monotonic()
+    os.kill(old_pids[1], sig)
     for t in threads:
         t.join(30)
-    assert not any(t.is_alive() for t in threads), "a request hung after a rank died"
-    assert time.monotonic() - killed_at < 10
+    assert not any(t.is_alive() for t in threads), "a request hung after a rank failed"
+    assert time.monotonic() - broken_at < fail_within_s
     assert len(results) == 3
     for status, error in results.values():
         assert status in (200, 503)  # 200: an SSE error event after some chunks, then [DONE]
@@ -64,16 +76,30 @@ def test_killed_rank_fails_requests_fast_and_gang_is_replaced(app):
     while time.monotonic() < deadline:
         try:
             if requests.get(URL + "/health", timeout=10).status_code == 200:
-                recovered_in = time.monotonic() - killed_at
+                recovered_in = time.monotonic() - broken_at
                 break
         except requests.RequestException:
             pass
         time.sleep(1)
     assert recovered_in is not None, "replica was not replaced"
-    print(f"recovered in {recovered_in:.1f}s")
     new_pids = app.worker_pids.remote().result()
     assert not set(new_pids) & set(old_pids)
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(p) for p in old_pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert not any(psutil.pid_exists(p) for p in old_pids), "old ranks leaked"
+    new_pgs = live_placement_groups()
+    assert len(new_pgs) == 1 and new_pgs != old_pgs, "the old placement group leaked"
     assert len(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) == 2, "only the new gang's shm buffers remain"
     r = requests.post(URL + "/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200
+    return recovered_in
+
+
+def test_killed_rank_fails_requests_fast_and_gang_is_replaced(app):
+    print(f"SIGKILL: recovered in {break_rank_and_recover(app, signal.SIGKILL, 10):.1f}s")
+
+
+def test_hung_rank_is_caught_by_the_step_timeout(app):
+    # A stopped rank never answers; the gang's step timeout (4 s here) declares it dead.
+    print(f"SIGSTOP: recovered in {break_rank_and_recover(app, signal.SIGSTOP, 4 + 6):.1f}s")

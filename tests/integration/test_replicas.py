@@ -15,7 +15,7 @@ KEY = "test-key-123"
 def app(ray_session):
     # num_replicas=2 is what `deployments: [{name: LLMServer, num_replicas: 2}]` does in serve_config.yaml
     with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32", "api_key": KEY},
-                   num_replicas=2) as handle:
+                   num_replicas=2, version="v1") as handle:
         yield handle
 
 
@@ -50,3 +50,90 @@ def test_api_key_required_except_health(app):
     assert requests.get(URL + "/v1/models", timeout=30).status_code == 401
     assert requests.get(URL + "/v1/models", headers=auth(), timeout=30).status_code == 200
     assert requests.get(URL + "/health", timeout=30).status_code == 200
+
+
+def test_killing_a_rank_of_one_replica_leaves_the_other_serving(app):
+    import os
+    import signal
+    import threading
+    import time
+
+    from ray import serve
+
+    victim = serve.get_deployment_handle("LLMServer", app_name="raytp").worker_pids.remote().result()
+    stop, results = threading.Event(), []  # (time, status, error type)
+
+    def client(i):
+        while not stop.is_set():
+            r = requests.post(URL + "/v1/completions", headers=auth(), timeout=60,
+                              json={"model": MODEL, "prompt": f"the model {i}", "max_tokens": 8, "temperature": 0})
+            results.append((time.monotonic(), r.status_code, r.json().get("error", {}).get("type")))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(2)
+    killed_at = time.monotonic()
+    os.kill(victim[0], signal.SIGKILL)
+    # wait until the replaced replica is back: two replicas answer /health again
+    deadline, seen = time.monotonic() + 150, set()
+    while len(seen) < 2 and time.monotonic() < deadline:
+        r = requests.get(URL + "/health", timeout=10)
+        if r.status_code == 200:
+            seen.add(r.json()["replica_id"])
+        time.sleep(0.2)
+    recovered_in = time.monotonic() - killed_at
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    after = [r for r in results if r[0] > killed_at]
+    failed = [r for r in after if r[1] != 200]
+    print(f"kill -9 in one of 2 replicas: {len(after) - len(failed)} requests served, {len(failed)} failed "
+          f"(all within {max((r[0] - killed_at for r in failed), default=0):.1f}s of the kill), "
+          f"both replicas healthy after {recovered_in:.1f}s")
+    assert len(seen) == 2, "the broken replica was not replaced"
+    assert all(status == 503 and kind == "service_unavailable" for _, status, kind in failed)
+    # only requests that were on, or routed to, the dead gang before its health check failed may fail
+    assert all(t - killed_at < 6 for t, _, _ in failed)
+    assert len(after) - len(failed) >= 20, "the healthy replica did not keep serving"
+
+
+def test_scale_down_drains_in_flight_requests(app):
+    import concurrent.futures
+    import json
+    import threading
+
+    from ray import serve
+    from ray.util import placement_group_table
+
+    from raytp.config import resolve
+    from raytp.serve.app import bind_app
+
+    started = threading.Barrier(5)
+
+    def long_stream(i):
+        body = {"model": MODEL, "prompt": f"the model {i}", "max_tokens": 600, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        with requests.post(URL + "/v1/completions", json=body, headers=auth(), stream=True, timeout=120) as r:
+            lines = r.iter_lines(decode_unicode=True)
+            events = [next(lines)]
+            started.wait(60)
+            events += list(lines)
+        data = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+        return r.status_code, data[-1].get("usage", {}).get("completion_tokens"), events[-1]
+
+    args = {"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32", "api_key": KEY}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(long_stream, i) for i in range(4)]
+        started.wait(60)  # 4 streams are producing tokens on the two replicas
+        # scale to one replica; the same version makes it a scale-down, not a redeploy of the gang
+        serve.run(bind_app(resolve(args), server_options={"num_replicas": 1, "version": "v1"}), name="raytp",
+                  route_prefix="/")
+        results = [f.result(timeout=180) for f in futures]
+    assert all(r == (200, 600, "data: [DONE]") for r in results), results
+    created = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
+    assert len(created) == 1
+    r = requests.post(URL + "/v1/completions", headers=auth(), timeout=60,
+                      json={"model": MODEL, "prompt": "still here", "max_tokens": 4})
+    assert r.status_code == 200

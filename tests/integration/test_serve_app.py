@@ -116,6 +116,10 @@ def test_chat_streaming_with_usage(app):
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**30}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": [5, 10**12]}, 400, "prompt"),
 ])
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(app, path, body, status, param):
     for stream in (False, True):
@@ -130,6 +134,9 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(app, path, body
 def test_invalid_json_and_unknown_route(app):
     r = requests.post(URL + "/v1/completions", data="{not json", headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = requests.post(URL + "/v1/completions", data=b'{"model": "raytp-tiny-llama", "prompt": "\xff\xfe"}',
+                      headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"  # invalid UTF-8
     r = requests.get(URL + "/v1/nothing", timeout=30)
     assert r.status_code == 404 and "error" in r.json()
 
@@ -178,3 +185,20 @@ def test_concurrent_requests_do_not_interleave(app):
             "model": MODEL, "prompt": p, "max_tokens": 10, "temperature": 0, "ignore_eos": True,
         }).json()["choices"][0]["text"], prompts * 2))
     assert together == alone * 2
+
+
+def test_oversized_bodies_get_413_and_the_server_keeps_answering(app):
+    big = "x" * (1_048_576 + 10)
+    r = post("/v1/completions", {"model": MODEL, "prompt": big, "max_tokens": 2})
+    assert r.status_code == 413
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        yield b'{"model": "' + MODEL.encode() + b'", "prompt": "'
+        for _ in range(40):
+            yield b"y" * 32768
+        yield b'", "max_tokens": 2}'
+
+    r = requests.post(URL + "/v1/completions", data=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    assert post("/v1/completions", {"model": MODEL, "prompt": "small", "max_tokens": 2}).status_code == 200

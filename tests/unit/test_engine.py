@@ -161,3 +161,44 @@ def test_closing_the_stream_aborts(tiny_tokenizer):
         await engine.shutdown()
 
     asyncio.run(main())
+
+
+class RecordingStats:
+    def __init__(self):
+        self.steps, self.queued, self.first, self.gaps, self.finished = [], [], [], [], []
+
+    def on_step(self, num_running, num_waiting):
+        self.steps.append((num_running, num_waiting))
+
+    def on_scheduled(self, queue_s):
+        self.queued.append(queue_s)
+
+    def on_token(self, latency_s, first):
+        (self.first if first else self.gaps).append(latency_s)
+
+    def on_finished(self, reason, e2e_s, num_prompt_tokens, num_output_tokens):
+        self.finished.append((reason, num_prompt_tokens, num_output_tokens, e2e_s))
+
+
+def test_stats_hooks_see_every_token_and_finish(tiny_tokenizer):
+    tok = tiny_tokenizer
+    scripts = {1: ids(tok, "the model serves tokens across ranks"), 2: ids(tok, "requests arrive")}
+    stats = RecordingStats()
+
+    async def main():
+        ex = ScriptedExecutor(scripts)
+        engine = Engine(ex, tok, ContinuousBatchScheduler(1, 16, 64), stats=stats)  # 1 slot: b queues behind a
+        await engine.start(warmup=False)
+        await asyncio.gather(
+            collect(engine, "a", (1, 7, 7), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)),
+            collect(engine, "b", (2,), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)),
+        )
+        await engine.shutdown()
+
+    asyncio.run(main())
+    assert len(stats.first) == 2 and len(stats.gaps) == (5 - 1) + (3 - 1)  # one TTFT per request, then gaps
+    assert len(stats.queued) == 2 and stats.queued[1] >= stats.queued[0]  # b waited for a's slot
+    assert sorted((r, p, n) for r, p, n, _ in stats.finished) == [("length", 1, 3), ("length", 3, 5)]
+    assert all(e2e > 0 for *_, e2e in stats.finished)
+    assert max(r for r, _ in stats.steps) == 1 and any(w == 1 for _, w in stats.steps)
+    assert stats.steps[-1] == (0, 0)

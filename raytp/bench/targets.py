@@ -1,0 +1,114 @@
+"""What a ``--compare`` entry names, and how it is brought up and torn down.
+
+``NAME=http://host:port``   an OpenAI-compatible server that is already running (raytp or any other)
+``NAME=raytp:k=v,...``      raytp started here for this target only (``serve.run`` on a local Ray), with
+                             these config overrides of ``--model`` (e.g. ``raytp:tensor_parallel_size=2``)
+``NAME=transformers:k=v``   the in-process transformers baseline, one request at a time (``dtype=``)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import yaml
+
+from raytp.bench.clients import HTTPClient, TransformersClient
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    kind: str  # url | raytp | transformers
+    url: str = ""
+    options: tuple[tuple[str, object], ...] = ()
+
+
+def parse(spec: str) -> Target:
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--compare takes NAME=URL, NAME=raytp[:k=v,...] or NAME=transformers[:k=v], not {spec!r}")
+    if rest.startswith(("http://", "https://")):
+        return Target(name, "url", url=rest)
+    kind, _, opts = rest.partition(":")
+    if kind not in ("raytp", "transformers"):
+        raise ValueError(f"--compare {spec!r}: unknown target kind {kind!r}")
+    options = []
+    for item in filter(None, opts.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--compare {spec!r}: option {item!r} is not key=value")
+        options.append((key, yaml.safe_load(value)))  # "2" -> 2, "true" -> True, "bfloat16" stays text
+    return Target(name, kind, options=tuple(options))
+
+
+def model_path(model: str) -> str | None:
+    """A local checkpoint directory for ``model`` (a raytp preset is generated on first use), else None."""
+    from raytp import tiny_model
+
+    if model in tiny_model.PRESETS:
+        return tiny_model.ensure(model)
+    return model if os.path.isdir(model) else None
+
+
+@contextlib.asynccontextmanager
+async def open_target(target: Target, *, model: str, ignore_eos: bool, api_key: str | None, port: int):
+    """Yield ``(client, tp_size)`` for ``target``; started targets are stopped on exit."""
+    opts = dict(target.options)
+    if target.kind == "url":
+        async with HTTPClient(target.url, model, ignore_eos, api_key) as client:
+            yield client, await _tp_of(target.url, api_key)
+    elif target.kind == "transformers":
+        path = model_path(model)
+        if path is None:
+            raise ValueError(f"the transformers baseline needs a local checkpoint or raytp preset, not {model!r}")
+        async with TransformersClient(path, str(opts.get("dtype", "bfloat16")), ignore_eos, opts.get("threads")) as c:
+            yield c, 1
+    else:
+        with _raytp_app(model, opts, port):
+            async with HTTPClient(f"http://127.0.0.1:{port}", model, ignore_eos) as client:
+                yield client, int(opts.get("tensor_parallel_size", 1))
+
+
+async def _tp_of(url: str, api_key: str | None) -> int:
+    """raytp's /health names its TP size; other servers count as 1."""
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            r = await http.get(url.rstrip("/") + "/health",
+                               headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+            return int(r.json().get("tensor_parallel_size", 1))
+    except Exception:  # noqa: BLE001 - not raytp, or no /health
+        return 1
+
+
+@contextlib.contextmanager
+def _raytp_app(model: str, opts: dict, port: int, timeout_s: float = 900.0):
+    import ray
+    import requests
+    from ray import serve
+
+    from raytp.serve.app import build_app
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    args = {"model": model, **opts}
+    if args.get("device", "cpu") == "cpu":  # split this machine's cores among the ranks unless told otherwise
+        args.setdefault("num_cpus_per_worker", max(1, (os.cpu_count() or 1) // int(args.get("tensor_parallel_size", 1))))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="raytp-bench", route_prefix="/")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"raytp {opts} was not healthy after {timeout_s:.0f}s")
+            time.sleep(0.5)
+        yield
+    finally:
+        serve.shutdown()

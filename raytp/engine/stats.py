@@ -1,0 +1,23 @@
+"""What the engine reports about itself, as a small observer interface (no Ray, no Prometheus here).
+
+The engine calls these hooks from its loop; ``raytp.serve.metrics`` turns them into Prometheus
+metrics through Ray, and unit tests record them. Hooks must be cheap and must not raise.
+"""
+
+from __future__ import annotations
+
+
+class EngineStats:
+    """No-op observer; subclass and override what you need. Times are seconds (``time.monotonic``)."""
+
+    def on_step(self, num_running: int, num_waiting: int) -> None:
+        """After every step: requests holding a batch slot and requests queued for one."""
+
+    def on_scheduled(self, queue_s: float) -> None:
+        """A request got a batch slot after waiting ``queue_s`` in the queue."""
+
+    def on_token(self, latency_s: float, first: bool) -> None:
+        """A request received a token: time to first token (``first``) or since its previous token."""
+
+    def on_finished(self, reason: str, e2e_s: float, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        """A request ended: ``reason`` is stop | length | abort | error; ``e2e_s`` from arrival to end."""

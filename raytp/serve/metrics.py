@@ -1,0 +1,106 @@
+"""raytp's Prometheus metrics, exported through Ray's metrics agent (scrape each node's metrics port).
+
+``ray.serve.metrics`` adds the ``application``, ``deployment`` and ``replica`` tags, so every series is per
+replica (= per TP group). Ray prefixes exported names with ``ray_``: ``raytp_time_to_first_token_seconds``
+is scraped as ``ray_raytp_time_to_first_token_seconds_bucket`` etc. ``NAMES`` is the list the Grafana
+dashboard in ``deploy/grafana/`` and the tests check against.
+"""
+
+from __future__ import annotations
+
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from raytp.engine.stats import EngineStats
+
+# Latency buckets (seconds): token gaps on fast devices are milliseconds, CPU prefill of long prompts many seconds.
+_FAST = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0]
+_SLOW = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0]
+
+NAMES = {
+    "raytp_time_to_first_token_seconds": "histogram",
+    "raytp_inter_token_latency_seconds": "histogram",
+    "raytp_e2e_request_latency_seconds": "histogram",
+    "raytp_request_queue_time_seconds": "histogram",
+    "raytp_ingress_request_seconds": "histogram",
+    "raytp_num_requests_running": "gauge",
+    "raytp_num_requests_waiting": "gauge",
+    "raytp_batch_slot_usage": "gauge",
+    "raytp_gang_healthy": "gauge",
+    "raytp_model_load_seconds": "gauge",
+    "raytp_prompt_tokens": "counter",
+    "raytp_generation_tokens": "counter",
+    "raytp_requests_finished": "counter",
+    "raytp_request_errors": "counter",
+}
+
+
+class ServerMetrics(EngineStats):
+    """Metrics of one LLMServer replica: the engine's hooks plus gang health and per-rank load time."""
+
+    def __init__(self, model: str, max_num_seqs: int):
+        self._max_num_seqs = max_num_seqs
+        tags = {"model": model}
+        self.ttft = Histogram("raytp_time_to_first_token_seconds", "Time from arrival at the engine to the first "
+                              "token.", _SLOW, tag_keys=("model",))
+        self.itl = Histogram("raytp_inter_token_latency_seconds", "Time between two tokens of one request.", _FAST,
+                             tag_keys=("model",))
+        self.e2e = Histogram("raytp_e2e_request_latency_seconds", "Time a request spent in the engine, arrival to "
+                             "end.", _SLOW, tag_keys=("model",))
+        self.queue = Histogram("raytp_request_queue_time_seconds", "Time a request waited for a batch slot.", _SLOW,
+                               tag_keys=("model",))
+        self.running = Gauge("raytp_num_requests_running", "Requests holding a batch slot.", tag_keys=("model",))
+        self.waiting = Gauge("raytp_num_requests_waiting", "Requests queued for a batch slot.", tag_keys=("model",))
+        self.slots = Gauge("raytp_batch_slot_usage", "Fraction of max_num_seqs batch slots (KV rows) in use.",
+                           tag_keys=("model",))
+        self.healthy = Gauge("raytp_gang_healthy", "1 while every rank of this replica's TP gang is alive.",
+                             tag_keys=("model",))
+        self.load_s = Gauge("raytp_model_load_seconds", "Time each rank took to load and shard the model.",
+                            tag_keys=("model", "rank"))
+        self.prompt_tokens = Counter("raytp_prompt_tokens", "Prompt tokens of finished requests.", tag_keys=("model",))
+        self.generation_tokens = Counter("raytp_generation_tokens", "Generated tokens.", tag_keys=("model",))
+        self.finished = Counter("raytp_requests_finished", "Requests ended, by finish reason (stop, length, abort, "
+                                "error).", tag_keys=("model", "finished_reason"))
+        for m in (self.ttft, self.itl, self.e2e, self.queue, self.running, self.waiting, self.slots, self.healthy,
+                  self.load_s, self.prompt_tokens, self.generation_tokens, self.finished):
+            m.set_default_tags(dict(tags))  # Serve adds its tags to the dict it is given
+
+    # ---- EngineStats ----
+    def on_step(self, num_running: int, num_waiting: int) -> None:
+        self.running.set(num_running)
+        self.waiting.set(num_waiting)
+        self.slots.set(num_running / self._max_num_seqs)
+
+    def on_scheduled(self, queue_s: float) -> None:
+        self.queue.observe(queue_s)
+
+    def on_token(self, latency_s: float, first: bool) -> None:
+        (self.ttft if first else self.itl).observe(latency_s)
+        self.generation_tokens.inc()
+
+    def on_finished(self, reason: str, e2e_s: float, num_prompt_tokens: int, num_output_tokens: int) -> None:
+        self.finished.inc(tags={"finished_reason": reason})
+        self.e2e.observe(e2e_s)
+        if num_prompt_tokens:
+            self.prompt_tokens.inc(num_prompt_tokens)
+
+    # ---- replica ----
+    def gang(self, healthy: bool) -> None:
+        self.healthy.set(1 if healthy else 0)
+
+    def loaded(self, reports) -> None:
+        for r in reports:
+            self.load_s.set(r.load_s, tags={"rank": str(r.rank)})
+
+
+class IngressMetrics:
+    """Metrics of the ingress: whole-request time as the HTTP server sees it, and errors by type."""
+
+    def __init__(self):
+        self.request_s = Histogram("raytp_ingress_request_seconds", "Time from the ingress receiving a request to "
+                                   "its response (streams: to the last chunk); minus the engine's e2e latency, "
+                                   "the time spent in ingress and routing.", _SLOW, tag_keys=("route",))
+        self.errors = Counter("raytp_request_errors", "Requests answered with an error, by OpenAI error type.",
+                              tag_keys=("error_type", "status"))
+
+    def error(self, error_type: str, status: int) -> None:
+        self.errors.inc(tags={"error_type": error_type, "status": str(status)})

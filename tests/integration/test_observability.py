@@ -1,0 +1,143 @@
+"""Operators' view of a real TP=2 app: `raytp bench` against it, Prometheus metrics scraped from Ray's
+metrics port, and structured logs that carry the request id to every rank but never the prompt."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+
+from tests.conftest import URL, serve_app
+
+MODEL = "raytp-tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    with serve_app({"model": MODEL, "tensor_parallel_size": 2, "dtype": "float32", "device": "cpu",
+                    "max_model_len": 256, "max_num_seqs": 4}) as handle:
+        yield handle
+
+
+def test_raytp_bench_reports_every_metric(app, tmp_path):
+    cmd = [sys.executable, "-m", "raytp.cli", "bench", "--base-url", URL, "--model", MODEL, "--num-prompts", "12",
+           "--max-concurrency", "2,4", "--random-input-len", "24", "--random-range-ratio", "0.5",
+           "--random-output-len", "8", "--ignore-eos", "--request-rate", "50", "--goodput", "ttft:60000", "tpot:60000",
+           "--roofline", "--roofline-output-len", "12", "--output-dir", str(tmp_path), "--result-filename", "b",
+           "--disable-tqdm"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "b.json").read_text())
+    target = result["targets"]["endpoint"]
+    assert target["tp"] == 2 and [r["max_concurrency"] for r in target["runs"]] == [2, 4]
+    for run in target["runs"]:
+        assert (run["completed"], run["failed"]) == (12, 0)
+        assert run["total_output_tokens"] == 12 * 8 and 12 * 12 <= run["total_input_tokens"] <= 12 * 36
+        for key in ("request_throughput", "output_throughput", "total_token_throughput", "request_goodput"):
+            assert run[key] > 0, key
+        assert run["request_goodput"] == pytest.approx(run["request_throughput"])  # generous SLOs: all are good
+        for name in ("ttft", "tpot", "itl", "e2el"):
+            for stat in ("mean", "median", "p90", "p99"):
+                assert run[f"{stat}_{name}_ms"] > 0, (stat, name)
+        assert run["median_ttft_ms"] <= run["median_e2el_ms"]
+    roof = target["roofline"]
+    assert "error" not in roof, roof
+    assert roof["tp"] == 2 and roof["decode_tok_s"] > 0 and roof["bandwidth_gbps"] > 0
+    assert roof["efficiency"] == pytest.approx(roof["decode_tok_s"] * roof["weight_bytes"] / (roof["bandwidth_gbps"] * 1e9))
+    md = (tmp_path / "b.md").read_text()
+    assert "| endpoint | 2 | 12 | 0 |" in md and "| endpoint | 4 | 12 | 0 |" in md and "Roofline" in md
+    assert (tmp_path / "b_latency.png").stat().st_size > 1000
+    assert (tmp_path / "b_throughput_latency.png").stat().st_size > 1000
+
+
+def scrape(port: int) -> dict:
+    """{(metric name, frozenset(labels)): value} from Ray's Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    """Sum of the series called ``name`` whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def test_prometheus_metrics_after_requests(app, ray_session):
+    from raytp.serve.metrics import NAMES
+
+    port = ray_session.nodes()[0]["MetricsExportPort"]
+    for i in range(4):
+        r = requests.post(URL + "/v1/completions", timeout=60, json={
+            "model": MODEL, "prompt": [11, 12, 13 + i], "max_tokens": 6, "ignore_eos": True, "stream": i % 2 == 0})
+        assert r.status_code == 200
+    assert requests.post(URL + "/v1/completions", json={"model": MODEL, "prompt": "x", "n": 3}, timeout=30).status_code == 400
+
+    deadline = time.monotonic() + 90  # Ray exports metrics every few seconds
+    while True:
+        samples = scrape(port)
+        names = {n for n, _ in samples}
+        missing = [m for m in NAMES if not any(n.startswith("ray_" + m) for n in names)]
+        if not missing and value(samples, "ray_raytp_generation_tokens_total") >= 24:
+            break
+        assert time.monotonic() < deadline, f"metrics missing after 90 s: {missing}"
+        time.sleep(2)
+
+    assert value(samples, "ray_raytp_requests_finished_total", finished_reason="length") >= 4
+    assert value(samples, "ray_raytp_prompt_tokens_total") >= 12
+    assert value(samples, "ray_raytp_time_to_first_token_seconds_count") >= 4
+    assert value(samples, "ray_raytp_inter_token_latency_seconds_count") >= 4 * 5
+    assert value(samples, "ray_raytp_e2e_request_latency_seconds_count") >= 4
+    assert value(samples, "ray_raytp_request_queue_time_seconds_count") >= 4
+    assert value(samples, "ray_raytp_ingress_request_seconds_count", route="/v1/completions") >= 4
+    assert value(samples, "ray_raytp_request_errors_total", error_type="invalid_request_error", status="400") >= 1
+    assert value(samples, "ray_raytp_gang_healthy") == 1
+    assert value(samples, "ray_raytp_num_requests_running") == 0
+    assert value(samples, "ray_raytp_batch_slot_usage") == 0
+    assert value(samples, "ray_raytp_model_load_seconds", rank="0") > 0
+    assert value(samples, "ray_raytp_model_load_seconds", rank="1") > 0
+    # per replica: Serve's tags name the deployment and replica
+    assert any(n == "ray_raytp_gang_healthy" and dict(ls).get("deployment") == "LLMServer" and dict(ls).get("replica")
+               for n, ls in samples)
+
+
+def test_request_id_reaches_every_rank_and_prompts_stay_out_of_logs(app, ray_session):
+    rid = f"obs-{uuid.uuid4().hex[:12]}"
+    secret = "zebra quartz marmalade"
+    r = requests.post(URL + "/v1/completions", headers={"X-Request-Id": rid}, timeout=60,
+                      json={"model": MODEL, "prompt": secret, "max_tokens": 4})
+    assert r.status_code == 200
+    assert r.headers.get("x-request-id") == rid and r.json()["id"] == f"cmpl-{rid}"
+
+    logs = os.path.join(ray_session._private.worker._global_node.get_session_dir_path(), "logs")
+    deadline = time.monotonic() + 30
+    while True:
+        rank_lines, server_hits, leaks = [], 0, []
+        for path in glob.glob(os.path.join(logs, "**", "*"), recursive=True):
+            if not os.path.isfile(path):
+                continue
+            with open(path, errors="replace") as f:
+                text = f.read()
+            if secret in text:
+                leaks.append(path)
+            if rid not in text:
+                continue
+            server_hits += "replica_" in os.path.basename(path) and "LLMServer" in path
+            for line in text.splitlines():
+                if rid in line and line.startswith("{"):
+                    rank_lines.append(json.loads(line))
+        if server_hits and {e.get("rank") for e in rank_lines} >= {0, 1}:
+            break
+        assert time.monotonic() < deadline, (server_hits, rank_lines)
+        time.sleep(1)
+    assert not leaks, f"prompt text logged in {leaks}"
+    for entry in rank_lines:
+        assert entry["request_id"] == f"cmpl-{rid}" and entry["level"] == "INFO" and entry["world_size"] == 2
+        assert "prefill" in entry["message"]

@@ -1,0 +1,40 @@
+"""A replica that cannot start (corrupt weights) fails the deployment with the cause, after a few tries,
+instead of restarting for ever without a message; its ranks and placement groups are cleaned up."""
+
+import shutil
+import time
+
+import pytest
+
+
+def test_corrupt_weights_fail_the_deployment_with_the_cause(ray_session, tiny_model_path, tmp_path):
+    from ray import serve
+    from ray.util import placement_group_table
+
+    from raytp.config import resolve
+    from raytp.serve.app import bind_app
+
+    broken = tmp_path / "broken-llama"
+    shutil.copytree(tiny_model_path, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
+
+    config = resolve({"model": str(broken), "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"})
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError) as info:
+            serve.run(bind_app(config), name="broken", route_prefix="/")
+        elapsed = time.monotonic() - started
+        message = str(info.value)
+        print(f"deployment failed after {elapsed:.0f}s: {message[:300]}")
+        assert "LLMServer" in message and "safetensor" in message.lower(), message
+        assert elapsed < 180
+    finally:
+        serve.shutdown()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if not [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]:
+            break
+        time.sleep(1)
+    assert not [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"], "placement groups leaked"
