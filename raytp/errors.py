@@ -76,6 +76,7 @@ class EngineDeadError(RaytpError):
 
     status_code = 503
     error_type = "service_unavailable"
+    retry_after_s = 1  # a replacement gang is on its way, or another replica can serve
 
 
 class ConfigError(ValueError):

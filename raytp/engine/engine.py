@@ -45,6 +45,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
         self._dead: EngineDeadError | None = None
+        self._died = asyncio.Event()
         self._seeds = random.Random(seed)
         self.load_reports = []
         self.finished_counts: Counter[str] = Counter()  # requests ended, by finish reason (incl. abort, error)
@@ -65,6 +66,11 @@ class Engine:
             raise self._dead
         if self._loop_task is None or self._loop_task.done():
             raise EngineDeadError("engine loop is not running")
+
+    async def wait_dead(self) -> EngineDeadError:
+        """Return the error once the gang or the loop has failed (never returns while healthy)."""
+        await self._died.wait()
+        return self._dead
 
     async def shutdown(self) -> None:
         if self._loop_task:
@@ -121,12 +127,14 @@ class Engine:
         except EngineDeadError as e:
             self._dead = e
             self._fail_all(e)
+            self._died.set()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a bug here must not leave requests hanging
             logger.exception("engine loop crashed")
             self._dead = EngineDeadError(f"engine loop crashed: {type(e).__name__}: {e}")
             self._fail_all(self._dead)
+            self._died.set()
 
     async def step(self) -> bool:
         """One iteration. Returns False when there was nothing to do."""

@@ -27,8 +27,10 @@ def server_deployment(config: ResolvedConfig):
         placement_group_strategy=config.placement_strategy,
         # The replica actor lives in bundle 0 beside rank 0: it must take none of the rank's CPU.
         ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=config.max_num_seqs + config.max_queue_size,
-        # Past this, callers get BackPressureError at once (HTTP 429) instead of queueing without bound in Serve.
+        # Admission: Serve may hand a replica more than it can queue, so the replica's own bounded queue decides
+        # exactly (429 past max_queue_size waiting); requests Serve cannot place at all wait at most
+        # max_queue_size deep in front of the replicas, then get 429 too (BackPressureError), never an unbounded wait.
+        max_ongoing_requests=config.max_num_seqs + 2 * config.max_queue_size,
         max_queued_requests=config.max_queue_size,
         health_check_period_s=2,  # a dead gang stops receiving requests within ~2 s
         health_check_timeout_s=30,

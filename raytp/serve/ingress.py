@@ -64,7 +64,8 @@ def _metrics():
 
 def error_response(err: RaytpError) -> JSONResponse:
     _metrics().error(err.error_type, err.status_code)
-    headers = {"Retry-After": str(err.retry_after_s)} if isinstance(err, QueueFullError) else None
+    retry = getattr(err, "retry_after_s", None)  # 429 and 503: the client may retry
+    headers = {"Retry-After": str(retry)} if retry else None
     return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers)
 
 

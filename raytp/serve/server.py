@@ -12,7 +12,9 @@ types: ``InvalidRequestError`` (bad input), ``QueueFullError`` (at capacity),
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 
 from ray import serve
@@ -24,6 +26,7 @@ from raytp.engine.types import RequestOutput
 from raytp.errors import InvalidRequestError, ModelNotFoundError
 
 logger = logging.getLogger("ray.serve")
+EXIT_GRACE_S = 0.25  # after its gang fails, a replica lives this long so error events reach clients, then exits
 
 
 def _default_engine(config: ResolvedConfig, tokenizer, stats=None):
@@ -56,6 +59,7 @@ class LLMServer:
         self.metrics.loaded(self.engine.load_reports)
         self.metrics.gang(True)
         self.startup_s = time.perf_counter() - started
+        self._watchdog = asyncio.get_running_loop().create_task(self._exit_when_gang_dies())
         logger.info("raytp: TP=%d gang for %s healthy after %.1fs", config.tensor_parallel_size,
                     config.served_model_name, self.startup_s)
 
@@ -65,6 +69,17 @@ class LLMServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.executor.shutdown()
+
+    async def _exit_when_gang_dies(self) -> None:
+        # A replica whose gang died can only fail requests. Waiting for Serve's next health check would leave it
+        # in the routing table for seconds, and a replica that fails fast attracts more requests (it always
+        # looks idle). Exiting makes Serve drop it from routing at once and start a replacement (new placement
+        # group, new gang); the ranks and their shared memory are already released by the executor.
+        error = await self.engine.wait_dead()
+        self.metrics.gang(False)
+        logger.error("raytp: %s; this replica exits in %.2fs so Serve replaces it", error.message, EXIT_GRACE_S)
+        await asyncio.sleep(EXIT_GRACE_S)
+        os._exit(1)
 
     # ---- health ----------------------------------------------------------------------------
     async def check_health(self) -> None:

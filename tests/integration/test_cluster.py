@@ -1,5 +1,5 @@
-"""A two-node Ray cluster on loopback (`ray start --head` + `ray start --address`), as on bare metal:
-raytp with 2 replicas, one per node (max_replicas_per_node 1), each TP=2 gang packed on its node."""
+"""A two-node Ray cluster on this machine (`ray start --head` + `ray start --address`), as on bare metal:
+raytp with 2 replicas; each node has room for one TP=2 gang (2 CPUs), so each gang is packed on its own node."""
 
 import json
 import os
@@ -24,8 +24,7 @@ ray.init(address=sys.argv[1])
 serve.start(http_options={"host": "127.0.0.1", "port": %(port)d}, proxy_location="HeadOnly")
 config = resolve({"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
                   "num_cpus_per_worker": 1})
-serve.run(bind_app(config, server_options={"num_replicas": 2, "max_replicas_per_node": 1}), name="raytp",
-          route_prefix="/")
+serve.run(bind_app(config, server_options={"num_replicas": 2}), name="raytp", route_prefix="/")
 url = "http://127.0.0.1:%(port)d"
 replicas = set()
 for i in range(40):
@@ -52,25 +51,35 @@ def free_port() -> int:
 
 def kill_cluster(marker: str) -> None:
     """Stop only this test's Ray processes (`ray stop` would also stop the test session's own Ray)."""
+    mine = []
     for p in psutil.process_iter():
         try:
             if p.environ().get("RAYTP_TEST_CLUSTER") == marker:
                 p.kill()
+                mine.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
+    _, alive = psutil.wait_procs(mine, timeout=20)
+    assert not alive, f"cluster processes survived: {alive}"
 
 
 def test_two_node_cluster_places_one_gang_per_node(tmp_path):
     marker = uuid.uuid4().hex
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAYTP_TEST_CLUSTER": marker}
+    # RAY_AUTH_MODE=token: Ray 2.60's default for a new cluster; the joining node and the driver need it set
+    # to send the token (~/.ray/auth_token) that `ray start --head` uses.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAYTP_TEST_CLUSTER": marker,
+                                                                         "RAY_AUTH_MODE": "token"}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
-    gcs = f"127.0.0.1:{free_port()}"
+    import ray
+
+    port = free_port()
+    gcs = f"{ray.util.get_node_ip_address()}:{port}"
     common = ["--num-cpus", "2", "--disable-usage-stats"]
     try:
-        subprocess.run([ray_bin, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", gcs.split(":")[1],
-                        "--include-dashboard", "false", *common], env=env, check=True, capture_output=True, timeout=120)
-        subprocess.run([ray_bin, "start", "--address", gcs, "--node-ip-address", "127.0.0.1", *common], env=env,
-                       check=True, capture_output=True, timeout=120)
+        for cmd in (["--head", "--port", str(port), "--include-dashboard", "false"], ["--address", gcs]):
+            proc = subprocess.run([ray_bin, "start", *cmd, *common], env=env, capture_output=True, text=True,
+                                  timeout=120)
+            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         script = tmp_path / "driver.py"
         script.write_text(DRIVER % {"port": PORT})
         started = time.monotonic()

@@ -26,10 +26,12 @@ def test_corrupt_weights_fail_the_deployment_with_the_cause(ray_session, tiny_mo
         with pytest.raises(RuntimeError) as info:
             serve.run(bind_app(config), name="broken", route_prefix="/")
         elapsed = time.monotonic() - started
-        message = str(info.value)
-        print(f"deployment failed after {elapsed:.0f}s: {message[:300]}")
-        assert "LLMServer" in message and "safetensor" in message.lower(), message
-        assert elapsed < 180
+        assert "LLMServer" in str(info.value) and elapsed < 180
+        status = serve.status().applications["broken"]
+        message = status.deployments["LLMServer"].message
+        print(f"deployment failed after {elapsed:.0f}s; serve status says: {message[-400:]}")
+        assert status.status == "DEPLOY_FAILED" and status.deployments["LLMServer"].status == "DEPLOY_FAILED"
+        assert "raytp" in message and "load_model" in message and "safetensor" in message.lower(), message
     finally:
         serve.shutdown()
     deadline = time.monotonic() + 30

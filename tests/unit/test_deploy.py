@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from raytp.config import RaytpConfig
+from raytp.serve.server import LLMServer
 
 ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
@@ -24,8 +26,13 @@ def check_serve_config(config: dict) -> list[dict]:
     apps = [a for a in config["applications"] if a["import_path"] == "raytp.serve.app:build_app"]
     assert apps, "no raytp application"
     for app in apps:
-        RaytpConfig(**app.get("args", {}))
+        args = RaytpConfig(**app.get("args", {}))
         assert {d["name"] for d in app.get("deployments", [])} <= {"LLMServer", "OpenAIIngress"}
+        for options in app.get("deployments", []):
+            if options["name"] == "LLMServer":  # Serve checks some options only against the deployment itself
+                bundles = [{"CPU": args.num_cpus_per_worker}] * args.tensor_parallel_size
+                serve.deployment(LLMServer, name="LLMServer", placement_group_bundles=bundles).options(
+                    **{k: v for k, v in options.items() if k != "name"})
     return apps
 
 
@@ -72,7 +79,7 @@ def test_rayservice(path):
     tp = args["tensor_parallel_size"]
     assert args.get("placement_strategy", "STRICT_PACK") == "STRICT_PACK"  # a gang stays on one pod
     server = next(d for d in app["deployments"] if d["name"] == "LLMServer")
-    assert server["max_replicas_per_node"] == 1 and server["autoscaling_config"]["max_replicas"] >= 2
+    assert server["autoscaling_config"]["max_replicas"] >= 2
     assert cluster["enableInTreeAutoscaling"] is True
 
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
@@ -85,6 +92,8 @@ def test_rayservice(path):
         (container,) = group["template"]["spec"]["containers"]
         limits = container["resources"]["limits"]
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        # a pod holds exactly one TP group (Serve forbids max_replicas_per_node with placement groups, so the
+        # pod's resources are what spreads replicas across pods)
         if args["device"] == "xpu":  # every GPU of a pod, advertised to Ray, is one rank
             assert int(limits["gpu.intel.com/i915"]) == int(group["rayStartParams"]["num-gpus"]) == tp
             assert int(limits["cpu"]) >= tp * args["num_cpus_per_worker"]
