@@ -28,12 +28,14 @@ venv-ipex: $(IPEX_VENV)/.installed
 serve: venv
 	$(VENV)/bin/serve run serve_config.yaml
 
-# The default environment (transformers 5) runs everything; the ipex-llm environment
-# (transformers 4.47) runs the whole suite again, including the IPEX-LLM low-bit tests.
+# The default environment (transformers 5) runs everything. The ipex-llm environment (transformers 4.47)
+# runs what depends on those versions: the unit tests, the IPEX-LLM low-bit tests (TP parity, HTTP,
+# continuous batching) and the TP=2 == TP=1 == transformers parity tests; the serving, fault and deploy
+# tests do not change with them and would double CI time.
 test: test-default test-ipex
 
 test-default: venv
 	$(VENV)/bin/python -m pytest tests
 
 test-ipex: venv-ipex
-	$(IPEX_VENV)/bin/python -m pytest tests
+	$(IPEX_VENV)/bin/python -m pytest tests/unit tests/ipex tests/integration/test_parity.py

@@ -35,7 +35,8 @@ def ray_session():
 
     if not ray.is_initialized():
         # metrics exported every second (default: every few seconds) so metric tests need not wait long
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        # address="local": a fresh instance, never a cluster another test or user left running on the machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                  _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()

@@ -98,7 +98,8 @@ async def bench(args) -> tuple[dict, dict]:
         reqs = workload.random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
                                         args.random_range_ratio, args.random_vocab_size, args.seed)
     delays = workload.send_delays(len(reqs), args.request_rate, args.seed)
-    chosen = [targets.parse(s) for s in args.compare] if args.compare else [targets.Target("endpoint", "url", args.base_url)]
+    chosen = ([targets.parse(s) for s in args.compare] if args.compare
+              else [targets.Target("endpoint", "url", args.base_url)])
     if len({t.name for t in chosen}) != len(chosen):
         raise SystemExit("--compare names must be unique")
     bandwidth: dict[int, float] = {}

@@ -97,7 +97,8 @@ def _raytp_app(model: str, opts: dict, port: int, timeout_s: float = 900.0):
         ray.init(include_dashboard=False, log_to_driver=False)
     args = {"model": model, **opts}
     if args.get("device", "cpu") == "cpu":  # split this machine's cores among the ranks unless told otherwise
-        args.setdefault("num_cpus_per_worker", max(1, (os.cpu_count() or 1) // int(args.get("tensor_parallel_size", 1))))
+        tp = int(args.get("tensor_parallel_size", 1))
+        args.setdefault("num_cpus_per_worker", max(1, (os.cpu_count() or 1) // tp))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(args), name="raytp-bench", route_prefix="/")

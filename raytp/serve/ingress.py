@@ -13,8 +13,8 @@ Python (``serve.get_app_handle(app_name)`` returns a handle to this deployment):
 
 
 import asyncio
-import hmac
 import functools
+import hmac
 import json
 import logging
 import time

@@ -63,6 +63,13 @@ def kill_cluster(marker: str) -> None:
     assert not alive, f"cluster processes survived: {alive}"
 
 
+def forget_cluster(gcs: str) -> None:
+    """`ray start --head` records its address for later `ray.init()` calls; `ray stop` would remove it."""
+    path = "/tmp/ray/ray_current_cluster"
+    if os.path.exists(path) and open(path).read().strip() == gcs:
+        os.remove(path)
+
+
 def test_two_node_cluster_places_one_gang_per_node(tmp_path):
     marker = uuid.uuid4().hex
     # RAY_AUTH_MODE=token: Ray 2.60's default for a new cluster; the joining node and the driver need it set
@@ -89,6 +96,7 @@ def test_two_node_cluster_places_one_gang_per_node(tmp_path):
         print(f"two-node cluster: {result} in {time.monotonic() - started:.0f}s")
     finally:
         kill_cluster(marker)
+        forget_cluster(gcs)
     assert result["nodes"] == 2 and result["replicas"] == 2
     assert result["pg_bundles"] == [2, 2]
     assert all(len(nodes) == 1 for nodes in result["pg_nodes"]), "a gang spans nodes"

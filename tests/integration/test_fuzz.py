@@ -35,7 +35,7 @@ def check_openai_error(response) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 def test_http_api_never_answers_5xx(app, case):
     response = case.call(base_url=URL, timeout=60)
     CASES["http"] += 1
@@ -45,7 +45,8 @@ def test_http_api_never_answers_5xx(app, case):
 
 
 def test_server_still_answers_after_http_fuzzing(app):
-    r = requests.post(URL + "/v1/completions", json={"model": MODEL, "prompt": "still fine", "max_tokens": 3}, timeout=60)
+    body = {"model": MODEL, "prompt": "still fine", "max_tokens": 3}
+    r = requests.post(URL + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
@@ -61,7 +62,7 @@ bodies = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 @given(body=bodies)
 def test_handle_raises_only_typed_errors(app, body):
     from raytp.errors import InvalidRequestError

@@ -31,7 +31,8 @@ def test_jsonl_workload(tmp_path):
     p.write_text('{"prompt": "hello there", "output_len": 7}\n\n{"prompt": [11, 12, 13]}\n')
     reqs = workload.jsonl_requests(p, 5, 9, seed=0)
     assert len(reqs) == 5
-    assert {(str(r.prompt), r.output_len, r.prompt_len) for r in reqs} == {("hello there", 7, None), ("[11, 12, 13]", 9, 3)}
+    got = {(str(r.prompt), r.output_len, r.prompt_len) for r in reqs}
+    assert got == {("hello there", 7, None), ("[11, 12, 13]", 9, 3)}
 
 
 def test_percentile_interpolates_like_numpy():
