@@ -4,23 +4,25 @@ PY ?= python3
 VENV ?= .venv
 IPEX_VENV ?= .venv-ipex
 
+comma := ,
+
 .PHONY: serve test test-default test-ipex venv venv-ipex
 
-$(VENV)/.installed: pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e '.[dev]'
-	$(VENV)/bin/raytp build-ops
+# $(call make_venv,DIR,EXTRAS): a fresh environment with the CPU torch on disk and raytp[EXTRAS], op prebuilt
+define make_venv
+	$(PY) -m venv $(1)
+	$(1)/bin/pip install -q -U pip
+	$(1)/bin/pip install -q torch==2.13.0
+	$(1)/bin/pip install -q -e '.[$(2)]'
+	$(1)/bin/raytp build-ops
 	touch $@
+endef
+
+$(VENV)/.installed: pyproject.toml
+	$(call make_venv,$(VENV),dev)
 
 $(IPEX_VENV)/.installed: pyproject.toml
-	$(PY) -m venv $(IPEX_VENV)
-	$(IPEX_VENV)/bin/pip install -q -U pip
-	$(IPEX_VENV)/bin/pip install -q torch==2.13.0
-	$(IPEX_VENV)/bin/pip install -q -e '.[dev,ipex-llm]'
-	$(IPEX_VENV)/bin/raytp build-ops
-	touch $@
+	$(call make_venv,$(IPEX_VENV),dev$(comma)ipex-llm)
 
 venv: $(VENV)/.installed
 venv-ipex: $(IPEX_VENV)/.installed

@@ -12,16 +12,14 @@ import uuid
 import pytest
 import requests
 
-from tests.conftest import URL, serve_app
+from tests.conftest import URL
 
 MODEL = "raytp-tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def app(ray_session):
-    with serve_app({"model": MODEL, "tensor_parallel_size": 2, "dtype": "float32", "device": "cpu",
-                    "max_model_len": 256, "max_num_seqs": 4}) as handle:
-        yield handle
+def app(tp2_app):
+    return tp2_app
 
 
 def test_raytp_bench_reports_every_metric(app, tmp_path):
