@@ -7,8 +7,8 @@ ranks never decide anything on their own and cannot diverge.
 KV cache: the HF dynamic cache the model itself returns, one [rows, kv_heads, seq,
 head_dim] tensor pair per layer (AutoTP only splits linears, so each rank's tensors
 hold its share of heads). Rows are left-padded to a common length and masked, the
-approach TGI takes for HF models: a finished row is removed with ``index_select``; new
-rows are prefilled as their own batch and concatenated, the shorter side left-padded.
+approach TGI takes for HF models: a finished row is removed with ``index_select``; each
+new row is prefilled on its own (no padding) and concatenated, the shorter side left-padded.
 Both are plain tensor ops that work the same on every device and transformers version
 (``raytp.compat`` reads and writes the per-layer tensors), with no paged-attention kernel.
 """
@@ -27,12 +27,11 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, model, device: str, rank: int, world_size: int, pad_token_id: int = 0):
+    def __init__(self, model, device: str, rank: int, world_size: int):
         self.model = model
         self.device = device
         self.rank = rank
         self.world_size = world_size
-        self.pad_token_id = pad_token_id
         self._cache_arg = cache_arg_name(model)
         self._keep_last = logits_to_keep_kwarg(model)  # prefill computes lm_head for the last position only
         self._reset()

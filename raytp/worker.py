@@ -84,9 +84,7 @@ class Worker:
         start = time.perf_counter()
         device = self.accel.torch_device()
         model = model_loader.load_shard(self.config, self.rank, device)
-        pad = getattr(model.config, "pad_token_id", None)
-        self.runner = ModelRunner(model, device, self.rank, self.config.tensor_parallel_size,
-                                  pad_token_id=pad if isinstance(pad, int) else 0)
+        self.runner = ModelRunner(model, device, self.rank, self.config.tensor_parallel_size)
         report = LoadReport(
             rank=self.rank, load_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), rss_mb=_rss_mb(),
             num_params=sum(p.numel() for p in model.parameters()),

@@ -32,7 +32,8 @@ def server_deployment(config: ResolvedConfig):
         # max_queue_size deep in front of the replicas, then get 429 too (BackPressureError), never an unbounded wait.
         max_ongoing_requests=config.max_num_seqs + 2 * config.max_queue_size,
         max_queued_requests=config.max_queue_size,
-        health_check_period_s=2,  # a dead gang stops receiving requests within ~2 s
+        # A replica whose gang dies exits by itself (server.py); the health check catches the rest (a stalled loop).
+        health_check_period_s=2,
         health_check_timeout_s=30,
         # Drain: a stopping replica gets no new requests and keeps serving its in-flight ones this long.
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,

@@ -82,8 +82,6 @@ async def _http_error(_: Request, exc: StarletteHTTPException):
     return error_response(err)
 
 
-
-
 class BodySizeLimit:
     """ASGI middleware: an OpenAI-style 413 for bodies over ``limit`` bytes, from Content-Length before reading
     anything, or while a chunked body streams in (buffered up to the limit, then handed on), so an oversized
@@ -197,12 +195,11 @@ class OpenAIIngress:
         try:  # errors before the first chunk (bad input, queue full) are plain HTTP errors
             result = await self._start(method, args, stream)
         except Exception as e:  # noqa: BLE001
-            _metrics().request_s.observe(time.perf_counter() - started, tags={"route": route})
-            return error_response(to_raytp_error(e))
+            result, stream = error_response(to_raytp_error(e)), False
         if not stream:
             _metrics().request_s.observe(time.perf_counter() - started, tags={"route": route})
             return result
-        gen, first = result
+        gen, first = result  # a stream's time is observed when its last chunk is sent
         return StreamingResponse(_sse(gen, first, route, started), media_type="text/event-stream")
 
     async def _start(self, method: str, args: tuple, stream: bool):

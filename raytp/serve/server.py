@@ -84,11 +84,7 @@ class LLMServer:
     # ---- health ----------------------------------------------------------------------------
     async def check_health(self) -> None:
         """Serve's health check: raises when the gang is dead, so Serve replaces this replica."""
-        try:
-            self.engine.check_health()
-        except Exception:
-            self.metrics.gang(False)
-            raise
+        self.engine.check_health()
 
     async def health(self) -> dict:
         self.engine.check_health()
