@@ -27,11 +27,12 @@ def server_deployment(config: ResolvedConfig):
         placement_group_strategy=config.placement_strategy,
         # The replica actor lives in bundle 0 beside rank 0: it must take none of the rank's CPU.
         ray_actor_options={"num_cpus": 0},
-        # Admission: Serve may hand a replica more than it can queue, so the replica's own bounded queue decides
-        # exactly (429 past max_queue_size waiting); requests Serve cannot place at all wait at most
-        # max_queue_size deep in front of the replicas, then get 429 too (BackPressureError), never an unbounded wait.
+        # Admission: the replica's own bounded queue is the precise bound (429 once max_queue_size requests wait).
+        # Serve may hand a replica more than that, so its rejections are immediate; Serve's queue in front of the
+        # replicas is only a backstop against floods (a burst is queued there before routing, so a tight bound
+        # would reject requests the replica could still take), also answered with 429 (BackPressureError).
         max_ongoing_requests=config.max_num_seqs + 2 * config.max_queue_size,
-        max_queued_requests=config.max_queue_size,
+        max_queued_requests=4 * (config.max_num_seqs + config.max_queue_size),
         # A replica whose gang dies exits by itself (server.py); the health check catches the rest (a stalled loop).
         health_check_period_s=2,
         health_check_timeout_s=30,
