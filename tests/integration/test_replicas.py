@@ -137,3 +137,34 @@ def test_redeploy_with_fewer_replicas_drains_in_flight_requests(app):
     r = requests.post(URL + "/v1/completions", headers=auth(), timeout=60,
                       json={"model": MODEL, "prompt": "still here", "max_tokens": 4})
     assert r.status_code == 200
+
+
+def test_deleting_the_app_drains_in_flight_streams(app):
+    """`serve shutdown` / `serve delete` stop replicas the same way: in-flight streams finish first."""
+    import concurrent.futures
+    import threading
+    import time
+
+    from ray import serve
+
+    started = threading.Barrier(3)
+
+    def long_stream(i):
+        body = {"model": MODEL, "prompt": f"drain {i}", "max_tokens": 600, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        with requests.post(URL + "/v1/completions", json=body, headers=auth(), stream=True, timeout=120) as r:
+            lines = r.iter_lines(decode_unicode=True)
+            events = [next(lines)]
+            started.wait(60)
+            events += [line for line in lines if line]
+        return r.status_code, events[-1], '"completion_tokens": 600' in events[-2]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(long_stream, i) for i in range(2)]
+        started.wait(60)
+        t = time.monotonic()
+        serve.delete("raytp")  # returns once the app's replicas are gone
+        deleted_after = time.monotonic() - t
+        results = [f.result(timeout=120) for f in futures]
+    assert results == [(200, "data: [DONE]", True)] * 2, results
+    print(f"app deleted after {deleted_after:.1f}s, both streams complete")
