@@ -23,7 +23,6 @@ import time
 
 import _results  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
-
 UPSTREAM = r"""
 # raytp-upstream-recipe
 import os, sys, torch, deepspeed
@@ -89,12 +88,13 @@ def main() -> int:
     import transformers
 
     from raytp import tiny_model
+    from raytp.bench.roofline import weight_bytes
     from raytp.config import resolve
     from raytp.engine.types import SamplingParams, SeqInput
     from raytp.executor import RayExecutor
 
     path = tiny_model.ensure(args.model) if args.model in tiny_model.PRESETS else args.model
-    weights = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    weights = weight_bytes(path)
     samples: list = []
     stop = threading.Event()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -65,7 +66,7 @@ async def run_load(client, reqs, delays, concurrency: int | None, desc: str, dis
 
     async def one(req, delay):
         await asyncio.sleep(max(0.0, start + delay - time.perf_counter()))
-        async with sem or _nullcontext():
+        async with sem or contextlib.nullcontext():
             try:
                 r = await client.send(req)
             except Exception as e:  # noqa: BLE001 - recorded as a failed request
@@ -76,14 +77,6 @@ async def run_load(client, reqs, delays, concurrency: int | None, desc: str, dis
     results = await asyncio.gather(*(one(r, d) for r, d in zip(reqs, delays)))
     bar.close()
     return results, time.perf_counter() - start
-
-
-class _nullcontext:
-    async def __aenter__(self):
-        return None
-
-    async def __aexit__(self, *exc):
-        return None
 
 
 async def bench(args) -> tuple[dict, dict]:
@@ -115,7 +108,7 @@ async def bench(args) -> tuple[dict, dict]:
                 results, duration = await run_load(client, reqs, delays, c, f"{target.name} c={c}", args.disable_tqdm)
                 summary = {"max_concurrency": c, **metrics.summarize(results, duration, percentiles, slos)}
                 runs.append(summary)
-                samples[target.name].append(_samples(results))
+                samples[target.name].append(metrics.samples_ms(results))
                 print(f"{target.name} c={c}: {summary['completed']} ok, {summary['failed']} failed, "
                       f"{summary['output_throughput']:.1f} output tok/s, TTFT p50 {summary['median_ttft_ms']:.0f} ms, "
                       f"TPOT p50 {summary['median_tpot_ms']:.1f} ms", flush=True)
@@ -126,12 +119,6 @@ async def bench(args) -> tuple[dict, dict]:
     if len(chosen) > 1:
         result["ratios"] = _ratios(result["targets"])
     return result, samples
-
-
-def _samples(results) -> dict:
-    ok = [r for r in results if r.ok]
-    return {"ttft": [1000 * r.ttft_s for r in ok], "tpot": [1000 * r.tpot_s for r in ok if r.output_len > 1],
-            "itl": [1000 * x for r in ok for x in r.itl_s], "e2el": [1000 * r.e2e_s for r in ok]}
 
 
 async def _roofline(client, tp: int, args, bandwidth: dict[int, float]) -> dict:

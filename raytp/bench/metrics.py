@@ -33,11 +33,17 @@ def parse_goodput(specs: list[str] | None) -> dict[str, float]:
     return slos
 
 
+def samples_ms(results: list[RequestResult]) -> dict[str, list[float]]:
+    """Each latency's samples in milliseconds over the successful requests (TPOT only where it is defined)."""
+    ok = [r for r in results if r.ok]
+    return {"ttft": [1000 * r.ttft_s for r in ok], "tpot": [1000 * r.tpot_s for r in ok if r.output_len > 1],
+            "itl": [1000 * x for r in ok for x in r.itl_s], "e2el": [1000 * r.e2e_s for r in ok]}
+
+
 def summarize(results: list[RequestResult], duration_s: float, percentiles: list[float],
               goodput_slos: dict[str, float] | None = None) -> dict:
     ok = [r for r in results if r.ok]
-    samples = {"ttft": [r.ttft_s for r in ok], "tpot": [r.tpot_s for r in ok if r.output_len > 1],
-               "itl": [x for r in ok for x in r.itl_s], "e2el": [r.e2e_s for r in ok]}
+    samples = samples_ms(results)
     out_tokens = sum(r.output_len for r in ok)
     in_tokens = sum(r.prompt_len for r in ok)
     m = {
@@ -48,7 +54,7 @@ def summarize(results: list[RequestResult], duration_s: float, percentiles: list
         "total_token_throughput": (in_tokens + out_tokens) / duration_s,
     }
     for name in LATENCIES:
-        ms = [1000 * x for x in samples[name]]
+        ms = samples[name]
         m[f"mean_{name}_ms"] = statistics.fmean(ms) if ms else 0.0
         m[f"median_{name}_ms"] = percentile(ms, 50)
         m[f"std_{name}_ms"] = statistics.pstdev(ms) if ms else 0.0

@@ -100,18 +100,14 @@ def test_killing_a_rank_of_one_replica_leaves_the_other_serving(app):
     assert len(after) - len(failed) >= 20, "the healthy replica did not keep serving"
 
 
-def test_redeploy_with_fewer_replicas_drains_in_flight_requests(app):
+def streams_across(action, n: int) -> list[tuple]:
+    """Start ``n`` streams of 600 tokens, run ``action()`` once all of them are producing tokens, and return
+    each stream's (HTTP status, completion tokens from its usage chunk, last SSE event)."""
     import concurrent.futures
     import json
     import threading
 
-    from ray import serve
-    from ray.util import placement_group_table
-
-    from raytp.config import resolve
-    from raytp.serve.app import bind_app
-
-    started = threading.Barrier(5)
+    started = threading.Barrier(n + 1)
 
     def long_stream(i):
         body = {"model": MODEL, "prompt": f"the model {i}", "max_tokens": 600, "temperature": 0, "ignore_eos": True,
@@ -124,14 +120,26 @@ def test_redeploy_with_fewer_replicas_drains_in_flight_requests(app):
         data = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
         return r.status_code, data[-1].get("usage", {}).get("completion_tokens"), events[-1]
 
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(long_stream, i) for i in range(n)]
+        started.wait(60)
+        action()
+        return [f.result(timeout=180) for f in futures]
+
+
+def test_redeploy_with_fewer_replicas_drains_in_flight_requests(app):
+    from ray import serve
+    from ray.util import placement_group_table
+
+    from raytp.config import resolve
+    from raytp.serve.app import bind_app
+
     args = {"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32", "api_key": KEY}
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(long_stream, i) for i in range(4)]
-        started.wait(60)  # 4 streams are producing tokens on the two replicas
-        # redeploy with one replica: Serve stops replicas (and may replace the rest); each drains first
-        serve.run(bind_app(resolve(args), server_options={"num_replicas": 1}), name="raytp", route_prefix="/")
-        results = [f.result(timeout=180) for f in futures]
-    assert all(r == (200, 600, "data: [DONE]") for r in results), results
+    # redeploy with one replica while 4 streams run on the two: Serve stops replicas (and may replace the rest);
+    # each drains first
+    results = streams_across(lambda: serve.run(bind_app(resolve(args), server_options={"num_replicas": 1}),
+                                               name="raytp", route_prefix="/"), 4)
+    assert results == [(200, 600, "data: [DONE]")] * 4, results
     created = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
     assert len(created) == 1
     r = requests.post(URL + "/v1/completions", headers=auth(), timeout=60,
@@ -141,30 +149,17 @@ def test_redeploy_with_fewer_replicas_drains_in_flight_requests(app):
 
 def test_deleting_the_app_drains_in_flight_streams(app):
     """`serve shutdown` / `serve delete` stop replicas the same way: in-flight streams finish first."""
-    import concurrent.futures
-    import threading
     import time
 
     from ray import serve
 
-    started = threading.Barrier(3)
+    took = []
 
-    def long_stream(i):
-        body = {"model": MODEL, "prompt": f"drain {i}", "max_tokens": 600, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
-        with requests.post(URL + "/v1/completions", json=body, headers=auth(), stream=True, timeout=120) as r:
-            lines = r.iter_lines(decode_unicode=True)
-            events = [next(lines)]
-            started.wait(60)
-            events += [line for line in lines if line]
-        return r.status_code, events[-1], '"completion_tokens": 600' in events[-2]
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(long_stream, i) for i in range(2)]
-        started.wait(60)
+    def delete():  # returns once the app's replicas are gone
         t = time.monotonic()
-        serve.delete("raytp")  # returns once the app's replicas are gone
-        deleted_after = time.monotonic() - t
-        results = [f.result(timeout=120) for f in futures]
-    assert results == [(200, "data: [DONE]", True)] * 2, results
-    print(f"app deleted after {deleted_after:.1f}s, both streams complete")
+        serve.delete("raytp")
+        took.append(time.monotonic() - t)
+
+    results = streams_across(delete, 2)
+    assert results == [(200, 600, "data: [DONE]")] * 2, results
+    print(f"app deleted after {took[0]:.1f}s, both streams complete")
