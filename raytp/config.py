@@ -1,15 +1,23 @@
-"""User-facing config (validated once, at the boundary) and the frozen config the gang runs on.
+"""User-facing config, checked in two places: where the app is built and where its replica runs.
 
-``RaytpConfig`` is what users write under ``args:`` in ``serve_config.yaml``.
-``resolve()`` turns it into a ``ResolvedConfig``: the model is materialised (tiny
-model generated if asked for), ``auto`` values are decided, and every check that
-needs the model's own config (head counts, context length) runs here, so a bad
-value fails at startup with one message naming the field and the fix.
+``RaytpConfig`` is what users write under ``args:`` in ``serve_config.yaml``. It is validated
+where the application is built (often the head node of a cluster, which may have no
+accelerator and no model files) with checks that need no node: types, ranges, names.
+``bundle_device`` decides the device kind the placement bundles ask for (the rule for
+``device: auto`` is in its docstring).
+
+``resolve(cfg, device)`` runs in the replica, on the node of rank 0, before the gang starts:
+it materialises the checkpoint, reads its HF config (head counts, context length) and
+picks ``dtype: auto`` from this node's hardware, returning the frozen ``ResolvedConfig``
+every layer below the server runs on. Whether torch sees the device is checked by each
+rank, which is the only process Ray gives the device to. Every failure is a
+``ConfigError`` naming the field and the fix.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -18,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raytp import accelerator
 from raytp.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # IPEX-LLM's low-bit formats that raytp passes through to ``optimize_model``.
 LOW_BIT_FORMATS = (
@@ -33,18 +43,23 @@ class RaytpConfig(BaseModel):
 
     model: str = Field(
         "raytp-tiny-llama",
-        description="Local Hugging Face checkpoint directory, a hub id (needs network), or one of the "
-        "built-in random-weight models 'raytp-tiny-llama' / 'raytp-llama-0.5b' (generated locally on first use).",
+        description="Local Hugging Face checkpoint directory (on the nodes that run replicas), a hub id (needs "
+        "network), or one of the built-in random-weight models 'raytp-tiny-llama' / 'raytp-llama-0.5b' (generated "
+        "locally on first use).",
     )
     served_model_name: str | None = Field(
         None, description="Name clients put in the OpenAI 'model' field. Defaults to 'model'."
     )
     tensor_parallel_size: int = Field(2, ge=1, le=64, description="Ranks (devices) per replica; one TP group per replica.")
     device: Literal["auto", "cpu", "xpu", "cuda"] = Field(
-        "auto", description="'auto' picks xpu, then cuda, then cpu, by what torch sees on this node."
+        "auto", description="Device kind of every rank. 'auto': the accelerator torch sees where the app is built, "
+        "else the one the Ray cluster advertises (GPU resources with an accelerator_type), else cpu. Set it "
+        "explicitly on autoscaling clusters whose accelerator nodes may not exist yet when the app is deployed.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="'auto' = float16 on xpu/cuda, bfloat16 on cpu (DeepSpeed's CPU accelerator rejects float16)."
+        "auto", description="'auto' = float16 on xpu/cuda; on cpu bfloat16 where the CPU computes it natively "
+        "(AVX512_BF16 or AMX), else float32 (bf16 matmuls are emulated and far slower there). float16 is not "
+        "supported on cpu (DeepSpeed's CPU accelerator rejects it).",
     )
     low_bit: str | None = Field(
         None, description="IPEX-LLM low-bit weight format applied to each shard after AutoTP, e.g. 'sym_int4', "
@@ -79,7 +94,8 @@ class RaytpConfig(BaseModel):
         60, gt=0, description="Longest one engine step (a collective across ranks) may take before the gang is declared dead."
     )
     api_key: str | None = Field(
-        None, description="If set (or env RAYTP_API_KEY), every route but /health needs 'Authorization: Bearer <key>'."
+        None, description="If set (or env RAYTP_API_KEY on the ingress's node), every route but /health needs "
+        "'Authorization: Bearer <key>'. Only the ingress ever sees it.",
     )
     seed: int = Field(0, description="Seed for requests that sample without a 'seed' of their own.")
     max_request_body_bytes: int = Field(
@@ -90,10 +106,24 @@ class RaytpConfig(BaseModel):
         "requests (new ones go to other replicas) before its gang is torn down.",
     )
 
+    def check_static(self) -> RaytpConfig:
+        """Checks that need no node (run where the app is built); returns self. Raises ``ConfigError``."""
+        if self.device == "cpu" and self.dtype == "float16":
+            raise ConfigError("dtype", "float16 is not supported on cpu by DeepSpeed's CPU accelerator; "
+                              "use bfloat16 or float32.")
+        if self.low_bit is not None and self.low_bit not in LOW_BIT_FORMATS:
+            raise ConfigError("low_bit", f"unknown format {self.low_bit!r}; choose one of "
+                              f"{', '.join(LOW_BIT_FORMATS)} or null.")
+        return self
+
+    def for_server(self) -> RaytpConfig:
+        """The config the server replica gets: the API key stays in the ingress."""
+        return self.model_copy(update={"api_key": None})
+
 
 @dataclass(frozen=True)
 class ResolvedConfig:
-    """The frozen config every layer below the boundary runs on. No 'auto' values remain."""
+    """The frozen config the engine and the gang run on, resolved on the replica's node. No 'auto' remains."""
 
     model_path: str
     served_model_name: str
@@ -111,30 +141,44 @@ class ResolvedConfig:
     num_cpus_per_worker: float
     worker_start_timeout_s: float
     step_timeout_s: float
-    api_key: str | None
-    seed: int
-    max_request_body_bytes: int = 1_048_576
-    graceful_shutdown_timeout_s: float = 60.0
+    seed: int = 0
 
 
-def resolve(cfg: RaytpConfig | dict, *, check_devices: bool = True) -> ResolvedConfig:
-    """Validate ``cfg`` against the model and this node; raise ``ConfigError`` naming the field on failure."""
+def bundle_device(device: str, *, local=None, cluster_resources=None) -> str:
+    """The device kind a replica's bundles ask for, decided where the app is built.
+
+    An explicit ``device`` is used as is. ``auto``: the accelerator torch sees on this node (xpu, then cuda);
+    else the one the Ray cluster advertises (``ray.cluster_resources()`` when Ray is initialised, or the
+    ``cluster_resources`` given): GPUs whose ``accelerator_type:`` names an Intel GPU → xpu, any other typed
+    GPU → cuda; GPUs with no type → ``ConfigError`` (set ``device``); no GPU at all → cpu."""
+    if device != "auto":
+        return device
+    found = (local or accelerator.local_accelerator)()
+    if found != "cpu":
+        return found
+    if cluster_resources is None:
+        import ray
+
+        cluster_resources = ray.cluster_resources() if ray.is_initialized() else {}
+    choice = accelerator.device_from_cluster(cluster_resources)
+    if choice == "cpu":
+        logger.warning("raytp: device auto -> cpu: no accelerator on this node and none advertised by the Ray "
+                       "cluster; set device explicitly if accelerator nodes are added later (autoscaling)")
+    return choice
+
+
+def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None) -> ResolvedConfig:
+    """Resolve ``cfg`` on this node (the replica's, = rank 0's) for ``device`` (``bundle_device``'s choice).
+
+    Raises ``ConfigError`` naming the field. ``cpu_bf16`` injects the native-bf16 probe (tests)."""
     if isinstance(cfg, dict):
         cfg = RaytpConfig(**cfg)
-    device = accelerator.resolve_device(cfg.device)
-    if check_devices:
-        accelerator.get(device).check_available(cfg.tensor_parallel_size)
-
-    dtype = cfg.dtype if cfg.dtype != "auto" else accelerator.get(device).default_dtype
-    if device == "cpu" and dtype == "float16":
-        raise ConfigError("dtype", "float16 is not supported on cpu by DeepSpeed's CPU accelerator; use bfloat16 or float32.")
-
-    if cfg.low_bit is not None:
-        if cfg.low_bit not in LOW_BIT_FORMATS:
-            raise ConfigError("low_bit", f"unknown format {cfg.low_bit!r}; choose one of {', '.join(LOW_BIT_FORMATS)} or null.")
-        if importlib.util.find_spec("ipex_llm") is None:
-            raise ConfigError("low_bit", "is set but ipex-llm is not installed; `pip install 'raytp[ipex-llm]'` or set low_bit: null.")
-
+    cfg.check_static()
+    device = device or bundle_device(cfg.device)
+    dtype = _resolve_dtype(cfg.dtype, device, cpu_bf16 or accelerator.cpu_has_native_bf16)
+    if cfg.low_bit is not None and importlib.util.find_spec("ipex_llm") is None:
+        raise ConfigError("low_bit", "is set but ipex-llm is not installed; `pip install 'raytp[ipex-llm]'` "
+                          "or set low_bit: null.")
     model_path = _materialise_model(cfg.model)
     max_model_len = _check_model(cfg, model_path)
     return ResolvedConfig(
@@ -154,11 +198,26 @@ def resolve(cfg: RaytpConfig | dict, *, check_devices: bool = True) -> ResolvedC
         num_cpus_per_worker=cfg.num_cpus_per_worker,
         worker_start_timeout_s=cfg.worker_start_timeout_s,
         step_timeout_s=cfg.step_timeout_s,
-        api_key=cfg.api_key or os.environ.get("RAYTP_API_KEY") or None,
         seed=cfg.seed,
-        max_request_body_bytes=cfg.max_request_body_bytes,
-        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
     )
+
+
+def _resolve_dtype(requested: str, device: str, cpu_bf16) -> str:
+    if device == "cpu" and requested == "float16":
+        raise ConfigError("dtype", "float16 is not supported on cpu by DeepSpeed's CPU accelerator; "
+                          "use bfloat16 or float32.")
+    if device != "cpu":
+        return accelerator.get(device).default_dtype if requested == "auto" else requested
+    native = cpu_bf16()
+    if requested == "auto":
+        dtype = "bfloat16" if native else "float32"
+        logger.info("raytp: dtype auto -> %s (this CPU %s native bf16: AVX512_BF16/AMX)", dtype,
+                    "has" if native else "lacks")
+        return dtype
+    if requested == "bfloat16" and not native:
+        logger.warning("raytp: dtype bfloat16 on a CPU without native bf16 (AVX512_BF16/AMX): torch emulates it "
+                       "and serving will be slow; float32 is much faster here")
+    return requested
 
 
 def _materialise_model(model: str) -> str:
@@ -169,7 +228,8 @@ def _materialise_model(model: str) -> str:
     if os.path.isdir(model):
         return os.path.abspath(model)
     if model.startswith((".", "/", "~")):
-        raise ConfigError("model", f"directory {model!r} does not exist; give a local checkpoint directory or a hub id.")
+        raise ConfigError("model", f"directory {model!r} does not exist on this node; give a local checkpoint "
+                          "directory (present on every node that runs replicas) or a hub id.")
     return model  # a hub id: transformers resolves (and downloads) it
 
 

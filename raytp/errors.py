@@ -93,3 +93,12 @@ class QueueFullError(RaytpError):
     status_code = 429
     error_type = "rate_limit_exceeded"
     retry_after_s = 1
+
+
+class ModelLoadingError(EngineDeadError):
+    """No model replica has finished loading yet (HTTP 503 with Retry-After); retry shortly."""
+
+    retry_after_s = 5
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = "model_loading"):
+        super().__init__(message, param=param, code=code)

@@ -40,3 +40,29 @@ def configure_rank_logging(rank: int, world_size: int, level: int = logging.INFO
     log.addHandler(handler)
     log.setLevel(level)
     log.propagate = False
+
+
+class ClientErrorFilter(logging.Filter):
+    """Serve logs every exception a replica's method raises as ``ERROR Request failed.`` with a traceback.
+    An error that is the client's (a ``RaytpError`` with a 4xx status: bad input, unknown model, queue full)
+    is no server fault: it becomes one INFO line without a traceback. Server faults stay ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or not record.exc_info:
+            return True
+        from raytp.errors import RaytpError
+
+        err = record.exc_info[1]
+        err = err if isinstance(err, RaytpError) else getattr(err, "cause", None)
+        if isinstance(err, RaytpError) and err.status_code < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "Request failed: %s (%d): %s", (type(err).__name__, err.status_code, err.message)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Install ``ClientErrorFilter`` on Serve's replica logger in this process (idempotent)."""
+    log = logging.getLogger("ray.serve")
+    if not any(isinstance(f, ClientErrorFilter) for f in log.filters):
+        log.addFilter(ClientErrorFilter())

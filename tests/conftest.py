@@ -1,6 +1,7 @@
-"""Shared fixtures. Tests are split by what they need: unit/ (no Ray, no model weights),
-integration/ (local Ray, gloo + DeepSpeed shm, tiny random Llama, TP=2), ipex/ (ipex-llm
-environment), device/ (real XPU / CUDA; skipped where absent)."""
+"""Shared fixtures. Tests are split by what they need: unit/ (no Ray; the tiny model at most),
+serve/ (local Ray + Serve, the real ingress/server/engine over a scripted gang), integration/ (real TP=2
+gangs: gloo + DeepSpeed shm, tiny random Llama), ipex/ (ipex-llm environment), device/ (real XPU / CUDA;
+skipped where absent)."""
 
 import asyncio
 import contextlib
@@ -45,23 +46,22 @@ def ray_session():
 def run_gang(config: dict, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy-generate ``max_tokens`` tokens for a batch of ``prompts`` on a fresh gang; return tokens per prompt."""
     from raytp.config import resolve
-    from raytp.engine.types import SamplingParams, SeqInput
-    from raytp.executor import RayExecutor
+    from raytp.gang.executor import RayExecutor
+    from raytp.messages import SamplingParams, SeqInput, StepInput
 
     async def main():
         ex = RayExecutor(resolve(config))
         await ex.start()
         try:
+            assert ex.shm_segments() == [], "each rank unlinks its shm buffer once every rank has mapped it"
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-            steps = [await ex.execute("step", [], [SeqInput(str(i), tuple(p), params) for i, p in enumerate(prompts)],
-                                      False)]
+            new = tuple(SeqInput(str(i), tuple(p), params) for i, p in enumerate(prompts))
+            steps = [(await ex.step(StepInput(new=new))).tokens]
             for _ in range(max_tokens - 1):
-                steps.append(await ex.execute("step", [], [], True))
-            assert len(ex.shm_segments()) == (len(ex.workers) if config.get("tensor_parallel_size", 2) > 1 else 0)
+                steps.append((await ex.step(StepInput(decode=True))).tokens)
             return [list(col) for col in zip(*steps)]
         finally:
             ex.shutdown()
-            assert ex.shm_segments() == [], "the gang's shared-memory buffers outlive it"
 
     return asyncio.run(main())
 
@@ -70,18 +70,19 @@ URL = "http://127.0.0.1:8000"
 
 
 @contextlib.contextmanager
-def serve_app(args: dict, **server_options):
+def serve_app(args: dict, engine_factory=None, **server_options):
     """Run raytp as Serve app 'raytp' on 127.0.0.1:8000 for the block; yields the app's handle.
 
-    ``args`` is a RaytpConfig dict; ``server_options`` are LLMServer deployment options (num_replicas, ...)."""
+    ``args`` is a RaytpConfig dict; ``engine_factory`` replaces the engine (``raytp.testing``);
+    ``server_options`` are LLMServer deployment options (num_replicas, ...)."""
     from ray import serve
 
-    from raytp.config import resolve
     from raytp.serve.app import bind_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     try:
-        serve.run(bind_app(resolve(args), server_options=server_options), name="raytp", route_prefix="/")
+        serve.run(bind_app(args, engine_factory=engine_factory, server_options=server_options), name="raytp",
+                  route_prefix="/")
         yield serve.get_app_handle("raytp")
     finally:
         serve.shutdown()

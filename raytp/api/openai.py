@@ -8,7 +8,8 @@ import uuid
 from pydantic import ValidationError
 
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
-from raytp.engine.types import RequestOutput, SamplingParams
+from raytp.engine.protocol import RequestOutput
+from raytp.messages import SamplingParams
 from raytp.errors import InvalidRequestError
 
 

@@ -1,9 +1,11 @@
 """The engine loop: schedule → execute → update, over every live request of one replica.
 
-One asyncio task owns the gang: it alone sends commands to the executor, so ranks
-see one ordered command stream and requests never interleave wrongly. Requests
-enter through ``generate`` (an async iterator of ``RequestOutput`` deltas) and leave
-when finished, aborted (the iterator is closed) or failed (``EngineDeadError``).
+One asyncio task owns the gang: it alone sends steps to the executor, so ranks see one
+ordered command stream and requests never interleave wrongly. Requests enter through
+``generate`` (an async iterator of ``RequestOutput`` deltas) and leave when finished,
+aborted (the iterator is closed) or failed (``EngineDeadError``). ``Engine`` is the
+``raytp.engine.protocol.EngineClient`` the server uses; its executor is any
+``raytp.engine.protocol.Executor``.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import logging
 import random
 import time
 from collections import Counter
+from dataclasses import replace
 
 from raytp.engine.detokenizer import IncrementalDetokenizer
-from raytp.engine.scheduler import SchedulerOutput, Sequence
+from raytp.engine.protocol import EngineStatus, Executor, RequestOutput
+from raytp.engine.scheduler import SchedulerOutput, Sequence, make_scheduler
 from raytp.engine.stats import EngineStats
-from raytp.engine.types import RequestOutput, SamplingParams
 from raytp.errors import EngineDeadError, InvalidRequestError
+from raytp.messages import SamplingParams, StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +35,18 @@ class _Stream:
         self.pending_ids: list[int] = []  # tokens whose text is still held back
 
 
-class Engine:
-    """Owns a scheduler and an executor. ``executor`` needs ``start()``, ``execute(method, *args)``, ``shutdown()``;
-    ``scheduler`` is a ``raytp.engine.scheduler`` policy; ``stats`` an ``EngineStats`` observer."""
+def make_engine(config, executor: Executor, tokenizer, stats: EngineStats | None = None) -> Engine:
+    """The engine a ``ResolvedConfig`` describes, over ``executor``."""
+    scheduler = make_scheduler(config.scheduling, config.max_num_seqs, config.max_queue_size,
+                               config.max_num_batched_tokens)
+    return Engine(executor, tokenizer, scheduler, seed=config.seed, stats=stats)
 
-    def __init__(self, executor, tokenizer, scheduler, *, seed: int = 0, stats: EngineStats | None = None):
+
+class Engine:
+    """Owns a scheduler and an executor. ``scheduler`` is a ``raytp.engine.scheduler`` policy; ``stats`` an
+    ``EngineStats`` observer (the warm-up request is not reported to it, nor counted in ``status()``)."""
+
+    def __init__(self, executor: Executor, tokenizer, scheduler, *, seed: int = 0, stats: EngineStats | None = None):
         self.executor = executor
         self.stats = stats or EngineStats()
         self.tokenizer = tokenizer
@@ -55,10 +66,16 @@ class Engine:
         """Start the gang, run the loop, and (optionally) prove it with a 2-token warm-up generation."""
         self.load_reports = await self.executor.start()
         self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
-        if warmup:
+        if warmup:  # proves the whole path once; an operator's counters start after it
             prompt = tuple(self.tokenizer.encode("warm up", add_special_tokens=False)) or (0,)
-            async for _ in self.generate("warmup", prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)):
-                pass
+            stats, self.stats = self.stats, EngineStats()
+            try:
+                async for _ in self.generate("warmup", prompt, SamplingParams(max_tokens=2, temperature=0.0,
+                                                                              ignore_eos=True)):
+                    pass
+            finally:
+                self.stats = stats
+                self.finished_counts.clear()
 
     def check_health(self) -> None:
         """Raise ``EngineDeadError`` if the gang or the loop has failed."""
@@ -72,11 +89,21 @@ class Engine:
         await self._died.wait()
         return self._dead
 
-    async def shutdown(self) -> None:
+    def shutdown(self) -> None:
+        """Fail every in-flight request and free the gang. Idempotent."""
         if self._loop_task:
-            self._loop_task.cancel()
+            try:
+                self._loop_task.cancel()
+            except RuntimeError:  # from __del__ after the event loop closed: nothing left to cancel
+                pass
         self._fail_all(EngineDeadError("engine shut down"))
         self.executor.shutdown()
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(self.scheduler.num_running, self.scheduler.num_waiting, dict(self.finished_counts))
+
+    async def worker_pids(self) -> list[int]:
+        return await self.executor.pids()
 
     # ---- requests --------------------------------------------------------------------------
     async def generate(self, request_id: str, prompt_ids: tuple[int, ...], params: SamplingParams):
@@ -88,7 +115,7 @@ class Engine:
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use (X-Request-Id must be unique)")
         if not params.greedy and params.seed is None:
-            params = _with_seed(params, self._seeds.getrandbits(63))
+            params = replace(params, seed=self._seeds.getrandbits(63))
         seq = Sequence(request_id, tuple(prompt_ids), params)
         self.scheduler.add(seq)
         stream = self._streams[request_id] = _Stream(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
@@ -108,14 +135,6 @@ class Engine:
             self.finished_counts[reason] += 1
             self.stats.on_finished(reason, time.monotonic() - seq.arrival_s, len(seq.prompt_ids), len(seq.output_ids))
             self._streams.pop(request_id, None)
-
-    @property
-    def num_running(self) -> int:
-        return self.scheduler.num_running
-
-    @property
-    def num_waiting(self) -> int:
-        return self.scheduler.num_waiting
 
     # ---- the loop --------------------------------------------------------------------------
     async def _run_loop(self) -> None:
@@ -141,20 +160,20 @@ class Engine:
         out = self.scheduler.schedule()  # 1. schedule
         if out.kind == "idle":
             return False
-        new = [s.to_input() for s in out.seqs] if out.kind == "prefill" else []
+        new = tuple(s.to_input() for s in out.seqs) if out.kind == "prefill" else ()
         if new:
             now = time.monotonic()
             for s in out.seqs:
                 self.stats.on_scheduled(now - s.arrival_s)
-        # 2. execute: the same command to every rank, one round trip
-        tokens = await self.executor.execute("step", list(out.finished_ids), new, out.kind == "decode")
+        # 2. execute: the same step to every rank, one round trip
+        result = await self.executor.step(StepInput(out.finished_ids, new, out.kind == "decode"))
         if out.kind != "release":
-            assert len(tokens) == len(out.seqs), "workers and scheduler disagree on the rows"
-            self._update(out, tokens)  # 3. update
+            assert len(result.tokens) == len(out.seqs), "workers and scheduler disagree on the rows"
+            self._update(out, result.tokens)  # 3. update
         self.stats.on_step(self.scheduler.num_running, self.scheduler.num_waiting)
         return True
 
-    def _update(self, out: SchedulerOutput, tokens: list[int]) -> None:
+    def _update(self, out: SchedulerOutput, tokens: tuple[int, ...]) -> None:
         for seq, token in zip(out.seqs, tokens):
             if seq.finished:
                 continue
@@ -188,9 +207,3 @@ class Engine:
         for stream in list(self._streams.values()):
             stream.seq.finish_reason = stream.seq.finish_reason or "error"
             stream.queue.put_nowait(error)
-
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from raytp.engine.types import SamplingParams, SeqInput
+from raytp.messages import SamplingParams, SeqInput
 from raytp.errors import QueueFullError
 
 

@@ -1,10 +1,12 @@
 """The application builder named in serve_config.yaml: ``import_path: raytp.serve.app:build_app``.
 
-``build_app(args)`` validates ``args`` once (``RaytpConfig`` → ``resolve``) and binds
-the ingress to one server deployment whose replicas each own a placement group of
-``tensor_parallel_size`` bundles. Deployment options in serve_config.yaml's
-``deployments:`` section (num_replicas, autoscaling_config, ...) override these defaults
-by deployment name: ``OpenAIIngress`` and ``LLMServer``.
+``build_app(args)`` validates ``args`` with checks that need no node (``RaytpConfig``), decides
+the device kind of the placement bundles (``raytp.config.bundle_device``), and binds the ingress
+to one server deployment whose replicas each own a placement group of ``tensor_parallel_size``
+bundles. Everything that depends on a node (model files, HF config, device presence, ``auto``
+dtype) is resolved later, in each replica. Deployment options in serve_config.yaml's
+``deployments:`` section (num_replicas, autoscaling_config, ...) override these defaults by
+deployment name: ``OpenAIIngress`` and ``LLMServer``.
 """
 
 from __future__ import annotations
@@ -12,53 +14,56 @@ from __future__ import annotations
 from ray import serve
 
 from raytp import accelerator
-from raytp.config import RaytpConfig, ResolvedConfig, resolve
+from raytp.config import RaytpConfig, bundle_device
 from raytp.serve.ingress import OpenAIIngress
 from raytp.serve.server import LLMServer
 
 
-def server_deployment(config: ResolvedConfig):
+def server_deployment(cfg: RaytpConfig, device: str):
     """The ``LLMServer`` deployment with one bundle per rank."""
-    bundle = accelerator.get(config.device).bundle(config.num_cpus_per_worker)
+    bundle = accelerator.get(device).bundle(cfg.num_cpus_per_worker)
     return serve.deployment(
         LLMServer,
         name="LLMServer",
-        placement_group_bundles=[bundle] * config.tensor_parallel_size,
-        placement_group_strategy=config.placement_strategy,
+        placement_group_bundles=[bundle] * cfg.tensor_parallel_size,
+        placement_group_strategy=cfg.placement_strategy,
         # The replica actor lives in bundle 0 beside rank 0: it must take none of the rank's CPU.
         ray_actor_options={"num_cpus": 0},
         # Admission: the replica's own bounded queue is the precise bound (429 once max_queue_size requests wait).
         # Serve may hand a replica more than that, so its rejections are immediate; Serve's queue in front of the
         # replicas is only a backstop against floods (a burst is queued there before routing, so a tight bound
         # would reject requests the replica could still take), also answered with 429 (BackPressureError).
-        max_ongoing_requests=config.max_num_seqs + 2 * config.max_queue_size,
-        max_queued_requests=4 * (config.max_num_seqs + config.max_queue_size),
+        max_ongoing_requests=cfg.max_num_seqs + 2 * cfg.max_queue_size,
+        max_queued_requests=4 * (cfg.max_num_seqs + cfg.max_queue_size),
         # A replica whose gang dies exits by itself (server.py); the health check catches the rest (a stalled loop).
         health_check_period_s=2,
         health_check_timeout_s=30,
         # Drain: a stopping replica gets no new requests and keeps serving its in-flight ones this long.
-        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
         graceful_shutdown_wait_loop_s=1,
-        # A replica that cannot start (bad weights, out of memory) fails the deployment with its error after a few
-        # tries instead of restarting for minutes.
+        # A replica that cannot start (bad weights, out of memory, a config its node cannot run) fails the
+        # deployment with its error after a few tries instead of restarting for minutes.
         max_constructor_retry_count=3,
     )
 
 
 def build_app(args: dict | None = None):
     """Validate ``args`` (a ``RaytpConfig`` dict) and return the bound Serve application."""
-    return bind_app(resolve(RaytpConfig(**(args or {}))))
+    return bind_app(RaytpConfig(**(args or {})))
 
 
-def bind_app(config: ResolvedConfig, engine_factory=None, server_options: dict | None = None):
-    """Bind the application for a resolved config (Python users).
+def bind_app(cfg: RaytpConfig | dict, engine_factory=None, server_options: dict | None = None):
+    """Bind the application for ``cfg`` (Python users and tests).
 
     ``server_options``: Serve deployment options for ``LLMServer`` (e.g. ``num_replicas``,
     ``autoscaling_config``), as serve_config.yaml's ``deployments:`` gives them.
-    ``engine_factory(config, tokenizer)`` replaces the engine (tests, custom engines).
+    ``engine_factory(config, tokenizer, stats)`` replaces the engine (``raytp.testing``, custom engines).
     """
-    server = server_deployment(config).options(**(server_options or {})).bind(config, engine_factory)
+    cfg = (RaytpConfig(**cfg) if isinstance(cfg, dict) else cfg).check_static()
+    device = bundle_device(cfg.device)
+    server = server_deployment(cfg, device).options(**(server_options or {})).bind(
+        cfg.for_server(), device, engine_factory)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1000,
-                               graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s)
-    return ingress.bind(server, config.api_key, config.max_request_body_bytes)
+                               graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
+    return ingress.bind(server, cfg.api_key, cfg.max_request_body_bytes)

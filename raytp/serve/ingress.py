@@ -17,6 +17,7 @@ import functools
 import hmac
 import json
 import logging
+import os
 import time
 
 from fastapi import FastAPI, Request
@@ -29,10 +30,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytp.api.openai import invalid_request
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
-from raytp.errors import AuthenticationError, EngineDeadError, PayloadTooLargeError, QueueFullError, RaytpError
+from raytp.errors import (
+    AuthenticationError,
+    EngineDeadError,
+    ModelLoadingError,
+    PayloadTooLargeError,
+    QueueFullError,
+    RaytpError,
+)
 
 logger = logging.getLogger("ray.serve")
-HEALTH_TIMEOUT_S = 5.0
+HEALTH_TIMEOUT_S = 5.0  # a healthy replica answers /health in milliseconds, even while it decodes
+READY_WAIT_S = 1.0  # how long a request waits for the first ready replica before a 503
 app = FastAPI(title="raytp", description="Tensor-parallel LLM serving on Ray Serve (OpenAI-compatible API)")
 
 
@@ -158,59 +167,104 @@ def _http_request_id() -> str:
 
 @serve.ingress(app)
 class OpenAIIngress:
-    def __init__(self, server, api_key: "str | None" = None, max_request_body_bytes: int = 1_048_576):
+    """``server``: the LLMServer deployment's handle. ``api_key``: from the config, else env ``RAYTP_API_KEY``
+    on this ingress's node; it never leaves the ingress."""
+
+    async def __init__(self, server, api_key: "str | None" = None, max_request_body_bytes: int = 1_048_576):
+        from raytp.logs import quiet_client_errors
+
+        quiet_client_errors()
         self.server = server
-        self.api_key = api_key
+        self.api_key = api_key or os.environ.get("RAYTP_API_KEY") or None
         BodySizeLimit.limit = max_request_body_bytes
+        # Until a model replica has answered once, HTTP requests get 503 at once (a handle call would wait
+        # for a replica for as long as the model takes to load, with no answer for the client).
+        self._ready = asyncio.Event()
+        self._ready_task = asyncio.get_running_loop().create_task(self._wait_until_ready())
+
+    async def _wait_until_ready(self) -> None:
+        while True:
+            try:
+                await self.server.health.remote()
+                self._ready.set()
+                return
+            except Exception:  # noqa: BLE001 - a replica that failed to start; its replacement may not
+                await asyncio.sleep(1.0)
+
+    async def _gate(self, request: Request) -> "JSONResponse | None":
+        """An error response for a request that may not go on (bad API key, no model replica ready yet)."""
+        if not self._authorized(request):
+            return error_response(AuthenticationError("missing or invalid API key (Authorization: Bearer <key>)"))
+        if not self._ready.is_set():
+            try:  # a replica that has just become ready may not have reached this ingress's router yet
+                await asyncio.wait_for(self._ready.wait(), READY_WAIT_S)
+            except asyncio.TimeoutError:
+                return error_response(ModelLoadingError("the model is still loading; retry shortly"))
+        return None
 
     # ---- HTTP ------------------------------------------------------------------------------
     @app.get("/health")
     async def http_health(self):
-        """200 only when a replica's gang is loaded and warmed up; 503 otherwise, within a few seconds."""
+        """200 only when a replica's gang is loaded and warmed up; 503 otherwise, at once while none is ready."""
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), READY_WAIT_S)
+            except asyncio.TimeoutError:
+                return error_response(ModelLoadingError("no model replica is ready yet"))
         try:
             return await asyncio.wait_for(self.server.health.remote(), HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
-            return error_response(EngineDeadError("no model replica is ready yet"))
+            return error_response(EngineDeadError("no model replica answered in time"))
         except Exception as e:  # noqa: BLE001
             return error_response(to_raytp_error(e))
 
     @app.get("/v1/models")
     async def http_models(self, request: Request):
-        return await self._call(request, "models")
+        started = time.perf_counter()
+        return await self._unary(request, started, lambda: self.server.models.remote())
 
     @app.post("/v1/completions")
     async def http_completions(self, body: CompletionRequest, request: Request):
-        return await self._call(request, "completions_stream" if body.stream else "completions", body,
-                                _http_request_id(), stream=body.stream)
+        started, rid = time.perf_counter(), _http_request_id()
+        if body.stream:
+            return await self._stream(request, started,
+                                      lambda: self.server.options(stream=True).completions_stream.remote(body, rid))
+        return await self._unary(request, started, lambda: self.server.completions.remote(body, rid))
 
     @app.post("/v1/chat/completions")
     async def http_chat(self, body: ChatCompletionRequest, request: Request):
-        return await self._call(request, "chat_completions_stream" if body.stream else "chat_completions", body,
-                                _http_request_id(), stream=body.stream)
+        started, rid = time.perf_counter(), _http_request_id()
+        if body.stream:
+            return await self._stream(
+                request, started, lambda: self.server.options(stream=True).chat_completions_stream.remote(body, rid))
+        return await self._unary(request, started, lambda: self.server.chat_completions.remote(body, rid))
 
-    async def _call(self, request: Request, method: str, *args, stream: bool = False):
-        started, route = time.perf_counter(), request.url.path
-        if not self._authorized(request):
-            return error_response(AuthenticationError("missing or invalid API key (Authorization: Bearer <key>)"))
-        try:  # errors before the first chunk (bad input, queue full) are plain HTTP errors
-            result = await self._start(method, args, stream)
-        except Exception as e:  # noqa: BLE001
-            result, stream = error_response(to_raytp_error(e)), False
-        if not stream:
-            _metrics().request_s.observe(time.perf_counter() - started, tags={"route": route})
-            return result
-        gen, first = result  # a stream's time is observed when its last chunk is sent
-        return StreamingResponse(_sse(gen, first, route, started), media_type="text/event-stream")
+    async def _unary(self, request: Request, started: float, call):
+        """A whole-body response from ``call()`` (a handle call), or an error body."""
+        result = await self._gate(request)
+        if result is None:
+            try:
+                result = await call()
+            except Exception as e:  # noqa: BLE001
+                result = error_response(to_raytp_error(e))
+        _metrics().request_s.observe(time.perf_counter() - started, tags={"route": request.url.path})
+        return result
 
-    async def _start(self, method: str, args: tuple, stream: bool):
-        """Call the server: the whole result, or ``(generator, first chunk)`` when streaming."""
-        if not stream:
-            return await getattr(self.server, method).remote(*args)
-        gen = getattr(self.server.options(stream=True), method).remote(*args)
+    async def _stream(self, request: Request, started: float, call):
+        """SSE of the chunks ``call()`` (a streaming handle call) yields. Errors before the first chunk (bad
+        input, queue full) are plain HTTP errors; later ones become an error event."""
+        denied = await self._gate(request)
+        if denied is not None:
+            return denied
+        gen = call()
         try:
-            return gen, await gen.__anext__()
+            first = await gen.__anext__()
         except StopAsyncIteration:
-            return gen, None
+            first = None
+        except Exception as e:  # noqa: BLE001
+            _metrics().request_s.observe(time.perf_counter() - started, tags={"route": request.url.path})
+            return error_response(to_raytp_error(e))
+        return StreamingResponse(_sse(gen, first, request.url.path, started), media_type="text/event-stream")
 
     def _authorized(self, request: Request) -> bool:
         if not self.api_key:

@@ -21,40 +21,47 @@ from ray import serve
 
 from raytp.api import openai as oai
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
-from raytp.config import ResolvedConfig
-from raytp.engine.types import RequestOutput
-from raytp.errors import InvalidRequestError, ModelNotFoundError
+from raytp.config import RaytpConfig, ResolvedConfig, resolve
+from raytp.engine.protocol import EngineClient, RequestOutput
+from raytp.errors import ConfigError, InvalidRequestError, ModelNotFoundError
 
 logger = logging.getLogger("ray.serve")
 EXIT_GRACE_S = 0.25  # after its gang fails, a replica lives this long so error events reach clients, then exits
 
 
-def _default_engine(config: ResolvedConfig, tokenizer, stats=None):
-    from raytp.engine.engine import Engine
-    from raytp.engine.scheduler import make_scheduler
-    from raytp.executor import RayExecutor
+def default_engine_factory(config: ResolvedConfig, tokenizer, stats) -> EngineClient:
+    """The real engine: a TP gang of Ray actors in this replica's placement group."""
+    from raytp.engine.engine import make_engine
+    from raytp.gang.executor import RayExecutor
 
-    scheduler = make_scheduler(config.scheduling, config.max_num_seqs, config.max_queue_size,
-                               config.max_num_batched_tokens)
-    return Engine(RayExecutor(config), tokenizer, scheduler, seed=config.seed, stats=stats)
+    return make_engine(config, RayExecutor(config), tokenizer, stats)
 
 
 class LLMServer:
-    """Serve deployment class (wrapped by ``serve.deployment`` in ``raytp.serve.app``)."""
+    """Serve deployment class (wrapped by ``serve.deployment`` in ``raytp.serve.app``).
 
-    async def __init__(self, config: ResolvedConfig, engine_factory=None):
+    ``cfg`` is the user's config (validated where the app was built, without its API key); it is resolved
+    here, on this replica's node (= rank 0's), before the gang starts. ``device``: the kind the placement
+    bundles ask for. ``engine_factory(config, tokenizer, stats) -> EngineClient`` builds the engine
+    (default: ``default_engine_factory``; tests plug in ``raytp.testing.scripted_engine_factory``)."""
+
+    async def __init__(self, cfg: RaytpConfig, device: str, engine_factory=None):
         from transformers import AutoTokenizer
 
+        from raytp.logs import quiet_client_errors
         from raytp.serve.metrics import ServerMetrics
 
+        quiet_client_errors()
         started = time.perf_counter()
-        self.config = config
+        try:
+            self.config = await asyncio.to_thread(resolve, cfg, device)
+        except ConfigError as e:  # the user's to fix: one clear line, then Serve fails the deployment with it
+            logger.error("raytp: %s", e)
+            raise
+        config = self.config
         self.metrics = ServerMetrics(config.served_model_name, config.max_num_seqs)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
-        if engine_factory is None:
-            self.engine = _default_engine(config, self.tokenizer, self.metrics)
-        else:
-            self.engine = engine_factory(config, self.tokenizer)
+        self.engine: EngineClient = (engine_factory or default_engine_factory)(config, self.tokenizer, self.metrics)
         await self.engine.start()
         self.metrics.loaded(self.engine.load_reports)
         self.metrics.gang(True)
@@ -68,7 +75,7 @@ class LLMServer:
         # free the ranks now rather than when Ray notices their owner is gone.
         engine = getattr(self, "engine", None)
         if engine is not None:
-            engine.executor.shutdown()
+            engine.shutdown()
 
     async def _exit_when_gang_dies(self) -> None:
         # A replica whose gang died can only fail requests. Waiting for Serve's next health check would leave it
@@ -77,7 +84,7 @@ class LLMServer:
         # group, new gang); the ranks and their shared memory are already released by the executor.
         error = await self.engine.wait_dead()
         self.metrics.gang(False)
-        logger.error("raytp: %s; this replica exits in %.2fs so Serve replaces it", error.message, EXIT_GRACE_S)
+        logger.error("raytp: %s; this replica exits in %.2fs so Serve replaces it", error, EXIT_GRACE_S)
         await asyncio.sleep(EXIT_GRACE_S)
         os._exit(1)
 
@@ -88,20 +95,23 @@ class LLMServer:
 
     async def health(self) -> dict:
         self.engine.check_health()
+        status = self.engine.status()
         return {
             "status": "ok",
             "replica_id": serve.get_replica_context().replica_id.unique_id,
             "tensor_parallel_size": self.config.tensor_parallel_size,
+            "device": self.config.device,
+            "dtype": self.config.dtype,
             "startup_s": round(self.startup_s, 2),
-            "num_running": self.engine.num_running,
-            "num_waiting": self.engine.num_waiting,
-            "num_finished": dict(self.engine.finished_counts),
+            "num_running": status.num_running,
+            "num_waiting": status.num_waiting,
+            "num_finished": status.num_finished,
             "ranks": [vars(r) for r in self.engine.load_reports],
         }
 
     async def worker_pids(self) -> list[int]:
         """Process ids of this replica's ranks (for operators and fault tests)."""
-        return await self.engine.executor.pids()
+        return await self.engine.worker_pids()
 
     async def models(self) -> dict:
         return {"object": "list", "data": [{
@@ -146,13 +156,16 @@ class LLMServer:
         prompt_ids = self._prompt_ids(req, chat)
         room = self.config.max_model_len - len(prompt_ids)
         max_tokens = req.max_new_tokens if chat else req.max_tokens
-        if room < 1 or (max_tokens is not None and max_tokens > room):
+        if room < 1:
+            raise InvalidRequestError(
+                f"the prompt ({len(prompt_ids)} tokens) leaves no room for a completion within max_model_len "
+                f"({self.config.max_model_len}); shorten the prompt", param="messages" if chat else "prompt",
+                code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len "
-                f"({self.config.max_model_len}); shorten the prompt or lower max_tokens",
-                param="max_tokens" if room >= 1 else ("messages" if chat else "prompt"),
-                code="context_length_exceeded",
-            )
+                f"({self.config.max_model_len}); shorten the prompt or lower max_tokens to at most {room}",
+                param="max_tokens", code="context_length_exceeded")
         params = oai.sampling_params(req, max_tokens if max_tokens is not None else room)
         request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
         logger.info("raytp: request %s: %d prompt tokens, max_tokens %d", request_id, len(prompt_ids), params.max_tokens)

@@ -17,12 +17,11 @@ import json, sys, time
 import ray, requests
 from ray import serve
 from ray.util import placement_group_table
-from raytp.config import resolve
 from raytp.serve.app import bind_app
 
 ray.init(address=sys.argv[1])
 serve.start(http_options={"host": "127.0.0.1", "port": %(port)d}, proxy_location="HeadOnly")
-config = resolve({"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
+config = ({"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
                   "num_cpus_per_worker": 1})
 serve.run(bind_app(config, server_options={"num_replicas": 2}), name="raytp", route_prefix="/")
 url = "http://127.0.0.1:%(port)d"

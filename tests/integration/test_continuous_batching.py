@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from raytp.engine.types import SamplingParams
+from raytp.messages import SamplingParams
 
 STOPS = ["e", "th", "s ", "ar", "0"]
 
@@ -23,13 +23,13 @@ def engine(ray_session, loop, tiny_tokenizer):
     from raytp.config import resolve
     from raytp.engine.engine import Engine
     from raytp.engine.scheduler import ContinuousBatchScheduler
-    from raytp.executor import RayExecutor
+    from raytp.gang.executor import RayExecutor
 
     cfg = resolve({"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"})
     engine = Engine(RayExecutor(cfg), tiny_tokenizer, ContinuousBatchScheduler(4, 64, max_num_batched_tokens=48))
     loop.run_until_complete(engine.start())
     yield engine
-    loop.run_until_complete(engine.shutdown())
+    engine.shutdown()
 
 
 async def run(engine, rid, prompt, params, delay=0.0, stop_after=None):
@@ -62,7 +62,7 @@ def test_random_concurrent_schedules_equal_solo_runs(engine, loop, schedule_seed
 
     together = loop.run_until_complete(concurrently())
     assert together == solo
-    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert (engine.status().num_running, engine.status().num_waiting) == (0, 0)
 
 
 def test_short_request_overtakes_long_one(engine, loop):
@@ -102,4 +102,4 @@ def test_cancel_frees_the_slot_for_others(engine, loop):
     d, b, _ = loop.run_until_complete(main())
     assert d[1] == ("length", 3)
     assert b == b_solo, "cancelling a neighbour does not change another request's output"
-    assert engine.num_running == 0
+    assert engine.status().num_running == 0

@@ -90,7 +90,7 @@ def break_rank_and_recover(app, sig: int, fail_within_s: float) -> float:
     assert not any(psutil.pid_exists(p) for p in old_pids), "old ranks leaked"
     new_pgs = live_placement_groups()
     assert len(new_pgs) == 1 and new_pgs != old_pgs, "the old placement group leaked"
-    assert len(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) == 2, "only the new gang's shm buffers remain"
+    assert glob.glob("/dev/shm/deepspeed_allreduce_buffer_*") == [], "a killed gang leaves no shm buffer behind"
     r = requests.post(URL + "/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 4}, timeout=60)
     assert r.status_code == 200
     return recovered_in

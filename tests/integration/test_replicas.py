@@ -1,6 +1,6 @@
-"""num_replicas: 2 with TP=1 each: two placement groups, two gangs, both answering; optional API key."""
-
-import concurrent.futures
+"""num_replicas: 2 real gangs (TP=1 each): a rank killed in one replica leaves the other serving while Serve
+replaces the broken one; redeploying with fewer replicas, or deleting the app, drains in-flight streams first.
+(Two replicas answering and the API key are tested over scripted gangs in tests/serve/.)"""
 
 import pytest
 import requests
@@ -8,48 +8,14 @@ import requests
 from tests.conftest import URL, serve_app
 
 MODEL = "raytp-tiny-llama"
-KEY = "test-key-123"
 
 
 @pytest.fixture(scope="module")
 def app(ray_session):
     # num_replicas=2 is what `deployments: [{name: LLMServer, num_replicas: 2}]` does in serve_config.yaml
-    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32", "api_key": KEY},
+    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32"},
                    num_replicas=2) as handle:
         yield handle
-
-
-def auth(key=KEY):
-    return {"Authorization": f"Bearer {key}"}
-
-
-def test_two_placement_groups(app):
-    from ray.util import placement_group_table
-
-    created = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
-    assert len(created) == 2 and all(len(pg["bundles"]) == 1 for pg in created)
-
-
-def test_both_replicas_answer(app):
-    def complete(i):
-        r = requests.post(URL + "/v1/completions", headers=auth(), timeout=60,
-                          json={"model": MODEL, "prompt": f"the model {i}", "max_tokens": 4, "temperature": 0})
-        return r.status_code
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        assert set(pool.map(complete, range(16))) == {200}
-    seen = {requests.get(URL + "/health", timeout=30).json()["replica_id"] for _ in range(40)}
-    assert len(seen) == 2
-
-
-def test_api_key_required_except_health(app):
-    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
-    assert requests.post(URL + "/v1/completions", json=body, timeout=30).status_code == 401
-    r = requests.post(URL + "/v1/completions", json=body, headers=auth("wrong"), timeout=30)
-    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-    assert requests.get(URL + "/v1/models", timeout=30).status_code == 401
-    assert requests.get(URL + "/v1/models", headers=auth(), timeout=30).status_code == 200
-    assert requests.get(URL + "/health", timeout=30).status_code == 200
 
 
 def test_killing_a_rank_of_one_replica_leaves_the_other_serving(app):
@@ -66,7 +32,7 @@ def test_killing_a_rank_of_one_replica_leaves_the_other_serving(app):
 
     def client(i):
         while not stop.is_set():
-            r = requests.post(URL + "/v1/completions", headers=auth(), timeout=60,
+            r = requests.post(URL + "/v1/completions", timeout=60,
                               json={"model": MODEL, "prompt": f"the model {i}", "max_tokens": 8, "temperature": 0})
             results.append((time.monotonic(), r.status_code, r.json().get("error", {}).get("type")))
 
@@ -112,7 +78,7 @@ def streams_across(action, n: int) -> list[tuple]:
     def long_stream(i):
         body = {"model": MODEL, "prompt": f"the model {i}", "max_tokens": 600, "temperature": 0, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}
-        with requests.post(URL + "/v1/completions", json=body, headers=auth(), stream=True, timeout=120) as r:
+        with requests.post(URL + "/v1/completions", json=body, stream=True, timeout=120) as r:
             lines = r.iter_lines(decode_unicode=True)
             events = [next(lines)]
             started.wait(60)
@@ -131,18 +97,17 @@ def test_redeploy_with_fewer_replicas_drains_in_flight_requests(app):
     from ray import serve
     from ray.util import placement_group_table
 
-    from raytp.config import resolve
     from raytp.serve.app import bind_app
 
-    args = {"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32", "api_key": KEY}
+    args = {"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32"}
     # redeploy with one replica while 4 streams run on the two: Serve stops replicas (and may replace the rest);
     # each drains first
-    results = streams_across(lambda: serve.run(bind_app(resolve(args), server_options={"num_replicas": 1}),
+    results = streams_across(lambda: serve.run(bind_app(args, server_options={"num_replicas": 1}),
                                                name="raytp", route_prefix="/"), 4)
     assert results == [(200, 600, "data: [DONE]")] * 4, results
     created = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
     assert len(created) == 1
-    r = requests.post(URL + "/v1/completions", headers=auth(), timeout=60,
+    r = requests.post(URL + "/v1/completions", timeout=60,
                       json={"model": MODEL, "prompt": "still here", "max_tokens": 4})
     assert r.status_code == 200
 

@@ -11,7 +11,6 @@ def test_corrupt_weights_fail_the_deployment_with_the_cause(ray_session, tiny_mo
     from ray import serve
     from ray.util import placement_group_table
 
-    from raytp.config import resolve
     from raytp.serve.app import bind_app
 
     broken = tmp_path / "broken-llama"
@@ -19,7 +18,7 @@ def test_corrupt_weights_fail_the_deployment_with_the_cause(ray_session, tiny_mo
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
 
-    config = resolve({"model": str(broken), "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"})
+    config = {"model": str(broken), "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"}
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     started = time.monotonic()
     try:

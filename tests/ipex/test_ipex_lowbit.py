@@ -59,8 +59,8 @@ def test_tp2_sym_int4_continuous_batching_equals_solo(ray_session, tiny_tokenize
     from raytp.config import resolve
     from raytp.engine.engine import Engine
     from raytp.engine.scheduler import ContinuousBatchScheduler
-    from raytp.engine.types import SamplingParams
-    from raytp.executor import RayExecutor
+    from raytp.gang.executor import RayExecutor
+    from raytp.messages import SamplingParams
 
     cfg = resolve({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32", "low_bit": "sym_int4"})
     prompts = [tiny_tokenizer.encode(t) for t in ("the model", "requests arrive and stream on xpu", "cpu", "the gang keeps")]
@@ -79,7 +79,7 @@ def test_tp2_sym_int4_continuous_batching_equals_solo(ray_session, tiny_tokenize
                                               for i, (p, sp) in enumerate(zip(prompts, params))))
             return solo, together
         finally:
-            await engine.shutdown()
+            engine.shutdown()
 
     solo, together = asyncio.run(main())
     assert [len(s) for s in solo] == [12, 5, 9, 16]

@@ -1,7 +1,7 @@
 import pytest
 
 from raytp import accelerator
-from raytp.accelerator import resolve_device, select_xpu_backend
+from raytp.accelerator import local_accelerator, select_xpu_backend
 from raytp.errors import ConfigError
 
 
@@ -71,17 +71,17 @@ def test_worker_env_cuda():
     assert env["DS_ACCELERATOR"] == "cuda" and "CCL_LOCAL_SIZE" not in env
 
 
-def test_auto_device_order():
-    assert resolve_device("auto", has=lambda d: d in ("xpu", "cuda")) == "xpu"
-    assert resolve_device("auto", has=lambda d: d == "cuda") == "cuda"
-    assert resolve_device("auto", has=lambda d: False) == "cpu"
-    assert resolve_device("cuda", has=lambda d: False) == "cuda"
+def test_local_accelerator_order():
+    assert local_accelerator(has=lambda d: d in ("xpu", "cuda")) == "xpu"
+    assert local_accelerator(has=lambda d: d == "cuda") == "cuda"
+    assert local_accelerator(has=lambda d: False) == "cpu"
 
 
-def test_missing_devices_fail_with_field_name():
-    accelerator.get("cpu").check_available(64)  # CPU ranks never lack a device
-    with pytest.raises(ConfigError, match="'device'.*xpu"):
-        accelerator.get("xpu").check_available(2)
+def test_a_rank_without_its_device_fails_with_the_field_name():
+    accelerator.get("cpu").check_available(has=lambda d: False)  # CPU ranks never lack a device
+    accelerator.get("xpu").check_available(has=lambda d: d == "xpu")
+    with pytest.raises(ConfigError, match="'device'.*xpu requested but torch sees no xpu"):
+        accelerator.get("xpu").check_available(has=lambda d: False)
 
 
 def test_unknown_device():

@@ -4,8 +4,11 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from raytp.config import RaytpConfig, resolve
+from raytp import accelerator
+from raytp.config import RaytpConfig, bundle_device, resolve
 from raytp.errors import ConfigError
+
+NATIVE_BF16, NO_BF16 = (lambda: True), (lambda: False)
 
 
 @pytest.fixture()
@@ -31,8 +34,23 @@ def test_unknown_field_rejected():
 
 
 def test_resolve_cpu(model_dir):
-    r = resolve({"model": model_dir, "device": "cpu", "tensor_parallel_size": 4})
+    r = resolve({"model": model_dir, "device": "cpu", "tensor_parallel_size": 4}, cpu_bf16=NATIVE_BF16)
     assert r.device == "cpu" and r.dtype == "bfloat16" and r.max_model_len == 512 and r.served_model_name == model_dir
+
+
+def test_auto_dtype_on_cpu_follows_native_bf16(model_dir, caplog):
+    caplog.set_level("INFO", logger="raytp.config")
+    assert resolve({"model": model_dir, "device": "cpu"}, cpu_bf16=NATIVE_BF16).dtype == "bfloat16"
+    assert resolve({"model": model_dir, "device": "cpu"}, cpu_bf16=NO_BF16).dtype == "float32"
+    assert "dtype auto -> float32 (this CPU lacks native bf16" in caplog.text
+    caplog.clear()
+    assert resolve({"model": model_dir, "device": "cpu", "dtype": "bfloat16"}, cpu_bf16=NO_BF16).dtype == "bfloat16"
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "will be slow" in caplog.text
+    assert resolve({"model": model_dir, "device": "cuda"}, cpu_bf16=NO_BF16).dtype == "float16"
+
+
+def test_cpu_bf16_probe_reads_torch():
+    assert isinstance(accelerator.cpu_has_native_bf16(), bool)
 
 
 def test_tp_must_divide_heads(model_dir):
@@ -69,11 +87,58 @@ def test_low_bit_needs_ipex_llm(model_dir):
         resolve({"model": model_dir, "device": "cpu", "low_bit": "sym_int4"})
 
 
-def test_xpu_without_devices(model_dir):
-    with pytest.raises(ConfigError, match="'device'"):
-        resolve({"model": model_dir, "device": "xpu"})
+def test_build_checks_touch_no_node(monkeypatch):
+    """Building the app for a model directory and device that only the replicas' nodes have succeeds."""
+    from raytp.serve.app import build_app
+
+    def untouchable(*_a, **_k):
+        raise AssertionError("the build node was probed")
+
+    monkeypatch.setattr("raytp.config._materialise_model", untouchable)
+    monkeypatch.setattr("raytp.accelerator._torch_has", untouchable)
+    app = build_app({"model": "/models/llama", "device": "xpu", "tensor_parallel_size": 2, "api_key": "k"})
+    server = app._bound_deployment.init_args[0]._bound_deployment
+    assert server._replica_config.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2
+    cfg, device, _ = server.init_args
+    assert device == "xpu" and cfg.model == "/models/llama" and cfg.api_key is None  # the key stays in the ingress
 
 
-def test_api_key_from_env(model_dir, monkeypatch):
-    monkeypatch.setenv("RAYTP_API_KEY", "s3cret")
-    assert resolve({"model": model_dir, "device": "cpu"}).api_key == "s3cret"
+def test_build_rejects_what_no_node_can_run():
+    from raytp.serve.app import build_app
+
+    with pytest.raises(ConfigError, match="dtype.*bfloat16 or float32"):
+        build_app({"device": "cpu", "dtype": "float16"})
+    with pytest.raises(ConfigError, match="low_bit.*unknown format"):
+        build_app({"device": "cpu", "low_bit": "int3"})
+
+
+@pytest.mark.parametrize("resources,expected", [
+    ({"CPU": 16.0}, "cpu"),
+    ({"CPU": 16.0, "GPU": 8.0, "accelerator_type:Intel-GPU-Max-1550": 1.0}, "xpu"),
+    ({"CPU": 16.0, "GPU": 8.0, "accelerator_type:H100": 1.0}, "cuda"),
+])
+def test_auto_device_from_the_cluster_when_the_build_node_has_none(resources, expected):
+    assert bundle_device("auto", local=lambda: "cpu", cluster_resources=resources) == expected
+    assert bundle_device("auto", local=lambda: "xpu", cluster_resources=resources) == "xpu"  # this node's own
+    assert bundle_device("cuda", local=lambda: "xpu", cluster_resources=resources) == "cuda"  # explicit wins
+
+
+def test_auto_device_refuses_to_guess_untyped_gpus():
+    with pytest.raises(ConfigError, match="'device'.*set device: xpu or device: cuda"):
+        bundle_device("auto", local=lambda: "cpu", cluster_resources={"GPU": 2.0})
+
+
+def test_auto_device_on_a_cluster_whose_gpus_are_on_another_node(monkeypatch):
+    """The build runs where torch sees no accelerator; the Ray cluster advertises Intel GPUs on a worker node:
+    the replicas' bundles ask for GPUs."""
+    import ray
+
+    from raytp.serve.app import build_app
+
+    monkeypatch.setattr("raytp.accelerator.local_accelerator", lambda: "cpu")
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 6.0, "GPU": 2.0,
+                                                           "accelerator_type:Intel-GPU-Max-1100": 1.0})
+    server = build_app({"device": "auto", "tensor_parallel_size": 2})._bound_deployment.init_args[0]._bound_deployment
+    assert server._replica_config.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2
+    assert server.init_args[1] == "xpu"

@@ -26,7 +26,7 @@ def check_serve_config(config: dict) -> list[dict]:
     apps = [a for a in config["applications"] if a["import_path"] == "raytp.serve.app:build_app"]
     assert apps, "no raytp application"
     for app in apps:
-        args = RaytpConfig(**app.get("args", {}))
+        args = RaytpConfig(**app.get("args", {})).check_static()
         assert {d["name"] for d in app.get("deployments", [])} <= {"LLMServer", "OpenAIIngress"}
         for options in app.get("deployments", []):
             if options["name"] == "LLMServer":  # Serve checks some options only against the deployment itself

@@ -1,4 +1,4 @@
-"""The engine loop against a scripted executor: no Ray, no model weights."""
+"""The engine loop against a scripted executor (``raytp.testing``): no Ray, no model weights."""
 
 import asyncio
 
@@ -6,49 +6,9 @@ import pytest
 
 from raytp.engine.engine import Engine
 from raytp.engine.scheduler import ContinuousBatchScheduler
-from raytp.engine.types import SamplingParams
 from raytp.errors import EngineDeadError, QueueFullError
-
-
-class ScriptedExecutor:
-    """A fake gang speaking the worker's ``step`` protocol: each row plays back the script keyed by
-    its prompt's first token."""
-
-    def __init__(self, scripts: dict[int, list[int]], fail_after: int | None = None):
-        self.scripts = scripts
-        self.fail_after = fail_after
-        self.calls: list[str] = []
-        self.rows: dict[str, list] = {}  # seq_id -> [script key, tokens emitted]
-        self.shut = False
-
-    async def start(self):
-        return []
-
-    async def execute(self, method, finished, new, decode):
-        assert method == "step"
-        self.calls.append("prefill" if new else "decode" if decode else "release")
-        await asyncio.sleep(0)
-        if self.fail_after is not None and len(self.calls) > self.fail_after:
-            raise EngineDeadError("rank 1 died")
-        for seq_id in finished:
-            del self.rows[seq_id]
-        if new:
-            for s in new:
-                self.rows[s.seq_id] = [s.prompt_ids[0], 0]
-            active = [s.seq_id for s in new]
-        elif decode:
-            active = list(self.rows)
-        else:
-            return None
-        out = []
-        for seq_id in active:
-            key, i = self.rows[seq_id]
-            out.append(self.scripts[key][min(i, len(self.scripts[key]) - 1)])
-            self.rows[seq_id][1] += 1
-        return out
-
-    def shutdown(self):
-        self.shut = True
+from raytp.messages import SamplingParams
+from raytp.testing import ScriptedExecutor
 
 
 async def collect(engine, rid, prompt, params):
@@ -57,7 +17,7 @@ async def collect(engine, rid, prompt, params):
 
 
 def make(tok, scripts, **kw):
-    ex = ScriptedExecutor(scripts, kw.pop("fail_after", None))
+    ex = ScriptedExecutor(scripts=scripts, fail_after_steps=kw.pop("fail_after", None))
     scheduler = ContinuousBatchScheduler(kw.pop("max_num_seqs", 4), kw.pop("max_queue_size", 16), 64)
     return Engine(ex, tok, scheduler), ex
 
@@ -84,8 +44,8 @@ def test_finish_reasons_and_usage(tiny_tokenizer):
         assert o2.finish_reason == "length" and o2.num_output_tokens == 3
         assert tok.decode(scripts[2][:3]) == t2
         assert (t3, o3.finish_reason) == ("requests ", "stop")
-        assert ex.calls[0] == "prefill" and "decode" in ex.calls
-        await engine.shutdown()
+        assert ex.steps[0] == "prefill" and "decode" in ex.steps
+        engine.shutdown()
         assert ex.shut
 
     asyncio.run(main())
@@ -102,7 +62,7 @@ def test_ignore_eos_runs_to_max_tokens(tiny_tokenizer):
         assert last.finish_reason == "length" and last.num_output_tokens == 5
         _, last = await collect(engine, "b", (1,), SamplingParams(max_tokens=5, temperature=0))
         assert last.finish_reason == "stop" and last.num_output_tokens == 1
-        await engine.shutdown()
+        engine.shutdown()
 
     asyncio.run(main())
 
@@ -140,7 +100,7 @@ def test_queue_full_is_typed(tiny_tokenizer):
             await collect(engine, "c", (1,), SamplingParams(max_tokens=2, temperature=0))
         assert (await long)[1].num_output_tokens == 60
         assert (await waiting)[1].num_output_tokens == 2
-        await engine.shutdown()
+        engine.shutdown()
 
     asyncio.run(main())
 
@@ -157,8 +117,8 @@ def test_closing_the_stream_aborts(tiny_tokenizer):
         # the aborted request's batch ends at the next step; a new request then runs
         _, last = await asyncio.wait_for(collect(engine, "b", (1,), SamplingParams(max_tokens=2, temperature=0)), 5)
         assert last.num_output_tokens == 2
-        assert ex.calls.count("decode") < 20
-        await engine.shutdown()
+        assert ex.steps.count("decode") < 20
+        engine.shutdown()
 
     asyncio.run(main())
 
@@ -186,14 +146,14 @@ def test_stats_hooks_see_every_token_and_finish(tiny_tokenizer):
     stats = RecordingStats()
 
     async def main():
-        ex = ScriptedExecutor(scripts)
+        ex = ScriptedExecutor(scripts=scripts)
         engine = Engine(ex, tok, ContinuousBatchScheduler(1, 16, 64), stats=stats)  # 1 slot: b queues behind a
         await engine.start(warmup=False)
         await asyncio.gather(
             collect(engine, "a", (1, 7, 7), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)),
             collect(engine, "b", (2,), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)),
         )
-        await engine.shutdown()
+        engine.shutdown()
 
     asyncio.run(main())
     assert len(stats.first) == 2 and len(stats.gaps) == (5 - 1) + (3 - 1)  # one TTFT per request, then gaps
@@ -202,3 +162,18 @@ def test_stats_hooks_see_every_token_and_finish(tiny_tokenizer):
     assert all(e2e > 0 for *_, e2e in stats.finished)
     assert max(r for r, _ in stats.steps) == 1 and any(w == 1 for _, w in stats.steps)
     assert stats.steps[-1] == (0, 0)
+
+
+def test_warmup_is_not_reported(tiny_tokenizer):
+    stats = RecordingStats()
+
+    async def main():
+        engine = Engine(ScriptedExecutor(), tiny_tokenizer, ContinuousBatchScheduler(2, 4, 64), stats=stats)
+        await engine.start()  # with the 2-token warm-up generation
+        assert stats.first == stats.gaps == stats.finished == stats.queued == []
+        assert engine.status().num_finished == {}
+        await collect(engine, "a", (3,), SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        assert engine.status().num_finished == {"length": 1} and len(stats.finished) == 1
+        engine.shutdown()
+
+    asyncio.run(main())

@@ -1,7 +1,7 @@
 import torch
 
-from raytp.engine.types import SamplingParams
-from raytp.sampler import make_generator, sample
+from raytp.messages import SamplingParams
+from raytp.gang.sampler import make_generator, sample
 
 
 def _logits():

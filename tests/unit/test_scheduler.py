@@ -5,7 +5,7 @@ from raytp.engine.scheduler import (
     Sequence,
     StaticBatchScheduler,
 )
-from raytp.engine.types import SamplingParams
+from raytp.messages import SamplingParams
 from raytp.errors import QueueFullError
 
 

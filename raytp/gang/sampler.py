@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from raytp.engine.types import SamplingParams
+from raytp.messages import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: str) -> torch.Generator | None:

@@ -1,4 +1,5 @@
-"""A real Serve app (ingress + TP=2 server, placement group of 2 bundles) over real HTTP and handles."""
+"""The OpenAI HTTP API and the Python handles of a real Serve app (ingress + server with a placement group of 2
+bundles + engine) over a scripted gang: framing, usage, stop strings, seeds, errors, limits, concurrency."""
 
 import json
 
@@ -6,13 +7,7 @@ import pytest
 import requests
 
 from tests.conftest import URL
-
-MODEL = "raytp-tiny-llama"
-
-
-@pytest.fixture(scope="module")
-def app(tp2_app):
-    return tp2_app
+from tests.serve.conftest import MODEL
 
 
 def post(path, body, **kw):
@@ -70,7 +65,9 @@ def test_stop_string_is_cut(app):
 def test_seeded_sampling_reproducible(app):
     body = {"model": MODEL, "prompt": "the gang", "max_tokens": 10, "temperature": 1.0, "top_p": 0.9, "top_k": 50,
             "seed": 42}
-    assert post("/v1/completions", body).json()["choices"][0]["text"] == post("/v1/completions", body).json()["choices"][0]["text"]
+    text = post("/v1/completions", body).json()["choices"][0]["text"]
+    assert post("/v1/completions", body).json()["choices"][0]["text"] == text
+    assert post("/v1/completions", {**body, "seed": 43}).json()["choices"][0]["text"] != text
 
 
 def test_chat_completion(app):
@@ -111,6 +108,7 @@ def test_chat_streaming_with_usage(app):
     ("/v1/completions", {"model": MODEL}, 400, "prompt"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10_000}, 400, "max_tokens"),
     ("/v1/completions", {"model": MODEL, "prompt": "the " * 300, "max_tokens": 1}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "the " * 300}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, 400, "messages"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 3}, 400, "n"),
@@ -200,3 +198,27 @@ def test_oversized_bodies_get_413_and_the_server_keeps_answering(app):
     r = requests.post(URL + "/v1/completions", data=chunks(), headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     assert post("/v1/completions", {"model": MODEL, "prompt": "small", "max_tokens": 2}).status_code == 200
+
+
+def test_client_errors_are_logged_as_one_info_line(app, ray_session):
+    """Serve logs an exception raised in a replica as ERROR with a traceback; a 4xx is the client's error, so the
+    replicas log it as one INFO line instead."""
+    import glob
+    import os
+    import time
+
+    r = post("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10_000})
+    assert r.status_code == 400
+    replica = requests.get(URL + "/health", timeout=30).json()["replica_id"]
+    logs = os.path.join(ray_session._private.worker._global_node.get_session_dir_path(), "logs", "serve")
+    deadline = time.monotonic() + 20
+    while True:
+        lines = [line for path in glob.glob(os.path.join(logs, f"replica_raytp_LLMServer_{replica}*.log"))
+                 for line in open(path, errors="replace")]
+        info = [line for line in lines if "Request failed: InvalidRequestError (400)" in line]
+        if info or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert info and all(line.split()[0] == "INFO" for line in info), info
+    assert not [line for line in lines if "ERROR" in line and "Request failed" in line]
+    assert not [line for line in lines if "Traceback" in line]

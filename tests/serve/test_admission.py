@@ -1,19 +1,21 @@
-"""Admission control over HTTP: a full waiting queue answers 429 with Retry-After; nothing is dropped."""
+"""Admission control over HTTP: a full waiting queue answers 429 with Retry-After; nothing is dropped; a client
+that disconnects aborts its request."""
 
 import concurrent.futures
 
 import pytest
 import requests
 
+from raytp.testing import scripted_engine_factory
 from tests.conftest import URL, serve_app
-
-MODEL = "raytp-tiny-llama"
+from tests.serve.conftest import MODEL
 
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32",
-                    "max_num_seqs": 2, "max_queue_size": 2}) as handle:
+    # 20 ms a step: a 40-token request holds its slot for about a second
+    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "max_num_seqs": 2,
+                    "max_queue_size": 2}, engine_factory=scripted_engine_factory(step_delay_s=0.02)) as handle:
         yield handle
 
 

@@ -1,4 +1,4 @@
-"""One rank's running batch: its rows, their HF KV cache, and one verb, ``step``.
+"""One rank's running batch: its rows, their HF KV cache, and one verb, ``step(StepInput) -> StepOutput``.
 
 Every rank of a gang holds the same rows in the same order and runs the same forward
 (DeepSpeed AutoTP all-reduces inside it). Rank 0 samples and broadcasts the tokens, so
@@ -20,8 +20,8 @@ import logging
 import torch
 
 from raytp.compat import cache_arg_name, cache_kv, empty_cache, logits_to_keep_kwarg, output_cache, set_cache_kv
-from raytp.engine.types import SeqInput
-from raytp.sampler import make_generator, sample
+from raytp.gang.sampler import make_generator, sample
+from raytp.messages import SeqInput, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +46,15 @@ class ModelRunner:
         self.last_tokens = None  # [rows]
 
     @torch.inference_mode()
-    def step(self, finished: list[str], new: list[SeqInput], decode: bool) -> list[int] | None:
-        """1. drop ``finished`` rows; 2. prefill ``new`` rows (returns their first tokens), or
-        3. if ``decode``, one token for every row (returns them in row order). Rank 0 returns the tokens."""
-        if finished:
-            logger.debug("rank %d: drop %d rows", self.rank, len(finished), extra={"request_ids": finished})
-            self._drop(set(finished))
-        if new:
-            return self._prefill(new)
-        if decode:
-            return self._decode()
-        return None
+    def step(self, step: StepInput) -> StepOutput:
+        """1. drop the ``finished_ids`` rows; 2. prefill the ``new`` rows (their first tokens), or
+        3. if ``decode``, one token for every row, in row order. Only rank 0's output carries tokens."""
+        if step.finished_ids:
+            logger.debug("rank %d: drop %d rows", self.rank, len(step.finished_ids),
+                         extra={"request_ids": list(step.finished_ids)})
+            self._drop(set(step.finished_ids))
+        tokens = self._prefill(step.new) if step.new else self._decode() if step.decode else None
+        return StepOutput(tuple(tokens.tolist())) if tokens is not None and self.rank == 0 else StepOutput()
 
     def _drop(self, finished: set[str]) -> None:
         keep = [i for i, r in enumerate(self.rows) if r not in finished]
@@ -73,7 +71,7 @@ class ModelRunner:
         self.mask = self.mask[:, start:]
         set_cache_kv(self.cache, [(k[idx, :, start:], v[idx, :, start:]) for k, v in cache_kv(self.cache)])
 
-    def _prefill(self, new: list[SeqInput]) -> list[int] | None:
+    def _prefill(self, new: tuple[SeqInput, ...]) -> torch.Tensor:
         # Each prompt runs as its own forward: a batch of prompts would be padded to the longest one, and on
         # compute-bound prefill that padding is paid in full (~40% for prompts of 64-256 tokens). One prompt is
         # already a large enough matrix product. The tokens are sampled together: one broadcast per step.
@@ -93,15 +91,15 @@ class ModelRunner:
             mask = torch.ones((1, n), dtype=torch.long, device=self.device)
             last_pos = torch.tensor([n - 1], device=self.device)
             self._merge([s.seq_id], params[i:i + 1], generators[i:i + 1], cache, mask, last_pos, tokens[i:i + 1])
-        return tokens.tolist() if self.rank == 0 else None
+        return tokens
 
-    def _decode(self) -> list[int] | None:
+    def _decode(self) -> torch.Tensor:
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         self.last_pos = self.last_pos + 1
         logits, self.cache = self._forward(self.last_tokens.unsqueeze(1), self.mask, self.last_pos.unsqueeze(1), self.cache)
         self.last_tokens = self._sample(logits, self.params, self.generators)
-        return self.last_tokens.tolist() if self.rank == 0 else None
+        return self.last_tokens
 
     def _merge(self, rows, params, generators, cache, mask, last_pos, tokens) -> None:
         if not self.rows:

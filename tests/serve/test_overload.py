@@ -7,16 +7,17 @@ import json
 import psutil
 import pytest
 
+from raytp.testing import scripted_engine_factory
 from tests.conftest import URL, serve_app
+from tests.serve.conftest import MODEL
 
-MODEL = "raytp-tiny-llama"
 CLIENTS, MAX_TOKENS = 200, 12
 
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    with serve_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
-                    "max_num_seqs": 8, "max_queue_size": 16}) as handle:
+    with serve_app({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "max_num_seqs": 8,
+                    "max_queue_size": 16}, engine_factory=scripted_engine_factory(step_delay_s=0.01)) as handle:
         yield handle
 
 

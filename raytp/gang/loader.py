@@ -1,6 +1,6 @@
 """The only importer of deepspeed and ipex_llm: process group → load on CPU → AutoTP → low-bit → device.
 
-The order is upstream's (and the one that works, ../shared/DESIGN.md): quantizing
+The order is upstream DeepSpeed/IPEX-LLM examples' own, and the only one that works: quantizing
 before AutoTP fails because low-bit weights are flat uint8 tensors DeepSpeed cannot
 split, and ``lm_head`` must stay unconverted because IPEX-LLM converts DeepSpeed's
 sharded ``LmHeadLinearAllreduce`` wrongly.

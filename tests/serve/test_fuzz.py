@@ -5,6 +5,7 @@ never a 5xx or an untyped exception, and the server keeps answering good request
 import pytest
 import requests
 
+from raytp.testing import scripted_engine_factory
 from tests.conftest import URL, serve_app
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -22,8 +23,8 @@ CASES = {"http": 0, "handle": 0}
 @pytest.fixture(scope="module")
 def app(ray_session):
     # small max_model_len: valid requests with huge max_tokens are rejected fast instead of generating for minutes
-    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32",
-                    "max_model_len": 64, "max_num_seqs": 4}) as handle:
+    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "max_model_len": 64,
+                    "max_num_seqs": 4}, engine_factory=scripted_engine_factory()) as handle:
         yield handle
     print(f"fuzz cases run: {CASES}")
 

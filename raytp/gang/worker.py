@@ -1,12 +1,13 @@
-"""One rank of a gang. A cheap constructor, then explicit init phases, then ``execute``.
+"""One rank of a gang. A cheap constructor, then explicit init phases, then ``step``.
 
-Phases, called by the executor on every rank: ``init_device`` (env vars, threads;
-Ray has already set device visibility) → ``init_distributed`` (join the process
-group) → ``load_model`` (shard on this rank's device) → ``execute`` (model-runner verbs).
+Phases, called by the executor on every rank: ``init_device`` (check the device, env vars,
+threads; Ray has already set device visibility) → ``init_distributed`` (join the process
+group) → ``load_model`` (shard on this rank's device) → ``step`` (one ``StepInput`` each).
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import socket
@@ -14,7 +15,7 @@ import time
 
 from raytp import accelerator
 from raytp.config import ResolvedConfig
-from raytp.engine.types import LoadReport
+from raytp.messages import LoadReport, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,11 @@ class Worker:
             return ip, s.getsockname()[1]
 
     def init_device(self, master_addr: str, master_port: int) -> None:
+        """Raises ``ConfigError`` if torch cannot use the configured device here."""
         from raytp.logs import configure_rank_logging
 
         configure_rank_logging(self.rank, self.config.tensor_parallel_size)
+        self.accel.check_available()
         threads = max(1, int(self.config.num_cpus_per_worker))
         os.environ.update(self.accel.worker_env(
             rank=self.rank, world_size=self.config.tensor_parallel_size,
@@ -70,20 +73,30 @@ class Worker:
     def init_distributed(self) -> None:
         if self.config.tensor_parallel_size == 1:
             return  # a single rank needs no process group
-        from raytp import model_loader
+        import torch.distributed as dist
 
-        model_loader.init_distributed(
+        from raytp.gang import loader
+
+        loader.init_distributed(
             self.accel.backend(), os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
             self.rank, self.config.tensor_parallel_size, self.config.step_timeout_s,
         )
+        # DeepSpeed's CPU shm all-reduce maps every rank's /dev/shm buffer during init and never unlinks them,
+        # so a gang that is killed (SIGKILL, SIGTERM to `serve run`, a crash) would leak them (RAM). Once every
+        # rank is past init (the barrier), every mapping exists: unlinking the names now frees the memory
+        # whenever the processes end, however they end.
+        dist.barrier()
+        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                              f"{os.environ['MASTER_PORT']}_{self.rank}"):
+            os.unlink(path)
 
     def load_model(self) -> LoadReport:
-        from raytp import model_loader
-        from raytp.model_runner import ModelRunner
+        from raytp.gang import loader
+        from raytp.gang.model_runner import ModelRunner
 
         start = time.perf_counter()
         device = self.accel.torch_device()
-        model = model_loader.load_shard(self.config, self.rank, device)
+        model = loader.load_shard(self.config, self.rank, device)
         self.runner = ModelRunner(model, device, self.rank, self.config.tensor_parallel_size)
         report = LoadReport(
             rank=self.rank, load_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), rss_mb=_rss_mb(),
@@ -92,9 +105,9 @@ class Worker:
         logger.info("rank %d: model loaded in %.1fs, peak RSS %.0f MB", self.rank, report.load_s, report.peak_rss_mb)
         return report
 
-    def execute(self, method: str, *args):
-        """Run a model-runner verb (``prefill`` / ``decode`` / ``release``). Only rank 0's result is meaningful."""
-        return getattr(self.runner, method)(*args)
+    def step(self, step: StepInput) -> StepOutput:
+        """Apply one engine step to this rank's rows; rank 0's output carries the sampled tokens."""
+        return self.runner.step(step)
 
     def memory_stats(self) -> dict:
         """Host memory of this rank now: RSS, PSS (shared pages split among sharers) and peak RSS, in MB."""

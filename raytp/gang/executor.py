@@ -1,11 +1,10 @@
-"""The gang: one Ray actor per placement-group bundle, one process group, one seam.
+"""The gang: one Ray actor per placement-group bundle, one process group, one typed verb.
 
-``RayExecutor`` creates the workers in the caller's placement group (a Serve
-replica's own, or one it makes when run outside Serve), walks them through their
-init phases, then drives them with ``collective_rpc``: the same method and the same
-arguments to every rank. Any failure — a dead actor, a timeout, a worker exception —
-marks the executor dead for good: a broken process group is never retried; the
-replica is replaced as a unit.
+``RayExecutor`` creates the workers in the caller's placement group (a Serve replica's
+own, or one it makes when run outside Serve), walks them through their init phases,
+then sends every rank the same ``StepInput`` and returns rank 0's ``StepOutput``. Any
+failure — a dead actor, a timeout, a worker exception — marks the executor dead for
+good: a broken process group is never retried; the replica is replaced as a unit.
 """
 
 from __future__ import annotations
@@ -21,14 +20,16 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raytp import accelerator
 from raytp.config import ResolvedConfig
-from raytp.engine.types import LoadReport
-from raytp.errors import EngineDeadError
-from raytp.worker import Worker
+from raytp.errors import ConfigError, EngineDeadError
+from raytp.gang.worker import Worker
+from raytp.messages import LoadReport, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
 
 
 class RayExecutor:
+    """``raytp.engine.protocol.Executor`` over Ray actors."""
+
     def __init__(self, config: ResolvedConfig):
         self.config = config
         self.workers: list = []
@@ -41,12 +42,9 @@ class RayExecutor:
     def world_size(self) -> int:
         return self.config.tensor_parallel_size
 
-    @property
-    def dead_reason(self) -> str | None:
-        return self._dead_reason
-
     async def start(self) -> list[LoadReport]:
-        """Create, connect and load the gang; raise ``EngineDeadError`` if any phase fails or times out."""
+        """Create, connect and load the gang. Raises ``ConfigError`` if a rank finds the config cannot work on
+        its node (e.g. no such device), ``EngineDeadError`` if any phase fails or times out."""
         cfg = self.config
         accel = accelerator.get(cfg.device)
         pg = get_current_placement_group()
@@ -64,36 +62,31 @@ class RayExecutor:
                     placement_group=pg, placement_group_bundle_index=rank,
                     placement_group_capture_child_tasks=True,
                 ),
-                name=None,
                 max_restarts=0,  # a restarted rank could never rejoin the process group
             ).remote(rank, cfg)
             for rank in range(self.world_size)
         ]
         timeout = cfg.worker_start_timeout_s
         try:
-            # 2. Rank 0 publishes its address and a free port; 3. every rank sets its env and device.
+            # 2. Rank 0 publishes its address and a free port; 3. every rank checks its device, sets its env.
             addr, port = await self._wait([self.workers[0].node_address.remote()], timeout, "rendezvous")
             self._rendezvous = (addr, port)
             await self._wait([w.init_device.remote(addr, port) for w in self.workers], timeout, "init_device")
             # 4. All ranks join the process group together (it blocks until all have).
             await self._wait([w.init_distributed.remote() for w in self.workers], timeout, "init_distributed")
             # 5. Load: AutoTP's init is collective, so all ranks load at once.
-            self.load_reports = await self._wait([w.load_model.remote() for w in self.workers], timeout, "load_model", all_results=True)
+            self.load_reports = await self._wait([w.load_model.remote() for w in self.workers], timeout,
+                                                 "load_model", all_results=True)
         except BaseException:
             self.shutdown()
             raise
         return self.load_reports
 
-    async def collective_rpc(self, method: str, *args, timeout_s: float | None = None) -> list:
-        """Call ``Worker.execute(method, *args)`` on every rank; return every rank's result in rank order."""
+    async def step(self, step: StepInput) -> StepOutput:
+        """Send ``step`` to every rank; return rank 0's output (the sampled tokens)."""
         if self._dead_reason:
             raise EngineDeadError(f"TP gang is dead: {self._dead_reason}")
-        refs = [w.execute.remote(method, *args) for w in self.workers]
-        return await self._wait(refs, timeout_s or self.config.step_timeout_s, method, all_results=True)
-
-    async def execute(self, method: str, *args):
-        """``collective_rpc`` returning rank 0's result (the sampled tokens)."""
-        return (await self.collective_rpc(method, *args))[0]
+        return await self._wait([w.step.remote(step) for w in self.workers], self.config.step_timeout_s, "step")
 
     async def pids(self) -> list[int]:
         return await self._wait([w.pid.remote() for w in self.workers], 30, "pid", all_results=True)
@@ -110,7 +103,10 @@ class RayExecutor:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a dead actor or any worker exception breaks the group
-            self._mark_dead(f"'{what}' failed: {type(e).__name__}: {e}")
+            cause = getattr(e, "cause", None)
+            self._mark_dead(f"'{what}' failed: {type(cause or e).__name__}: {cause or e}")
+            if isinstance(cause, ConfigError):  # the user's to fix: pass the message on as it is
+                raise cause from None
             raise EngineDeadError(f"TP gang is dead: {self._dead_reason}") from e
         return results if all_results else results[0]
 
@@ -122,20 +118,13 @@ class RayExecutor:
             self.shutdown()
 
     def shm_segments(self) -> list[str]:
-        """DeepSpeed's CPU all-reduce buffers of this gang (``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``)."""
+        """DeepSpeed's CPU all-reduce buffers of this gang still named in /dev/shm
+        (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``). Empty once the gang has loaded: each
+        rank unlinks its own as soon as every rank has mapped it (``Worker.init_distributed``)."""
         if self._rendezvous is None:
             return []
         addr, port = self._rendezvous
         return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*")
-
-    def _remove_shm_segments(self) -> None:
-        # DeepSpeed never unlinks them, and killed ranks cannot: each gang would leak 2 x 66 MB of /dev/shm
-        # (RAM) per restart. The replica runs on rank 0's node (bundle 0), where the segments live.
-        for path in self.shm_segments():
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
 
     def shutdown(self) -> None:
         """Kill every rank (a broken group cannot barrier) and free a placement group we made."""
@@ -145,7 +134,13 @@ class RayExecutor:
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
         self.workers = []
-        self._remove_shm_segments()
+        # A gang that failed between creating its buffers and unlinking them leaves them behind; the replica
+        # runs on rank 0's node (bundle 0), where they live.
+        for path in self.shm_segments():
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         if self._own_pg is not None:
             remove_placement_group(self._own_pg)
             self._own_pg = None

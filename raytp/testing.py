@@ -1,0 +1,119 @@
+"""A gang without a model, for testing everything above the executor in seconds.
+
+``ScriptedExecutor`` keeps the ``raytp.engine.protocol.Executor`` contract with no Ray, no torch and no
+weights: each row's tokens are played back from a script keyed by the prompt's first token, or else are a
+deterministic function of (prompt, position, seed), so a greedy request gives the same tokens alone or in
+any batch, and seeded sampling is reproducible. Delays and failures are scripted.
+
+``scripted_engine_factory(...)`` plugs it under the real ``Engine`` (scheduler, detokenizer, stop strings,
+queue bound, metrics hooks) through the server's ``engine_factory`` seam, so the Serve layer (HTTP, SSE,
+errors, auth, admission, disconnects, handles, metrics) is tested without starting a gang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+
+from raytp.errors import EngineDeadError
+from raytp.messages import LoadReport, StepInput, StepOutput
+
+
+class ScriptedExecutor:
+    """``Executor`` with scripted tokens.
+
+    ``scripts``: prompt's first token id → the row's tokens (the last one repeats). Other rows draw from
+    ``token_ids`` by hashing (prompt, position, seed). ``step_delay_s``: each step's duration.
+    ``fail_after_steps``: the step after that many fails as a dead gang. ``fail_prompt``: a row whose
+    prompt starts with these ids kills the gang ``fail_prompt_after`` steps after it was prefilled."""
+
+    def __init__(self, token_ids: list[int] | None = None, *, scripts: dict[int, list[int]] | None = None,
+                 step_delay_s: float = 0.0, start_delay_s: float = 0.0, fail_after_steps: int | None = None,
+                 fail_prompt: tuple[int, ...] | None = None, fail_prompt_after: int = 2, world_size: int = 1):
+        self.token_ids = token_ids or list(range(10, 100))
+        self.scripts = scripts or {}
+        self.step_delay_s = step_delay_s
+        self.start_delay_s = start_delay_s
+        self.fail_after_steps = fail_after_steps
+        self.fail_prompt = tuple(fail_prompt) if fail_prompt else None
+        self.fail_prompt_after = fail_prompt_after
+        self.world_size = world_size
+        self.steps: list[str] = []  # "prefill" | "decode" | "release", one per step
+        self.rows: dict[str, list] = {}  # seq_id -> [SeqInput, tokens emitted]
+        self._fuse: int | None = None  # steps left before a scripted failure
+        self._dead: str | None = None
+        self.shut = False
+
+    async def start(self) -> list[LoadReport]:
+        await asyncio.sleep(self.start_delay_s)
+        return [LoadReport(rank=r, load_s=self.start_delay_s, peak_rss_mb=0.0, rss_mb=0.0, num_params=0)
+                for r in range(self.world_size)]
+
+    async def step(self, step: StepInput) -> StepOutput:
+        if self._dead:
+            raise EngineDeadError(f"TP gang is dead: {self._dead}")
+        self.steps.append("prefill" if step.new else "decode" if step.decode else "release")
+        if self.step_delay_s:
+            await asyncio.sleep(self.step_delay_s)
+        else:
+            await asyncio.sleep(0)
+        if self._fuse is not None:
+            self._fuse -= 1
+        if (self.fail_after_steps is not None and len(self.steps) > self.fail_after_steps) or self._fuse == 0:
+            self._dead = "rank 1: scripted failure"
+            raise EngineDeadError(f"TP gang is dead: {self._dead}")
+        for seq_id in step.finished_ids:
+            del self.rows[seq_id]
+        for s in step.new:
+            self.rows[s.seq_id] = [s, 0]
+            if self.fail_prompt and s.prompt_ids[:len(self.fail_prompt)] == self.fail_prompt and self._fuse is None:
+                self._fuse = self.fail_prompt_after
+        active = [s.seq_id for s in step.new] if step.new else list(self.rows) if step.decode else []
+        return StepOutput(tuple(self._next_token(seq_id) for seq_id in active))
+
+    def _next_token(self, seq_id: str) -> int:
+        row = self.rows[seq_id]
+        seq, i = row
+        row[1] += 1
+        script = self.scripts.get(seq.prompt_ids[0])
+        if script is not None:
+            return script[min(i, len(script) - 1)]
+        seed = 0 if seq.params.greedy else seq.params.seed
+        digest = hashlib.blake2b(repr((seq.prompt_ids, i, seed)).encode(), digest_size=8).digest()
+        return self.token_ids[int.from_bytes(digest, "little") % len(self.token_ids)]
+
+    async def pids(self) -> list[int]:
+        return [os.getpid()] * self.world_size
+
+    async def memory_stats(self) -> list[dict]:
+        return [{"rank": r, "rss_mb": 0.0, "pss_mb": 0.0, "peak_rss_mb": 0.0} for r in range(self.world_size)]
+
+    def shutdown(self) -> None:
+        self.shut = True
+        self._dead = self._dead or "shut down"
+
+
+def plain_token_ids(tokenizer) -> list[int]:
+    """Ids of the tokenizer's ordinary tokens (no special tokens), for scripted outputs that never hit EOS."""
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def scripted_engine_factory(*, step_delay_s: float = 0.0, start_delay_s: float = 0.0,
+                            fail_prompt: str | None = None, fail_prompt_after: int = 2):
+    """An ``engine_factory`` for ``raytp.serve.app.bind_app``: the real ``Engine`` over a ``ScriptedExecutor``.
+
+    ``fail_prompt``: a completion prompt starting with this text kills the replica's "gang"
+    ``fail_prompt_after`` steps after it started (as a dead rank would)."""
+
+    def factory(config, tokenizer, stats):
+        from raytp.engine.engine import make_engine
+
+        fail = tuple(tokenizer.encode(fail_prompt)) if fail_prompt else None
+        executor = ScriptedExecutor(plain_token_ids(tokenizer), step_delay_s=step_delay_s,
+                                    start_delay_s=start_delay_s, fail_prompt=fail, fail_prompt_after=fail_prompt_after,
+                                    world_size=config.tensor_parallel_size)
+        return make_engine(config, executor, tokenizer, stats)
+
+    return factory

@@ -1,0 +1,31 @@
+"""Config that depends on a node is resolved in the replica: a model directory missing on the replica's node
+fails the deployment with the field named, as `serve status` shows it."""
+
+import time
+
+import pytest
+
+
+def test_missing_model_dir_fails_the_deployment_naming_the_field(ray_session):
+    from ray import serve
+    from ray.util import placement_group_table
+
+    from raytp.serve.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    try:
+        app = build_app({"model": "/models/not-on-this-node", "tensor_parallel_size": 2, "device": "cpu"})  # builds
+        started = time.monotonic()
+        with pytest.raises(RuntimeError):
+            serve.run(app, name="badcfg", route_prefix="/")
+        status = serve.status().applications["badcfg"]
+        message = status.deployments["LLMServer"].message
+        print(f"deployment failed after {time.monotonic() - started:.0f}s; serve status says: {message[-300:]}")
+        assert status.status == "DEPLOY_FAILED"
+        assert "raytp config field 'model': directory '/models/not-on-this-node' does not exist on this node" in message
+    finally:
+        serve.shutdown()
+    deadline = time.monotonic() + 30
+    while [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"], "placement groups leaked"

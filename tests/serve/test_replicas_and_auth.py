@@ -1,0 +1,66 @@
+"""num_replicas: 2 (two placement groups, both answering) and the optional API key (scripted gangs)."""
+
+import concurrent.futures
+
+import pytest
+import requests
+
+from raytp.testing import scripted_engine_factory
+from tests.conftest import URL, serve_app
+from tests.serve.conftest import MODEL
+
+KEY = "test-key-123"
+
+
+def auth(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def app(ray_session):
+    # num_replicas=2 is what `deployments: [{name: LLMServer, num_replicas: 2}]` does in serve_config.yaml
+    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "api_key": KEY},
+                   engine_factory=scripted_engine_factory(step_delay_s=0.002), num_replicas=2) as handle:
+        yield handle
+
+
+def test_two_placement_groups(app):
+    from ray.util import placement_group_table
+
+    created = [pg for pg in placement_group_table().values() if pg["state"] == "CREATED"]
+    assert len(created) == 2 and all(len(pg["bundles"]) == 1 for pg in created)
+
+
+def test_both_replicas_answer(app):
+    def complete(i):
+        r = requests.post(URL + "/v1/completions", headers=auth(), timeout=60,
+                          json={"model": MODEL, "prompt": f"the model {i}", "max_tokens": 4, "temperature": 0})
+        return r.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(complete, range(16))) == {200}
+    seen = {requests.get(URL + "/health", timeout=30).json()["replica_id"] for _ in range(40)}
+    assert len(seen) == 2
+
+
+def test_api_key_required_except_health(app):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
+    assert requests.post(URL + "/v1/completions", json=body, timeout=30).status_code == 401
+    r = requests.post(URL + "/v1/completions", json=body, headers=auth("wrong"), timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert requests.get(URL + "/v1/models", timeout=30).status_code == 401
+    assert requests.get(URL + "/v1/models", headers=auth(), timeout=30).status_code == 200
+    assert requests.get(URL + "/health", timeout=30).status_code == 200
+
+
+def test_api_key_stays_in_the_ingress(app):
+    from ray import serve
+
+    server = serve.get_deployment_handle("LLMServer", app_name="raytp")
+    # the config the server replicas were given (what Serve shipped to them) has no key
+    assert server.models.remote().result()["data"][0]["id"] == MODEL
+    from raytp.serve.app import bind_app
+
+    bound = bind_app({"model": MODEL, "device": "cpu", "api_key": KEY})
+    server_args = bound._bound_deployment.init_args[0]._bound_deployment.init_args
+    assert server_args[0].api_key is None and KEY not in repr(server_args)
