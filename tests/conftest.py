@@ -43,8 +43,9 @@ def ray_session():
     ray.shutdown()
 
 
-def run_gang(config: dict, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy-generate ``max_tokens`` tokens for a batch of ``prompts`` on a fresh gang; return tokens per prompt."""
+def run_gang(config: dict, batches: list[list[list[int]]], max_tokens: int) -> list[list[list[int]]]:
+    """On one fresh gang, greedy-generate ``max_tokens`` tokens for each batch of prompts in turn (a batch's rows
+    are released before the next starts); return the tokens per prompt, per batch."""
     from raytp.config import resolve
     from raytp.gang.executor import RayExecutor
     from raytp.messages import SamplingParams, SeqInput, StepInput
@@ -55,11 +56,15 @@ def run_gang(config: dict, prompts: list[list[int]], max_tokens: int) -> list[li
         try:
             assert ex.shm_segments() == [], "each rank unlinks its shm buffer once every rank has mapped it"
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-            new = tuple(SeqInput(str(i), tuple(p), params) for i, p in enumerate(prompts))
-            steps = [(await ex.step(StepInput(new=new))).tokens]
-            for _ in range(max_tokens - 1):
-                steps.append((await ex.step(StepInput(decode=True))).tokens)
-            return [list(col) for col in zip(*steps)]
+            results = []
+            for b, prompts in enumerate(batches):
+                new = tuple(SeqInput(f"{b}-{i}", tuple(p), params) for i, p in enumerate(prompts))
+                steps = [(await ex.step(StepInput(new=new))).tokens]
+                for _ in range(max_tokens - 1):
+                    steps.append((await ex.step(StepInput(decode=True))).tokens)
+                assert (await ex.step(StepInput(finished_ids=tuple(s.seq_id for s in new)))).tokens == ()
+                results.append([list(col) for col in zip(*steps)])
+            return results
         finally:
             ex.shutdown()
 
@@ -74,7 +79,8 @@ def serve_app(args: dict, engine_factory=None, **server_options):
     """Run raytp as Serve app 'raytp' on 127.0.0.1:8000 for the block; yields the app's handle.
 
     ``args`` is a RaytpConfig dict; ``engine_factory`` replaces the engine (``raytp.testing``);
-    ``server_options`` are LLMServer deployment options (num_replicas, ...)."""
+    ``server_options`` are LLMServer deployment options (num_replicas, ...). Serve itself (controller, proxy)
+    stays up for the next module; the app is deleted, which waits until its replicas and their gangs are gone."""
     from ray import serve
 
     from raytp.serve.app import bind_app
@@ -85,4 +91,4 @@ def serve_app(args: dict, engine_factory=None, **server_options):
                   route_prefix="/")
         yield serve.get_app_handle("raytp")
     finally:
-        serve.shutdown()
+        serve.delete("raytp")

@@ -40,7 +40,7 @@ def server_deployment(cfg: RaytpConfig, device: str):
         health_check_timeout_s=30,
         # Drain: a stopping replica gets no new requests and keeps serving its in-flight ones this long.
         graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
-        graceful_shutdown_wait_loop_s=1,
+        graceful_shutdown_wait_loop_s=0.5,
         # A replica that cannot start (bad weights, out of memory, a config its node cannot run) fails the
         # deployment with its error after a few tries instead of restarting for minutes.
         max_constructor_retry_count=3,
@@ -65,5 +65,6 @@ def bind_app(cfg: RaytpConfig | dict, engine_factory=None, server_options: dict 
         cfg.for_server(), device, engine_factory)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1000,
-                               graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s)
+                               graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+                               graceful_shutdown_wait_loop_s=0.5)
     return ingress.bind(server, cfg.api_key, cfg.max_request_body_bytes)

@@ -21,6 +21,6 @@ def test_tp2_on_device_matches_tp1(kind, ray_session, tiny_tokenizer):
         pytest.skip(f"needs 2 {kind} devices")
     prompt = tiny_tokenizer.encode("the model serves tokens")
     cfg = {"model": "raytp-tiny-llama", "device": kind, "dtype": "float32"}
-    tp1 = run_gang({**cfg, "tensor_parallel_size": 1}, [prompt], 16)
-    tp2 = run_gang({**cfg, "tensor_parallel_size": 2}, [prompt], 16)
+    tp1 = run_gang({**cfg, "tensor_parallel_size": 1}, [[prompt]], 16)
+    tp2 = run_gang({**cfg, "tensor_parallel_size": 2}, [[prompt]], 16)
     assert tp2 == tp1

@@ -23,7 +23,8 @@ def test_corrupt_weights_fail_the_deployment_with_the_cause(ray_session, tiny_mo
     started = time.monotonic()
     try:
         with pytest.raises(RuntimeError) as info:
-            serve.run(bind_app(config), name="broken", route_prefix="/")
+            serve.run(bind_app(config, server_options={"max_constructor_retry_count": 1}), name="broken",
+                      route_prefix="/")
         elapsed = time.monotonic() - started
         assert "LLMServer" in str(info.value) and elapsed < 180
         status = serve.status().applications["broken"]
@@ -32,7 +33,7 @@ def test_corrupt_weights_fail_the_deployment_with_the_cause(ray_session, tiny_mo
         assert status.status == "DEPLOY_FAILED" and status.deployments["LLMServer"].status == "DEPLOY_FAILED"
         assert "raytp" in message and "load_model" in message and "safetensor" in message.lower(), message
     finally:
-        serve.shutdown()
+        serve.delete("broken")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if not [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]:

@@ -35,7 +35,7 @@ def test_tp2_low_bit_matches_single_process(ray_session, tiny_model_path, tiny_t
     prompt_ids = tiny_tokenizer.encode(PROMPT)
     ref = single_process_reference(tiny_model_path, low_bit, prompt_ids)
     tp2 = run_gang({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
-                    "low_bit": low_bit}, [prompt_ids], MAX_TOKENS)[0]
+                    "low_bit": low_bit}, [[prompt_ids]], MAX_TOKENS)[0][0]
     assert tp2 == ref
 
 

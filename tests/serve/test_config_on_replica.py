@@ -10,11 +10,12 @@ def test_missing_model_dir_fails_the_deployment_naming_the_field(ray_session):
     from ray import serve
     from ray.util import placement_group_table
 
-    from raytp.serve.app import build_app
+    from raytp.serve.app import bind_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     try:
-        app = build_app({"model": "/models/not-on-this-node", "tensor_parallel_size": 2, "device": "cpu"})  # builds
+        app = bind_app({"model": "/models/not-on-this-node", "tensor_parallel_size": 2, "device": "cpu"},
+                       server_options={"max_constructor_retry_count": 1})  # builds: no path is touched here
         started = time.monotonic()
         with pytest.raises(RuntimeError):
             serve.run(app, name="badcfg", route_prefix="/")
@@ -24,7 +25,7 @@ def test_missing_model_dir_fails_the_deployment_naming_the_field(ray_session):
         assert status.status == "DEPLOY_FAILED"
         assert "raytp config field 'model': directory '/models/not-on-this-node' does not exist on this node" in message
     finally:
-        serve.shutdown()
+        serve.delete("badcfg")
     deadline = time.monotonic() + 30
     while [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"] and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -12,20 +12,21 @@ from tests.serve.conftest import MODEL
 
 
 def test_requests_before_any_replica_is_ready_get_503_at_once(ray_session):
-    """While the model loads (8 s here), /health and completions answer 503 + Retry-After at once; then 200."""
+    """While the model loads (4 s here), /health and completions answer 503 + Retry-After at once; then 200."""
     from ray import serve
 
     from raytp.serve.app import bind_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     app = bind_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu"},
-                   engine_factory=scripted_engine_factory(start_delay_s=8))
+                   engine_factory=scripted_engine_factory(start_delay_s=4))
     deploying = threading.Thread(target=serve.run, args=(app,), kwargs={"name": "raytp", "route_prefix": "/"})
     deploying.start()
     try:
         deadline = time.monotonic() + 60
-        while requests.get(URL + "/health", timeout=10).status_code == 404:  # the route is not registered yet
-            assert time.monotonic() < deadline
+        # Before the ingress replica runs, Serve's proxy answers by itself (404: no route yet; a plain-text 503)
+        while "model_loading" not in requests.get(URL + "/health", timeout=10).text:
+            assert time.monotonic() < deadline and deploying.is_alive()
             time.sleep(0.1)
         for method, path in (("GET", "/health"), ("POST", "/v1/completions")):
             t = time.monotonic()
@@ -37,7 +38,7 @@ def test_requests_before_any_replica_is_ready_get_503_at_once(ray_session):
         assert requests.get(URL + "/health", timeout=10).status_code == 200
     finally:
         deploying.join(120)
-        serve.shutdown()
+        serve.delete("raytp")
 
 
 def test_a_gang_dying_mid_stream_ends_the_stream_with_an_error_and_the_replica_is_replaced(ray_session):
