@@ -90,8 +90,8 @@ def main() -> int:
     from raytp import tiny_model
     from raytp.bench.roofline import weight_bytes
     from raytp.config import resolve
-    from raytp.engine.types import SamplingParams, SeqInput
-    from raytp.executor import RayExecutor
+    from raytp.gang.executor import RayExecutor
+    from raytp.messages import SamplingParams, SeqInput, StepInput
 
     path = tiny_model.ensure(args.model) if args.model in tiny_model.PRESETS else args.model
     weights = weight_bytes(path)
@@ -105,8 +105,8 @@ def main() -> int:
         await ex.start()
         loaded = time.monotonic() - started
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        await ex.execute("step", [], [SeqInput("m", tuple(range(10, 74)), params)], False)
-        await ex.execute("step", [], [], True)
+        await ex.step(StepInput(new=(SeqInput("m", tuple(range(10, 74)), params),)))
+        await ex.step(StepInput(decode=True))
         pids = await ex.pids()
         ex.shutdown()
         return loaded, pids

@@ -51,8 +51,8 @@ def hf_baseline(path: str, dtype: str, n_new: int, threads: int) -> dict:
 
 def gang(model: str, tp: int, dtype: str, n_new: int, cpus: int) -> dict:
     from raytp.config import resolve
-    from raytp.engine.types import SamplingParams, SeqInput
-    from raytp.executor import RayExecutor
+    from raytp.gang.executor import RayExecutor
+    from raytp.messages import SamplingParams, SeqInput, StepInput
 
     async def main():
         ex = RayExecutor(resolve({"model": model, "tensor_parallel_size": tp, "device": "cpu", "dtype": dtype,
@@ -65,14 +65,15 @@ def gang(model: str, tp: int, dtype: str, n_new: int, cpus: int) -> dict:
 
         rng = random.Random(0)
         for batch in (1, 8):
-            seqs = [SeqInput(str(i), tuple(rng.randrange(10, 400) for _ in range(32)), params) for i in range(batch)]
-            await ex.execute("step", [], seqs, False)
-            await ex.execute("step", [], [], True)
+            seqs = tuple(SeqInput(str(i), tuple(rng.randrange(10, 400) for _ in range(32)), params)
+                         for i in range(batch))
+            await ex.step(StepInput(new=seqs))
+            await ex.step(StepInput(decode=True))
             t = time.perf_counter()
             for _ in range(n_new):
-                await ex.execute("step", [], [], True)
+                await ex.step(StepInput(decode=True))
             out[f"tok_s_b{batch}"] = batch * n_new / (time.perf_counter() - t)
-            await ex.execute("step", [s.seq_id for s in seqs], [], False)
+            await ex.step(StepInput(finished_ids=tuple(s.seq_id for s in seqs)))
         # after decoding, so memory-mapped weights that were only touched in forward are counted
         out["memory_after_decode"] = await ex.memory_stats()
         ex.shutdown()
