@@ -6,7 +6,7 @@ IPEX_VENV ?= .venv-ipex
 
 comma := ,
 
-.PHONY: serve test test-default test-ipex venv venv-ipex
+.PHONY: serve test lint test-default test-ipex venv venv-ipex
 
 # $(call make_venv,DIR,EXTRAS): a fresh environment with the CPU torch on disk and raytp[EXTRAS], op prebuilt
 define make_venv
@@ -33,8 +33,17 @@ serve: venv
 # The default environment (transformers 5) runs everything. The ipex-llm environment (transformers 4.47)
 # runs what depends on those versions: the unit tests, the IPEX-LLM low-bit tests (TP parity, HTTP,
 # continuous batching) and the TP=2 == TP=1 == transformers parity tests; the serving, fault and deploy
-# tests do not change with them and would double CI time.
-test: test-default test-ipex
+# tests do not change with them and would double CI time. Both environments always run (a failure in
+# one does not hide the other's result); `make test` fails if lint or either of them failed.
+test: venv venv-ipex
+	@status=0; \
+	$(MAKE) --no-print-directory lint || status=1; \
+	$(MAKE) --no-print-directory test-default || status=1; \
+	$(MAKE) --no-print-directory test-ipex || status=1; \
+	exit $$status
+
+lint: venv
+	$(VENV)/bin/ruff check raytp tests benchmarks
 
 test-default: venv
 	$(VENV)/bin/python -m pytest tests

@@ -100,7 +100,8 @@ def main() -> int:
 
     async def run():
         ex = RayExecutor(resolve({"model": args.model, "tensor_parallel_size": args.tp, "device": "cpu",
-                                  "dtype": args.dtype, "num_cpus_per_worker": max(1, (os.cpu_count() or 2) // args.tp)}))
+                                  "dtype": args.dtype,
+                                  "num_cpus_per_worker": max(1, (os.cpu_count() or 2) // args.tp)}))
         started = time.monotonic()
         await ex.start()
         loaded = time.monotonic() - started

@@ -77,7 +77,8 @@ def main() -> int:
     lines = [f"# Serving: {args.model}, {args.num_prompts} requests, {args.max_concurrency} clients, prompts 64-256, "
              f"outputs 32-128 (ignore_eos), {os.cpu_count()} CPUs", "",
              f"Command: `.venv/bin/python {out['command']}` (runs `raytp bench {' '.join(argv)}`)", "",
-             "| run | completed | failed | output tok/s | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | TPOT p99 (ms) |",
+             "| run | completed | failed | output tok/s | TTFT p50 (s) | TTFT p99 (s) | TPOT p50 (ms) | "
+             "TPOT p99 (ms) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in runs.items():
         lines.append(f"| {name} | {r['completed']} | {r['failed']} | {r['output_throughput']:.1f} | "

@@ -138,8 +138,8 @@ def main() -> int:
             g = r[tp]
             rss = " / ".join(f"{m['peak_rss_mb']:.0f}" for m in g["memory_after_decode"])
             pss = " / ".join(f"{m['pss_mb']:.0f}" for m in g["memory_after_decode"])
-            lines.append(f"| {model} | raytp {tp.upper()} | {rss} | {pss} | {g['tok_s_b1']:.1f} | {g['tok_s_b8']:.1f} | "
-                         f"{g['tok_s_b1'] / hf['tok_s_b1']:.2f} |")
+            lines.append(f"| {model} | raytp {tp.upper()} | {rss} | {pss} | {g['tok_s_b1']:.1f} | "
+                         f"{g['tok_s_b8']:.1f} | {g['tok_s_b1'] / hf['tok_s_b1']:.2f} |")
         lines.append(f"| {model} | serve.run → healthy (TP=2) | | | {r['serve_run_to_healthy_s']:.1f} s | | |")
     _results.write("tp_scaling", results, lines)
     return 0

@@ -111,9 +111,9 @@ class Accelerator:
             b[self.ray_device_resource] = 1.0
         return b
 
-    def torch_device(self, local_rank: int = 0) -> str:
-        """The torch device a rank uses. Ray restricts device visibility to the rank's one device, so it is index 0."""
-        del local_rank  # Ray's per-actor visibility (CUDA_VISIBLE_DEVICES / ONEAPI_DEVICE_SELECTOR) already picks it
+    def torch_device(self) -> str:
+        """The torch device a rank uses. Ray restricts each rank to its one device (CUDA_VISIBLE_DEVICES /
+        ONEAPI_DEVICE_SELECTOR), so it is always index 0."""
         return "cpu" if self.name == "cpu" else f"{self.name}:0"
 
     def backend(self, *, xccl_available=None, ccl_importable=None) -> str:
@@ -127,7 +127,8 @@ class Accelerator:
             _ccl_importable() if ccl_importable is None else ccl_importable,
         )
 
-    def worker_env(self, *, rank: int, world_size: int, master_addr: str, master_port: int, num_threads: int) -> dict[str, str]:
+    def worker_env(self, *, rank: int, world_size: int, master_addr: str, master_port: int,
+                   num_threads: int) -> dict[str, str]:
         """Environment a rank sets before importing torch.distributed users (DeepSpeed reads these at import/init)."""
         env = {
             "RANK": str(rank),

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_main(argv[1:])
 
-    parser = argparse.ArgumentParser(prog="raytp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="raytp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("tiny-model", help="generate a built-in random-weight checkpoint and print its path")
     p.add_argument("--preset", default="raytp-tiny-llama", choices=sorted(tiny_model.PRESETS))

@@ -50,7 +50,9 @@ class RaytpConfig(BaseModel):
     served_model_name: str | None = Field(
         None, description="Name clients put in the OpenAI 'model' field. Defaults to 'model'."
     )
-    tensor_parallel_size: int = Field(2, ge=1, le=64, description="Ranks (devices) per replica; one TP group per replica.")
+    tensor_parallel_size: int = Field(
+        2, ge=1, le=64, description="Ranks (devices) per replica; one TP group per replica."
+    )
     device: Literal["auto", "cpu", "xpu", "cuda"] = Field(
         "auto", description="Device kind of every rank. 'auto': the accelerator torch sees where the app is built, "
         "else the one the Ray cluster advertises (GPU resources with an accelerator_type), else cpu. Set it "
@@ -66,7 +68,8 @@ class RaytpConfig(BaseModel):
         "'sym_int8', 'fp8'. Needs the 'ipex-llm' extra. null = no quantization.",
     )
     max_model_len: int | None = Field(
-        None, ge=8, description="Longest prompt + completion in tokens. Defaults to the model's max_position_embeddings."
+        None, ge=8, description="Longest prompt + completion in tokens. Defaults to the model's "
+        "max_position_embeddings.",
     )
     max_num_seqs: int = Field(8, ge=1, le=1024, description="Most sequences decoded together in one batch.")
     max_num_batched_tokens: int = Field(
@@ -84,14 +87,16 @@ class RaytpConfig(BaseModel):
         False, description="Run Python code shipped inside the checkpoint. Off by default: it executes arbitrary code."
     )
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = Field(
-        "STRICT_PACK", description="Ray placement strategy of a replica's bundles. STRICT_PACK keeps a TP group on one node."
+        "STRICT_PACK", description="Ray placement strategy of a replica's bundles. STRICT_PACK keeps a TP group on "
+        "one node.",
     )
     num_cpus_per_worker: float = Field(
         1, gt=0, description="CPUs in each rank's bundle; also the rank's torch/OpenMP thread count on CPU."
     )
     worker_start_timeout_s: float = Field(600, gt=0, description="Longest a gang may take to start and load the model.")
     step_timeout_s: float = Field(
-        60, gt=0, description="Longest one engine step (a collective across ranks) may take before the gang is declared dead."
+        60, gt=0, description="Longest one engine step (a collective across ranks) may take before the gang is "
+        "declared dead.",
     )
     api_key: str | None = Field(
         None, description="If set (or env RAYTP_API_KEY on the ingress's node), every route but /health needs "
@@ -255,5 +260,6 @@ def _check_model(cfg: RaytpConfig, model_path: str) -> int:
             raise ConfigError("max_model_len", "the model config has no max_position_embeddings; set max_model_len.")
         return int(limit)
     if limit is not None and cfg.max_model_len > limit:
-        raise ConfigError("max_model_len", f"{cfg.max_model_len} exceeds the model's max_position_embeddings ({limit}).")
+        raise ConfigError("max_model_len",
+                          f"{cfg.max_model_len} exceeds the model's max_position_embeddings ({limit}).")
     return cfg.max_model_len

@@ -7,7 +7,7 @@ tokens at all (every rank already holds each row's last token).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -67,4 +67,3 @@ class LoadReport:
     peak_rss_mb: float
     rss_mb: float
     num_params: int
-    extra: dict = field(default_factory=dict)

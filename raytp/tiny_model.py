@@ -66,7 +66,8 @@ def _corpus() -> list[str]:
     words = ("the model serves tokens across ranks while the gang keeps every shard in lockstep "
              "requests arrive stream and finish quickly on cpu xpu and cuda devices").split()
     lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(200)]
-    lines += ["Grüße aus Zürich — naïve café déjà vu", "日本語のテキストと絵文字 🚀🙂", "0123456789 + - * / = ( ) [ ] { }"]
+    lines += ["Grüße aus Zürich — naïve café déjà vu", "日本語のテキストと絵文字 🚀🙂",
+              "0123456789 + - * / = ( ) [ ] { }"]
     return lines
 
 

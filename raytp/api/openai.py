@@ -9,8 +9,8 @@ from pydantic import ValidationError
 
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
 from raytp.engine.protocol import RequestOutput
-from raytp.messages import SamplingParams
 from raytp.errors import InvalidRequestError
+from raytp.messages import SamplingParams
 
 
 def new_request_id(prefix: str) -> str:

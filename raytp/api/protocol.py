@@ -19,7 +19,9 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="-1 or 0 = no top-k cut.")
-    stop: str | list[str] | None = Field(None, validate_default=True, description="Up to 4 strings that end the completion (not included).")
+    stop: str | list[str] | None = Field(
+        None, validate_default=True, description="Up to 4 strings that end the completion (not included)."
+    )
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -22,8 +22,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from raytp.messages import SamplingParams, SeqInput
 from raytp.errors import QueueFullError
+from raytp.messages import SamplingParams, SeqInput
 
 
 @dataclass

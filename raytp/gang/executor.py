@@ -33,7 +33,6 @@ class RayExecutor:
     def __init__(self, config: ResolvedConfig):
         self.config = config
         self.workers: list = []
-        self.load_reports: list[LoadReport] = []
         self._own_pg = None
         self._dead_reason: str | None = None
         self._rendezvous: tuple[str, int] | None = None
@@ -75,12 +74,11 @@ class RayExecutor:
             # 4. All ranks join the process group together (it blocks until all have).
             await self._wait([w.init_distributed.remote() for w in self.workers], timeout, "init_distributed")
             # 5. Load: AutoTP's init is collective, so all ranks load at once.
-            self.load_reports = await self._wait([w.load_model.remote() for w in self.workers], timeout,
-                                                 "load_model", all_results=True)
+            return await self._wait([w.load_model.remote() for w in self.workers], timeout, "load_model",
+                                    all_results=True)
         except BaseException:
             self.shutdown()
             raise
-        return self.load_reports
 
     async def step(self, step: StepInput) -> StepOutput:
         """Send ``step`` to every rank; return rank 0's output (the sampled tokens)."""

@@ -19,7 +19,8 @@ from raytp.config import ResolvedConfig
 logger = logging.getLogger(__name__)
 
 
-def init_distributed(backend: str, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float) -> None:
+def init_distributed(backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
+                     timeout_s: float) -> None:
     """Join the gang's process group through DeepSpeed, so its CPU shm all-reduce is set up with it."""
     import deepspeed
 

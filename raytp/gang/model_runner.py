@@ -77,7 +77,8 @@ class ModelRunner:
         # already a large enough matrix product. The tokens are sampled together: one broadcast per step.
         logits, caches = [], []
         for s in new:
-            logger.info("rank %d: prefill %d prompt tokens", self.rank, len(s.prompt_ids), extra={"request_id": s.seq_id})
+            logger.info("rank %d: prefill %d prompt tokens", self.rank, len(s.prompt_ids),
+                        extra={"request_id": s.seq_id})
             ids = torch.tensor([s.prompt_ids], dtype=torch.long, device=self.device)
             positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
             row_logits, cache = self._forward(ids, torch.ones_like(ids), positions, empty_cache())
@@ -97,7 +98,8 @@ class ModelRunner:
         ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
         self.mask = torch.cat([self.mask, ones], dim=1)
         self.last_pos = self.last_pos + 1
-        logits, self.cache = self._forward(self.last_tokens.unsqueeze(1), self.mask, self.last_pos.unsqueeze(1), self.cache)
+        logits, self.cache = self._forward(self.last_tokens.unsqueeze(1), self.mask, self.last_pos.unsqueeze(1),
+                                           self.cache)
         self.last_tokens = self._sample(logits, self.params, self.generators)
         return self.last_tokens
 

@@ -15,7 +15,8 @@ def make_generator(params: SamplingParams, device: str) -> torch.Generator | Non
     return g
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> torch.Tensor:
     """``logits`` [B, V] → token ids [B]. Greedy rows take argmax; others temperature → top-k → top-p → draw."""
     logits = logits.float()
     tokens = logits.argmax(dim=-1)

@@ -137,7 +137,8 @@ class LLMServer:
 
     # ---- plain Python ----------------------------------------------------------------------
     async def generate(self, prompt: str, **sampling) -> str:
-        """Complete ``prompt``; keywords as in the completions API (max_tokens, temperature, top_p, top_k, stop, seed)."""
+        """Complete ``prompt``; keywords as in the completions API
+        (max_tokens, temperature, top_p, top_k, stop, seed)."""
         body = await self.completions({"model": self.config.served_model_name, "prompt": prompt, **sampling})
         return body["choices"][0]["text"]
 
@@ -152,7 +153,8 @@ class LLMServer:
     def _prepare(self, body, chat: bool, request_id: str | None = None):
         req = oai.parse(ChatCompletionRequest if chat else CompletionRequest, body)
         if req.model != self.config.served_model_name:
-            raise ModelNotFoundError(f"model {req.model!r} is not served here; available: {self.config.served_model_name!r}")
+            raise ModelNotFoundError(f"model {req.model!r} is not served here; "
+                                     f"available: {self.config.served_model_name!r}")
         prompt_ids = self._prompt_ids(req, chat)
         room = self.config.max_model_len - len(prompt_ids)
         max_tokens = req.max_new_tokens if chat else req.max_tokens
@@ -168,7 +170,8 @@ class LLMServer:
                 param="max_tokens", code="context_length_exceeded")
         params = oai.sampling_params(req, max_tokens if max_tokens is not None else room)
         request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
-        logger.info("raytp: request %s: %d prompt tokens, max_tokens %d", request_id, len(prompt_ids), params.max_tokens)
+        logger.info("raytp: request %s: %d prompt tokens, max_tokens %d", request_id, len(prompt_ids),
+                    params.max_tokens)
         return req, request_id, prompt_ids, params, chat
 
     def _prompt_ids(self, req, chat: bool) -> tuple[int, ...]:

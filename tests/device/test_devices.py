@@ -15,7 +15,8 @@ def _count(kind: str) -> int:
         return 0
 
 
-@pytest.mark.parametrize("kind", [pytest.param("xpu", marks=pytest.mark.xpu), pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("kind", [pytest.param("xpu", marks=pytest.mark.xpu),
+                                  pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_tp2_on_device_matches_tp1(kind, ray_session, tiny_tokenizer):
     if _count(kind) < 2:
         pytest.skip(f"needs 2 {kind} devices")

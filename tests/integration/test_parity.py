@@ -10,7 +10,8 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def prompts(tiny_tokenizer):
-    return [tiny_tokenizer.encode(t) for t in ("the model serves tokens", "requests arrive and stream on xpu devices quickly")]
+    return [tiny_tokenizer.encode(t)
+            for t in ("the model serves tokens", "requests arrive and stream on xpu devices quickly")]
 
 
 @pytest.fixture(scope="module")

@@ -62,8 +62,10 @@ def test_tp2_sym_int4_continuous_batching_equals_solo(ray_session, tiny_tokenize
     from raytp.gang.executor import RayExecutor
     from raytp.messages import SamplingParams
 
-    cfg = resolve({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32", "low_bit": "sym_int4"})
-    prompts = [tiny_tokenizer.encode(t) for t in ("the model", "requests arrive and stream on xpu", "cpu", "the gang keeps")]
+    cfg = resolve({"model": MODEL, "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
+                   "low_bit": "sym_int4"})
+    prompts = [tiny_tokenizer.encode(t)
+               for t in ("the model", "requests arrive and stream on xpu", "cpu", "the gang keeps")]
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (12, 5, 9, 16)]
 
     async def collect(engine, rid, prompt, sp, delay=0.0):

@@ -128,7 +128,8 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(app, path, body
 
 
 def test_invalid_json_and_unknown_route(app):
-    r = requests.post(URL + "/v1/completions", data="{not json", headers={"content-type": "application/json"}, timeout=30)
+    r = requests.post(URL + "/v1/completions", data="{not json", headers={"content-type": "application/json"},
+                      timeout=30)
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = requests.post(URL + "/v1/completions", data=b'{"model": "raytp-tiny-llama", "prompt": "\xff\xfe"}',
                       headers={"content-type": "application/json"}, timeout=30)

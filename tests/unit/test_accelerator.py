@@ -13,9 +13,9 @@ def test_bundles_per_device():
 
 
 def test_torch_device_uses_ray_visibility():
-    assert accelerator.get("cpu").torch_device(1) == "cpu"
-    assert accelerator.get("xpu").torch_device(1) == "xpu:0"
-    assert accelerator.get("cuda").torch_device(3) == "cuda:0"
+    assert accelerator.get("cpu").torch_device() == "cpu"
+    assert accelerator.get("xpu").torch_device() == "xpu:0"
+    assert accelerator.get("cuda").torch_device() == "cuda:0"
 
 
 def test_backends():
@@ -39,7 +39,8 @@ def test_default_dtypes():
 
 
 def test_worker_env_cpu_sets_shm_allreduce_requirements():
-    env = accelerator.get("cpu").worker_env(rank=1, world_size=2, master_addr="10.0.0.1", master_port=1234, num_threads=3)
+    env = accelerator.get("cpu").worker_env(rank=1, world_size=2, master_addr="10.0.0.1", master_port=1234,
+                                            num_threads=3)
     assert env["LOCAL_SIZE"] == "2" and env["LOCAL_RANK"] == "1" and env["RANK"] == "1"
     assert env["WORLD_SIZE"] == "2" and env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "1234"
     assert env["DS_ACCELERATOR"] == "cpu" and env["OMP_NUM_THREADS"] == "3"

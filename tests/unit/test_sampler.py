@@ -1,7 +1,7 @@
 import torch
 
-from raytp.messages import SamplingParams
 from raytp.gang.sampler import make_generator, sample
+from raytp.messages import SamplingParams
 
 
 def _logits():

@@ -5,8 +5,8 @@ from raytp.engine.scheduler import (
     Sequence,
     StaticBatchScheduler,
 )
-from raytp.messages import SamplingParams
 from raytp.errors import QueueFullError
+from raytp.messages import SamplingParams
 
 
 def seq(i: int, n_prompt: int = 3) -> Sequence:
