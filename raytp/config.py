@@ -95,8 +95,8 @@ class RaytpConfig(BaseModel):
     )
     worker_start_timeout_s: float = Field(600, gt=0, description="Longest a gang may take to start and load the model.")
     step_timeout_s: float = Field(
-        60, gt=0, description="Longest one engine step (a collective across ranks) may take before the gang is "
-        "declared dead.",
+        60, gt=0, description="Longest a rank may leave a liveness ping unanswered while a step runs before the gang "
+        "is declared dead (a stopped, hung or vanished rank). A step itself may take as long as the hardware needs.",
     )
     api_key: str | None = Field(
         None, description="If set (or env RAYTP_API_KEY on the ingress's node), every route but /health needs "

@@ -117,3 +117,18 @@ def scripted_engine_factory(*, step_delay_s: float = 0.0, start_delay_s: float =
         return make_engine(config, executor, tokenizer, stats)
 
     return factory
+
+
+def slow_worker_cls(delay_s: float):
+    """A ``raytp.gang.worker.Worker`` whose every step first sleeps ``delay_s`` (as a slow host would compute):
+    for ``RayExecutor(config, worker_cls=...)`` in tests of slow-is-not-dead."""
+    import time
+
+    from raytp.gang.worker import Worker
+
+    class SlowWorker(Worker):
+        def step(self, step):
+            time.sleep(delay_s)  # releases the GIL, like a forward in torch
+            return super().step(step)
+
+    return SlowWorker

@@ -3,8 +3,13 @@
 ``RayExecutor`` creates the workers in the caller's placement group (a Serve replica's
 own, or one it makes when run outside Serve), walks them through their init phases,
 then sends every rank the same ``StepInput`` and returns rank 0's ``StepOutput``. Any
-failure — a dead actor, a timeout, a worker exception — marks the executor dead for
-good: a broken process group is never retried; the replica is replaced as a unit.
+failure — a dead actor, an unresponsive rank, a worker exception — marks the executor
+dead for good: a broken process group is never retried; the replica is replaced as a unit.
+
+Slow is not dead: a step may take as long as the hardware needs (a long prefill on a slow
+CPU). While it runs, every rank must answer a liveness ping (served by a second thread of
+the rank's actor, so a rank busy in a forward or a collective still answers) within
+``step_timeout_s``; a rank that is stopped, hung outside torch, or gone does not.
 """
 
 from __future__ import annotations
@@ -30,8 +35,12 @@ logger = logging.getLogger(__name__)
 class RayExecutor:
     """``raytp.engine.protocol.Executor`` over Ray actors."""
 
-    def __init__(self, config: ResolvedConfig):
+    # While a step runs, ranks are pinged this often (at most; less often with a short step_timeout_s).
+    LIVENESS_PERIOD_S = 2.0
+
+    def __init__(self, config: ResolvedConfig, worker_cls=Worker):
         self.config = config
+        self.worker_cls = worker_cls  # tests substitute a slow worker
         self.workers: list = []
         self._own_pg = None
         self._dead_reason: str | None = None
@@ -50,7 +59,8 @@ class RayExecutor:
         if pg is None:  # outside Serve (tests, benchmarks): make the group a Serve replica would own
             pg = self._own_pg = placement_group([accel.bundle(cfg.num_cpus_per_worker)] * self.world_size,
                                                 strategy=cfg.placement_strategy)
-        actor_cls = ray.remote(Worker)
+        # the "liveness" group is a second thread, so pings are answered while a step runs in the first
+        actor_cls = ray.remote(concurrency_groups={"liveness": 1})(self.worker_cls)
         num_gpus = 1 if accel.ray_device_resource == "GPU" else 0
         # 1. One actor per bundle, pinned to it.
         self.workers = [
@@ -81,10 +91,20 @@ class RayExecutor:
             raise
 
     async def step(self, step: StepInput) -> StepOutput:
-        """Send ``step`` to every rank; return rank 0's output (the sampled tokens)."""
+        """Send ``step`` to every rank; return rank 0's output (the sampled tokens). Waits as long as the step
+        takes while every rank answers liveness pings within ``step_timeout_s``."""
         if self._dead_reason:
             raise EngineDeadError(f"TP gang is dead: {self._dead_reason}")
-        return await self._wait([w.step.remote(step) for w in self.workers], self.config.step_timeout_s, "step")
+        running = asyncio.ensure_future(asyncio.gather(*[w.step.remote(step) for w in self.workers]))
+        period = min(self.LIVENESS_PERIOD_S, self.config.step_timeout_s)
+        try:
+            while not (await asyncio.wait({running}, timeout=period))[0]:
+                await self._wait([w.ping.remote() for w in self.workers], self.config.step_timeout_s,
+                                 "liveness ping during a step", all_results=True)
+        except BaseException:
+            running.cancel()
+            raise
+        return (await self._settle(running, "step"))[0]
 
     async def pids(self) -> list[int]:
         return await self._wait([w.pid.remote() for w in self.workers], 30, "pid", all_results=True)
@@ -93,8 +113,13 @@ class RayExecutor:
         return await self._wait([w.memory_stats.remote() for w in self.workers], 30, "memory_stats", all_results=True)
 
     async def _wait(self, refs: list, timeout_s: float, what: str, all_results: bool = False):
+        results = await self._settle(asyncio.wait_for(asyncio.gather(*refs), timeout_s), what, timeout_s)
+        return results if all_results else results[0]
+
+    async def _settle(self, awaitable, what: str, timeout_s: float | None = None) -> list:
+        """Await every rank's result; any failure marks the gang dead and raises (``ConfigError`` as it is)."""
         try:
-            results = await asyncio.wait_for(asyncio.gather(*refs), timeout_s)
+            return await awaitable
         except asyncio.TimeoutError:
             self._mark_dead(f"'{what}' did not finish within {timeout_s:.0f}s on all ranks")
             raise EngineDeadError(f"TP gang is dead: {self._dead_reason}") from None
@@ -106,7 +131,6 @@ class RayExecutor:
             if isinstance(cause, ConfigError):  # the user's to fix: pass the message on as it is
                 raise cause from None
             raise EngineDeadError(f"TP gang is dead: {self._dead_reason}") from e
-        return results if all_results else results[0]
 
     def _mark_dead(self, reason: str) -> None:
         if not self._dead_reason:

@@ -13,6 +13,8 @@ import os
 import socket
 import time
 
+import ray
+
 from raytp import accelerator
 from raytp.config import ResolvedConfig
 from raytp.messages import LoadReport, StepInput, StepOutput
@@ -44,10 +46,14 @@ class Worker:
     def pid(self) -> int:
         return os.getpid()
 
+    @ray.method(concurrency_group="liveness")
+    def ping(self) -> int:
+        """Answered from the actor's second thread, also while ``step`` runs in the first: a rank busy in a
+        forward or a collective (torch releases the GIL there) answers at once; a stopped or hung one does not."""
+        return self.rank
+
     def node_address(self) -> tuple[str, int]:
         """Rank 0's rendezvous address: this node's IP and a port free right now."""
-        import ray
-
         ip = ray.util.get_node_ip_address()
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("", 0))
