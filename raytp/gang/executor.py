@@ -32,6 +32,11 @@ from raytp.messages import LoadReport, StepInput, StepOutput
 logger = logging.getLogger(__name__)
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class RayExecutor:
     """``raytp.engine.protocol.Executor`` over Ray actors."""
 
@@ -101,8 +106,9 @@ class RayExecutor:
             while not (await asyncio.wait({running}, timeout=period))[0]:
                 await self._wait([w.ping.remote() for w in self.workers], self.config.step_timeout_s,
                                  "liveness ping during a step", all_results=True)
-        except BaseException:
+        except BaseException:  # a dead rank found by a ping, or the engine shutting down
             running.cancel()
+            running.add_done_callback(_retrieve)  # its outcome no longer matters; do not log it as unretrieved
             raise
         return (await self._settle(running, "step"))[0]
 
