@@ -18,13 +18,24 @@ import sys
 
 import _results  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 
+# The workload, as `raytp bench --random-*` flags: prompts 160 ± 60 % (64–256) tokens, outputs 80 ± 60 % (32–128).
+INPUT_LEN, OUTPUT_LEN, RANGE_RATIO, VOCAB = 160, 80, 0.6, 400
+
+
+def requests(num_prompts: int, seed: int):
+    """The scenario's requests (what `raytp bench` sends for ``bench_argv``'s flags)."""
+    from raytp.bench import workload
+
+    return workload.random_requests(num_prompts, INPUT_LEN, OUTPUT_LEN, RANGE_RATIO, VOCAB, seed)
+
 
 def bench_argv(args) -> list[str]:
     """The `raytp bench` command line of this scenario."""
     seqs = {"continuous": args.continuous_max_num_seqs or args.max_num_seqs, "static": args.max_num_seqs}
     argv = ["--model", args.model, "--num-prompts", str(args.num_prompts), "--max-concurrency",
-            str(args.max_concurrency), "--random-input-len", "160", "--random-output-len", "80",
-            "--random-range-ratio", "0.6", "--random-vocab-size", "400", "--ignore-eos", "--seed", str(args.seed),
+            str(args.max_concurrency), "--random-input-len", str(INPUT_LEN), "--random-output-len", str(OUTPUT_LEN),
+            "--random-range-ratio", str(RANGE_RATIO), "--random-vocab-size", str(VOCAB), "--ignore-eos",
+            "--seed", str(args.seed),
             "--num-warmups", "2", "--output-dir", _results.RESULTS, "--result-filename", f"{args.name}_bench",
             "--disable-tqdm"]
     for tp in args.tp or [1, 2]:

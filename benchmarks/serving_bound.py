@@ -20,7 +20,7 @@ import sys
 import time
 
 import _results  # noqa: E402 - benchmarks/ is on sys.path when run as a script
-from serving import workload  # noqa: E402 - the same seeded workload
+from serving import requests  # noqa: E402 - the same seeded workload
 
 
 def main() -> int:
@@ -33,13 +33,13 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from raytp import tiny_model
     from raytp.compat import dtype_kwarg
 
     path = tiny_model.ensure(args.model) if args.model in tiny_model.PRESETS else args.model
-    work = workload(args.num_prompts, args.seed, min(AutoConfig.from_pretrained(path).vocab_size, 400))
+    work = [(r.prompt, r.output_len) for r in requests(args.num_prompts, args.seed)]
     torch.set_num_threads(os.cpu_count() or 1)
     model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(getattr(torch, args.dtype))).eval()
     out_tokens = sum(n for _, n in work)
@@ -78,7 +78,7 @@ def main() -> int:
             runs = json.load(f)["runs"]
         for tp in (1, 2):
             if f"tp{tp}_static" in runs:
-                static = runs[f"tp{tp}_static"]["output_tok_s"]
+                static = runs[f"tp{tp}_static"]["output_throughput"]
                 result[f"bound_over_static_tp{tp}"] = bound / static
                 lines.append(f"- TP={tp}: static measured {static:.1f} tok/s → bound / static = {bound / static:.2f}")
     _results.write("serving_bound", result, lines)
