@@ -113,9 +113,7 @@ class RaytpConfig(BaseModel):
 
     def check_static(self) -> RaytpConfig:
         """Checks that need no node (run where the app is built); returns self. Raises ``ConfigError``."""
-        if self.device == "cpu" and self.dtype == "float16":
-            raise ConfigError("dtype", "float16 is not supported on cpu by DeepSpeed's CPU accelerator; "
-                              "use bfloat16 or float32.")
+        _check_dtype_on(self.device, self.dtype)
         if self.low_bit is not None and self.low_bit not in LOW_BIT_FORMATS:
             raise ConfigError("low_bit", f"unknown format {self.low_bit!r}; choose one of "
                               f"{', '.join(LOW_BIT_FORMATS)} or null.")
@@ -207,10 +205,14 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
     )
 
 
-def _resolve_dtype(requested: str, device: str, cpu_bf16) -> str:
-    if device == "cpu" and requested == "float16":
+def _check_dtype_on(device: str, dtype: str) -> None:
+    if device == "cpu" and dtype == "float16":
         raise ConfigError("dtype", "float16 is not supported on cpu by DeepSpeed's CPU accelerator; "
                           "use bfloat16 or float32.")
+
+
+def _resolve_dtype(requested: str, device: str, cpu_bf16) -> str:
+    _check_dtype_on(device, requested)  # again: an 'auto' device may have become cpu
     if device != "cpu":
         return accelerator.get(device).default_dtype if requested == "auto" else requested
     native = cpu_bf16()

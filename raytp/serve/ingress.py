@@ -191,26 +191,29 @@ class OpenAIIngress:
             except Exception:  # noqa: BLE001 - a replica that failed to start; its replacement may not
                 await asyncio.sleep(1.0)
 
+    async def _not_ready(self, message: str) -> "JSONResponse | None":
+        """A 503 while no model replica has answered yet; None once one has."""
+        if self._ready.is_set():
+            return None
+        try:  # a replica that has just become ready may not have reached this ingress's router yet
+            await asyncio.wait_for(self._ready.wait(), READY_WAIT_S)
+            return None
+        except asyncio.TimeoutError:
+            return error_response(ModelLoadingError(message))
+
     async def _gate(self, request: Request) -> "JSONResponse | None":
         """An error response for a request that may not go on (bad API key, no model replica ready yet)."""
         if not self._authorized(request):
             return error_response(AuthenticationError("missing or invalid API key (Authorization: Bearer <key>)"))
-        if not self._ready.is_set():
-            try:  # a replica that has just become ready may not have reached this ingress's router yet
-                await asyncio.wait_for(self._ready.wait(), READY_WAIT_S)
-            except asyncio.TimeoutError:
-                return error_response(ModelLoadingError("the model is still loading; retry shortly"))
-        return None
+        return await self._not_ready("the model is still loading; retry shortly")
 
     # ---- HTTP ------------------------------------------------------------------------------
     @app.get("/health")
     async def http_health(self):
         """200 only when a replica's gang is loaded and warmed up; 503 otherwise, at once while none is ready."""
-        if not self._ready.is_set():
-            try:
-                await asyncio.wait_for(self._ready.wait(), READY_WAIT_S)
-            except asyncio.TimeoutError:
-                return error_response(ModelLoadingError("no model replica is ready yet"))
+        loading = await self._not_ready("no model replica is ready yet")
+        if loading is not None:
+            return loading
         try:
             return await asyncio.wait_for(self.server.health.remote(), HEALTH_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -253,17 +256,18 @@ class OpenAIIngress:
     async def _stream(self, request: Request, started: float, call):
         """SSE of the chunks ``call()`` (a streaming handle call) yields. Errors before the first chunk (bad
         input, queue full) are plain HTTP errors; later ones become an error event."""
-        denied = await self._gate(request)
-        if denied is not None:
-            return denied
-        gen = call()
-        try:
-            first = await gen.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except Exception as e:  # noqa: BLE001
+        refused = await self._gate(request)
+        if refused is None:
+            gen = call()
+            try:
+                first = await gen.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except Exception as e:  # noqa: BLE001
+                refused = error_response(to_raytp_error(e))
+        if refused is not None:
             _metrics().request_s.observe(time.perf_counter() - started, tags={"route": request.url.path})
-            return error_response(to_raytp_error(e))
+            return refused
         return StreamingResponse(_sse(gen, first, request.url.path, started), media_type="text/event-stream")
 
     def _authorized(self, request: Request) -> bool:

@@ -24,8 +24,10 @@ def test_serve_run_default_config(tmp_path):
     serve_bin = os.path.join(os.path.dirname(sys.executable), "serve")
     env = {**os.environ, "RAY_ADDRESS": "local"}  # a cluster of its own, as on a fresh machine
     log = open(tmp_path / "serve.log", "w")
+    # SIGINT back to its default in the child: a shell that started this run in the background ignores it, and
+    # an ignored SIGINT is inherited (serve run would never see Ctrl-C)
     proc = subprocess.Popen([serve_bin, "run", str(path)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     started = time.monotonic()
     try:
         healthy = None
