@@ -41,18 +41,18 @@ def bench_argv(args) -> list[str]:
     for tp in args.tp or [1, 2]:
         for policy in [p for p in ("continuous", "static") if p in args.runs]:
             opts = f"tensor_parallel_size={tp},scheduling={policy},max_num_seqs={seqs[policy]},max_model_len=512"
-            opts += f",dtype={args.dtype}" if args.dtype else ""
+            opts += f",dtype={args.dtype}"
             argv += ["--compare", f"tp{tp}_{policy}=raytp:{opts}"]
     if "transformers" in args.runs:
-        argv += ["--compare", f"transformers=transformers:dtype={args.dtype or 'bfloat16'}"]
+        argv += ["--compare", f"transformers=transformers:dtype={args.dtype}"]
     return argv
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="raytp-llama-0.5b")
-    ap.add_argument("--dtype", default=None, help="raytp dtype (default: raytp's auto); transformers: bfloat16 "
-                    "unless given")
+    ap.add_argument("--dtype", default=None, help="dtype of every target (default: raytp's CPU rule: bfloat16 "
+                    "where the CPU has native bf16, else float32)")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--max-concurrency", type=int, default=16)
     ap.add_argument("--max-num-seqs", type=int, default=8)
@@ -63,8 +63,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
+    from raytp import accelerator
     from raytp.bench import main as bench_main
     from raytp.bench import report
+
+    args.dtype = args.dtype or ("bfloat16" if accelerator.cpu_has_native_bf16() else "float32")
 
     argv = bench_argv(args)
     print("raytp bench " + " ".join(argv), flush=True)
@@ -72,6 +75,10 @@ def main() -> int:
     result, samples = asyncio.run(bench_main.bench(bench_args))
     report.write(result, samples, bench_args.output_dir, bench_args.result_filename)
     runs = {name: t["runs"][0] for name, t in result["targets"].items()}
+    failed = {name: r["failed"] for name, r in runs.items() if r["failed"]}
+    if failed:  # ratios of partial runs would mislead
+        print(f"requests failed: {failed}; errors: {[r['errors'] for r in runs.values() if r['failed']]}")
+        return 1
 
     hf = runs.get("transformers")
     ratios = {}

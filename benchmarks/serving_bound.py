@@ -26,7 +26,8 @@ from serving import requests  # noqa: E402 - the same seeded workload
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="raytp-llama-0.5b")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default=None, help="default: serving.py's (bfloat16 with native CPU bf16, else "
+                    "float32)")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--batch", type=int, action="append", help="decode batch sizes to probe (default 8 and 16)")
     ap.add_argument("--seed", type=int, default=0)
@@ -35,8 +36,10 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raytp import tiny_model
+    from raytp import accelerator, tiny_model
     from raytp.compat import dtype_kwarg
+
+    args.dtype = args.dtype or ("bfloat16" if accelerator.cpu_has_native_bf16() else "float32")
 
     path = tiny_model.ensure(args.model) if args.model in tiny_model.PRESETS else args.model
     work = [(r.prompt, r.output_len) for r in requests(args.num_prompts, args.seed)]

@@ -95,8 +95,9 @@ class RaytpConfig(BaseModel):
     )
     worker_start_timeout_s: float = Field(600, gt=0, description="Longest a gang may take to start and load the model.")
     step_timeout_s: float = Field(
-        60, gt=0, description="Longest a rank may leave a liveness ping unanswered while a step runs before the gang "
-        "is declared dead (a stopped, hung or vanished rank). A step itself may take as long as the hardware needs.",
+        60, gt=0, description="Longest a rank may, while a step runs, leave a liveness ping unanswered (stopped, gone) "
+        "or run no decoder layer (hung) before the gang is declared dead; a step itself may take as long as the "
+        "hardware needs. Also the process group's timeout for one collective.",
     )
     api_key: str | None = Field(
         None, description="If set (or env RAYTP_API_KEY on the ingress's node), every route but /health needs "
@@ -113,7 +114,7 @@ class RaytpConfig(BaseModel):
 
     def check_static(self) -> RaytpConfig:
         """Checks that need no node (run where the app is built); returns self. Raises ``ConfigError``."""
-        _check_dtype_on(self.device, self.dtype)
+        check_dtype_on(self.device, self.dtype)
         if self.low_bit is not None and self.low_bit not in LOW_BIT_FORMATS:
             raise ConfigError("low_bit", f"unknown format {self.low_bit!r}; choose one of "
                               f"{', '.join(LOW_BIT_FORMATS)} or null.")
@@ -205,14 +206,15 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
     )
 
 
-def _check_dtype_on(device: str, dtype: str) -> None:
+def check_dtype_on(device: str, dtype: str) -> None:
+    """``ConfigError`` for a dtype the device kind cannot run."""
     if device == "cpu" and dtype == "float16":
         raise ConfigError("dtype", "float16 is not supported on cpu by DeepSpeed's CPU accelerator; "
                           "use bfloat16 or float32.")
 
 
 def _resolve_dtype(requested: str, device: str, cpu_bf16) -> str:
-    _check_dtype_on(device, requested)  # again: an 'auto' device may have become cpu
+    check_dtype_on(device, requested)  # again: an 'auto' device may have become cpu
     if device != "cpu":
         return accelerator.get(device).default_dtype if requested == "auto" else requested
     native = cpu_bf16()

@@ -85,6 +85,10 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"raytp config field '{field}': {message}")
         self.field = field
+        self.detail = message
+
+    def __reduce__(self):  # rebuilt from its own arguments when Ray carries it out of a rank or replica
+        return (type(self), (self.field, self.detail))
 
 
 class QueueFullError(RaytpError):

@@ -119,16 +119,20 @@ def scripted_engine_factory(*, step_delay_s: float = 0.0, start_delay_s: float =
     return factory
 
 
-def slow_worker_cls(delay_s: float):
-    """A ``raytp.gang.worker.Worker`` whose every step first sleeps ``delay_s`` (as a slow host would compute):
-    for ``RayExecutor(config, worker_cls=...)`` in tests of slow-is-not-dead."""
+def slow_worker_cls(layer_delay_s: float):
+    """A ``raytp.gang.worker.Worker`` whose every decoder layer first sleeps ``layer_delay_s``, as a slow host
+    computes (the sleep releases the GIL, like a torch kernel): for ``RayExecutor(config, worker_cls=...)`` in
+    tests of slow-is-not-dead."""
     import time
 
+    from raytp.gang.model_runner import decoder_layers
     from raytp.gang.worker import Worker
 
     class SlowWorker(Worker):
-        def step(self, step):
-            time.sleep(delay_s)  # releases the GIL, like a forward in torch
-            return super().step(step)
+        def load_model(self):
+            report = super().load_model()
+            for layer in decoder_layers(self.runner.model):
+                layer.register_forward_pre_hook(lambda *_: time.sleep(layer_delay_s))
+            return report
 
     return SlowWorker

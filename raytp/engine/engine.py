@@ -91,13 +91,14 @@ class Engine:
 
     def shutdown(self) -> None:
         """Fail every in-flight request and free the gang. Idempotent."""
-        if self._loop_task:
-            try:
+        try:
+            if self._loop_task:
                 self._loop_task.cancel()
-            except RuntimeError:  # from __del__ after the event loop closed: nothing left to cancel
-                pass
-        self._fail_all(EngineDeadError("engine shut down"))
-        self.executor.shutdown()
+            self._fail_all(EngineDeadError("engine shut down"))
+        except RuntimeError:  # from __del__ after the event loop closed: no task or waiter is left to wake
+            pass
+        finally:
+            self.executor.shutdown()
 
     def status(self) -> EngineStatus:
         return EngineStatus(self.scheduler.num_running, self.scheduler.num_waiting, dict(self.finished_counts))

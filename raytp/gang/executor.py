@@ -7,19 +7,22 @@ failure — a dead actor, an unresponsive rank, a worker exception — marks the
 dead for good: a broken process group is never retried; the replica is replaced as a unit.
 
 Slow is not dead: a step may take as long as the hardware needs (a long prefill on a slow
-CPU). While it runs, every rank must answer a liveness ping (served by a second thread of
-the rank's actor, so a rank busy in a forward or a collective still answers) within
-``step_timeout_s``; a rank that is stopped, hung outside torch, or gone does not.
+CPU). While it runs, the executor pings every rank (answered by a second thread of the
+rank's actor, so a rank busy in a forward or a collective still answers) with the count
+of decoder layers it has run. A rank that does not answer within ``step_timeout_s``
+(stopped, gone), or whose count has not moved for ``step_timeout_s`` (hung in a
+collective or a driver), fails the gang. So ``step_timeout_s`` bounds one decoder layer's
+time, not a whole step's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import glob
 import logging
 import os
 
 import ray
+from ray.exceptions import RayError
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -32,6 +35,10 @@ from raytp.messages import LoadReport, StepInput, StepOutput
 logger = logging.getLogger(__name__)
 
 
+class _Timeout(Exception):
+    """A wait for the ranks ran out (as opposed to a rank raising TimeoutError itself)."""
+
+
 def _retrieve(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -40,7 +47,7 @@ def _retrieve(future: asyncio.Future) -> None:
 class RayExecutor:
     """``raytp.engine.protocol.Executor`` over Ray actors."""
 
-    # While a step runs, ranks are pinged this often (at most; less often with a short step_timeout_s).
+    # While a step runs, ranks are pinged this often (more often when step_timeout_s is shorter).
     LIVENESS_PERIOD_S = 2.0
 
     def __init__(self, config: ResolvedConfig, worker_cls=Worker):
@@ -97,15 +104,24 @@ class RayExecutor:
 
     async def step(self, step: StepInput) -> StepOutput:
         """Send ``step`` to every rank; return rank 0's output (the sampled tokens). Waits as long as the step
-        takes while every rank answers liveness pings within ``step_timeout_s``."""
+        takes while every rank answers liveness pings and makes progress (module docstring)."""
         if self._dead_reason:
             raise EngineDeadError(f"TP gang is dead: {self._dead_reason}")
         running = asyncio.ensure_future(asyncio.gather(*[w.step.remote(step) for w in self.workers]))
-        period = min(self.LIVENESS_PERIOD_S, self.config.step_timeout_s)
+        timeout = self.config.step_timeout_s
+        period = min(self.LIVENESS_PERIOD_S, timeout)
+        progress: list[tuple[int, float] | None] = [None] * len(self.workers)  # per rank: (count, when it moved)
         try:
             while not (await asyncio.wait({running}, timeout=period))[0]:
-                await self._wait([w.ping.remote() for w in self.workers], self.config.step_timeout_s,
-                                 "liveness ping during a step", all_results=True)
+                counts = await self._wait([w.ping.remote() for w in self.workers], timeout,
+                                          "liveness ping during a step", all_results=True)
+                now = asyncio.get_running_loop().time()
+                for rank, count in enumerate(counts):
+                    if progress[rank] is None or progress[rank][0] != count:
+                        progress[rank] = (count, now)
+                    elif now - progress[rank][1] > timeout:
+                        self._mark_dead(f"rank {rank} made no progress in a step for {timeout:.0f}s (hung)")
+                        raise EngineDeadError(f"TP gang is dead: {self._dead_reason}")
         except BaseException:  # a dead rank found by a ping, or the engine shutting down
             running.cancel()
             running.add_done_callback(_retrieve)  # its outcome no longer matters; do not log it as unretrieved
@@ -119,19 +135,23 @@ class RayExecutor:
         return await self._wait([w.memory_stats.remote() for w in self.workers], 30, "memory_stats", all_results=True)
 
     async def _wait(self, refs: list, timeout_s: float, what: str, all_results: bool = False):
-        results = await self._settle(asyncio.wait_for(asyncio.gather(*refs), timeout_s), what, timeout_s)
-        return results if all_results else results[0]
-
-    async def _settle(self, awaitable, what: str, timeout_s: float | None = None) -> list:
-        """Await every rank's result; any failure marks the gang dead and raises (``ConfigError`` as it is)."""
         try:
-            return await awaitable
-        except asyncio.TimeoutError:
+            results = await self._settle(asyncio.wait_for(asyncio.gather(*refs), timeout_s), what)
+        except _Timeout:
             self._mark_dead(f"'{what}' did not finish within {timeout_s:.0f}s on all ranks")
             raise EngineDeadError(f"TP gang is dead: {self._dead_reason}") from None
+        return results if all_results else results[0]
+
+    async def _settle(self, awaitable, what: str) -> list:
+        """Await every rank's result; any rank's failure marks the gang dead and raises (``ConfigError`` as it
+        is). Our own wait running out raises ``_Timeout`` for the caller to word."""
+        try:
+            return await awaitable
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - a dead actor or any worker exception breaks the group
+            if isinstance(e, (TimeoutError, asyncio.TimeoutError)) and not isinstance(e, RayError):  # wait_for's
+                raise _Timeout() from None
             cause = getattr(e, "cause", None)
             self._mark_dead(f"'{what}' failed: {type(cause or e).__name__}: {cause or e}")
             if isinstance(cause, ConfigError):  # the user's to fix: pass the message on as it is
@@ -151,8 +171,9 @@ class RayExecutor:
         rank unlinks its own as soon as every rank has mapped it (``Worker.init_distributed``)."""
         if self._rendezvous is None:
             return []
-        addr, port = self._rendezvous
-        return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*")
+        from raytp.gang.loader import shm_buffer_paths
+
+        return shm_buffer_paths(*self._rendezvous)
 
     def shutdown(self) -> None:
         """Kill every rank (a broken group cannot barrier) and free a placement group we made."""

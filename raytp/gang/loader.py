@@ -34,6 +34,15 @@ def init_distributed(backend: str, master_addr: str, master_port: int, rank: int
     )
 
 
+def shm_buffer_paths(master_addr: str, master_port: int | str, rank: int | str = "*") -> list[str]:
+    """DeepSpeed's CPU shm all-reduce buffers of one gang (its rendezvous address) in /dev/shm: one rank's, or
+    all (``rank="*"``). DeepSpeed names them ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``."""
+    import glob
+    import os
+
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{master_addr}_{master_port}_{rank}")
+
+
 def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
     """Return this rank's shard of the model, on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM

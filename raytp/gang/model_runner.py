@@ -26,6 +26,15 @@ from raytp.messages import SeqInput, StepInput, StepOutput
 logger = logging.getLogger(__name__)
 
 
+def decoder_layers(model) -> list:
+    """The model's transformer blocks: HF names them ``*DecoderLayer``; else the longest ``ModuleList``."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if layers:
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    return list(max(lists, key=len)) if lists else [model]
+
+
 class ModelRunner:
     def __init__(self, model, device: str, rank: int, world_size: int):
         self.model = model
@@ -34,7 +43,15 @@ class ModelRunner:
         self.world_size = world_size
         self._cache_arg = cache_arg_name(model)
         self._keep_last = logits_to_keep_kwarg(model)  # prefill computes lm_head for the last position only
+        # Decoder layers run so far; read from another thread by the worker's liveness ping, so the executor can
+        # tell a slow step (the count moves) from a hung one (it does not).
+        self.progress = 0
+        for layer in decoder_layers(model):
+            layer.register_forward_hook(self._count_layer)
         self._reset()
+
+    def _count_layer(self, *_args) -> None:
+        self.progress += 1
 
     def _reset(self) -> None:
         self.rows: list[str] = []

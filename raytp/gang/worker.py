@@ -7,7 +7,6 @@ group) → ``load_model`` (shard on this rank's device) → ``step`` (one ``Step
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import socket
@@ -43,14 +42,16 @@ class Worker:
         self.accel = accelerator.get(config.device)
         self.runner = None
 
+    @ray.method(concurrency_group="liveness")
     def pid(self) -> int:
         return os.getpid()
 
     @ray.method(concurrency_group="liveness")
     def ping(self) -> int:
-        """Answered from the actor's second thread, also while ``step`` runs in the first: a rank busy in a
-        forward or a collective (torch releases the GIL there) answers at once; a stopped or hung one does not."""
-        return self.rank
+        """The number of decoder layers this rank has run so far. Answered from the actor's second thread, also
+        while ``step`` runs in the first (torch releases the GIL in its kernels and collectives): a slow rank
+        answers with a growing count, a hung one with the same count, a stopped one not at all."""
+        return self.runner.progress if self.runner is not None else 0
 
     def node_address(self) -> tuple[str, int]:
         """Rank 0's rendezvous address: this node's IP and a port free right now."""
@@ -92,8 +93,7 @@ class Worker:
         # rank is past init (the barrier), every mapping exists: unlinking the names now frees the memory
         # whenever the processes end, however they end.
         dist.barrier()
-        for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-                              f"{os.environ['MASTER_PORT']}_{self.rank}"):
+        for path in loader.shm_buffer_paths(os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], self.rank):
             os.unlink(path)
 
     def load_model(self) -> LoadReport:
@@ -115,6 +115,7 @@ class Worker:
         """Apply one engine step to this rank's rows; rank 0's output carries the sampled tokens."""
         return self.runner.step(step)
 
+    @ray.method(concurrency_group="liveness")  # answered during a long step too
     def memory_stats(self) -> dict:
         """Host memory of this rank now: RSS, PSS (shared pages split among sharers) and peak RSS, in MB."""
         import psutil

@@ -14,7 +14,7 @@ from __future__ import annotations
 from ray import serve
 
 from raytp import accelerator
-from raytp.config import RaytpConfig, bundle_device
+from raytp.config import RaytpConfig, bundle_device, check_dtype_on
 from raytp.serve.ingress import OpenAIIngress
 from raytp.serve.server import LLMServer
 
@@ -61,6 +61,7 @@ def bind_app(cfg: RaytpConfig | dict, engine_factory=None, server_options: dict 
     """
     cfg = (RaytpConfig(**cfg) if isinstance(cfg, dict) else cfg).check_static()
     device = bundle_device(cfg.device)
+    check_dtype_on(device, cfg.dtype)  # 'auto' may have become cpu: fail here, not in every replica
     server = server_deployment(cfg, device).options(**(server_options or {})).bind(
         cfg.for_server(), device, engine_factory)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},

@@ -180,6 +180,7 @@ class OpenAIIngress:
         # Until a model replica has answered once, HTTP requests get 503 at once (a handle call would wait
         # for a replica for as long as the model takes to load, with no answer for the client).
         self._ready = asyncio.Event()
+        self._not_ready_because: str | None = None  # the last failed readiness probe, for the 503's message
         self._ready_task = asyncio.get_running_loop().create_task(self._wait_until_ready())
 
     async def _wait_until_ready(self) -> None:
@@ -188,7 +189,8 @@ class OpenAIIngress:
                 await self.server.health.remote()
                 self._ready.set()
                 return
-            except Exception:  # noqa: BLE001 - a replica that failed to start; its replacement may not
+            except Exception as e:  # noqa: BLE001 - a replica that failed to start; its replacement may not
+                self._not_ready_because = to_raytp_error(e).message
                 await asyncio.sleep(1.0)
 
     async def _not_ready(self, message: str) -> "JSONResponse | None":
@@ -199,7 +201,8 @@ class OpenAIIngress:
             await asyncio.wait_for(self._ready.wait(), READY_WAIT_S)
             return None
         except asyncio.TimeoutError:
-            return error_response(ModelLoadingError(message))
+            because = f" (last attempt: {self._not_ready_because})" if self._not_ready_because else ""
+            return error_response(ModelLoadingError(message + because))
 
     async def _gate(self, request: Request) -> "JSONResponse | None":
         """An error response for a request that may not go on (bad API key, no model replica ready yet)."""

@@ -1,5 +1,6 @@
-"""Slow is not dead: a step that takes longer than ``step_timeout_s`` completes while every rank answers the
-executor's liveness pings; a rank that stops answering (SIGSTOP) is still caught within the configured time."""
+"""Slow is not dead: a step longer than ``step_timeout_s`` completes while every rank keeps answering the
+executor's liveness pings with a growing count of decoder layers run; a rank that stops answering (SIGSTOP), or
+answers without making progress (hung), still fails the gang within about ``step_timeout_s``."""
 
 import asyncio
 import os
@@ -11,38 +12,57 @@ import pytest
 from raytp.errors import EngineDeadError
 from raytp.messages import SamplingParams, SeqInput, StepInput
 
-STEP_S, TIMEOUT_S = 4.0, 1.0
+LAYER_S, TIMEOUT_S = 2.0, 3.0  # the tiny model has 2 decoder layers: a 4 s step, each layer within the timeout
+GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+CONFIG = {"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
+          "step_timeout_s": TIMEOUT_S}
 
 
-def test_a_slow_step_completes_and_a_stopped_rank_is_caught(ray_session):
+def executor(layer_delay_s: float):
     from raytp.config import resolve
     from raytp.gang.executor import RayExecutor
     from raytp.testing import slow_worker_cls
 
-    cfg = resolve({"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32",
-                   "step_timeout_s": TIMEOUT_S})
-    ex = RayExecutor(cfg, worker_cls=slow_worker_cls(STEP_S))
-    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    return RayExecutor(resolve(CONFIG), worker_cls=slow_worker_cls(layer_delay_s))
+
+
+def test_a_slow_step_completes_and_a_stopped_rank_is_caught(ray_session):
+    ex = executor(LAYER_S)
 
     async def main():
         await ex.start()
         try:
             started = time.monotonic()
-            out = await ex.step(StepInput(new=(SeqInput("a", (5, 6, 7), greedy),)))
+            out = await ex.step(StepInput(new=(SeqInput("a", (5, 6, 7), GREEDY),)))
             took = time.monotonic() - started
-            assert len(out.tokens) == 1 and took >= STEP_S, took  # 4 s > the 1 s timeout: slow, not dead
-            out = await ex.step(StepInput(decode=True))
-            assert len(out.tokens) == 1
+            assert len(out.tokens) == 1 and took >= 2 * LAYER_S > TIMEOUT_S, took  # slow, not dead
             pids = await ex.pids()
             os.kill(pids[1], signal.SIGSTOP)
             started = time.monotonic()
             with pytest.raises(EngineDeadError, match="liveness ping"):
                 await ex.step(StepInput(decode=True))
             caught_in = time.monotonic() - started
-            print(f"{STEP_S:.0f} s step completed with step_timeout_s={TIMEOUT_S:.0f}; stopped rank caught after "
+            print(f"{took:.1f}s step completed with step_timeout_s={TIMEOUT_S:.0f}; a stopped rank was caught after "
                   f"{caught_in:.1f}s")
-            # one ping period (min(2 s, timeout)) + the timeout, and well before the 4 s step itself would end
-            assert caught_in < STEP_S
+            assert caught_in < 2 + TIMEOUT_S + 2  # one ping period + the ping's timeout (+ slack)
+        finally:
+            ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_rank_that_answers_but_makes_no_progress_is_caught(ray_session):
+    ex = executor(3 * TIMEOUT_S)  # one layer outlasts the timeout: alive, but stuck
+
+    async def main():
+        await ex.start()
+        try:
+            started = time.monotonic()
+            with pytest.raises(EngineDeadError, match="made no progress"):
+                await ex.step(StepInput(new=(SeqInput("a", (5, 6, 7), GREEDY),)))
+            caught_in = time.monotonic() - started
+            print(f"a rank stuck in one layer was caught after {caught_in:.1f}s")
+            assert TIMEOUT_S < caught_in < 3 * TIMEOUT_S
         finally:
             ex.shutdown()
 

@@ -142,3 +142,12 @@ def test_auto_device_on_a_cluster_whose_gpus_are_on_another_node(monkeypatch):
     server = build_app({"device": "auto", "tensor_parallel_size": 2})._bound_deployment.init_args[0]._bound_deployment
     assert server._replica_config.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2
     assert server.init_args[1] == "xpu"
+
+
+def test_config_errors_keep_their_field_across_ray():
+    """A ConfigError raised in a rank or replica reaches the caller as itself, field and text intact."""
+    from ray.exceptions import RayError, RayTaskError
+
+    err = ConfigError("device", "xpu requested but torch sees no xpu device")
+    back = RayError.from_bytes(RayTaskError("init_device", "traceback", err).to_bytes())
+    assert isinstance(back.cause, ConfigError) and back.cause.field == "device" and str(back.cause) == str(err)
