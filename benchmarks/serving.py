@@ -63,11 +63,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    from raytp import accelerator
     from raytp.bench import main as bench_main
     from raytp.bench import report
+    from raytp.config import cpu_auto_dtype
 
-    args.dtype = args.dtype or ("bfloat16" if accelerator.cpu_has_native_bf16() else "float32")
+    args.dtype = args.dtype or cpu_auto_dtype()  # the same for every target, as raytp's dtype: auto
 
     argv = bench_argv(args)
     print("raytp bench " + " ".join(argv), flush=True)

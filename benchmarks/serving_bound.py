@@ -36,10 +36,11 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from raytp import accelerator, tiny_model
+    from raytp import tiny_model
     from raytp.compat import dtype_kwarg
+    from raytp.config import cpu_auto_dtype
 
-    args.dtype = args.dtype or ("bfloat16" if accelerator.cpu_has_native_bf16() else "float32")
+    args.dtype = args.dtype or cpu_auto_dtype()  # the same for every target, as raytp's dtype: auto
 
     path = tiny_model.ensure(args.model) if args.model in tiny_model.PRESETS else args.model
     work = [(r.prompt, r.output_len) for r in requests(args.num_prompts, args.seed)]

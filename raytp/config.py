@@ -213,13 +213,20 @@ def check_dtype_on(device: str, dtype: str) -> None:
                           "use bfloat16 or float32.")
 
 
+def cpu_auto_dtype(native_bf16: bool | None = None) -> str:
+    """What ``dtype: auto`` means on this CPU: bfloat16 where it computes bf16 natively, else float32."""
+    if native_bf16 is None:
+        native_bf16 = accelerator.cpu_has_native_bf16()
+    return "bfloat16" if native_bf16 else "float32"
+
+
 def _resolve_dtype(requested: str, device: str, cpu_bf16) -> str:
     check_dtype_on(device, requested)  # again: an 'auto' device may have become cpu
     if device != "cpu":
         return accelerator.get(device).default_dtype if requested == "auto" else requested
     native = cpu_bf16()
     if requested == "auto":
-        dtype = "bfloat16" if native else "float32"
+        dtype = cpu_auto_dtype(native)
         logger.info("raytp: dtype auto -> %s (this CPU %s native bf16: AVX512_BF16/AMX)", dtype,
                     "has" if native else "lacks")
         return dtype

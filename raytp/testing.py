@@ -54,10 +54,7 @@ class ScriptedExecutor:
         if self._dead:
             raise EngineDeadError(f"TP gang is dead: {self._dead}")
         self.steps.append("prefill" if step.new else "decode" if step.decode else "release")
-        if self.step_delay_s:
-            await asyncio.sleep(self.step_delay_s)
-        else:
-            await asyncio.sleep(0)
+        await asyncio.sleep(self.step_delay_s)  # 0: still yields to the event loop, as a real step would
         if self._fuse is not None:
             self._fuse -= 1
         if (self.fail_after_steps is not None and len(self.steps) > self.fail_after_steps) or self._fuse == 0:
