@@ -157,6 +157,21 @@ class Accelerator:
             })
         return env
 
+    def kv_cache_budget(self, configured: int | None, utilization: float) -> int:
+        """Bytes this rank may give its KV cache, asked after the shard is loaded: ``configured`` if set; on cpu
+        4 GiB (vLLM's CPU default); on xpu/cuda ``utilization`` of the device's memory minus what torch holds
+        now, less a margin of a tenth of the rest for a step's activations."""
+        if configured is not None:
+            return configured
+        if self.name == "cpu":
+            return 4 << 30
+        import torch
+
+        mod = getattr(torch, self.name)
+        total = mod.get_device_properties(self.torch_device()).total_memory
+        free = int(total * utilization) - mod.memory_reserved()
+        return max(0, int(free * 0.9))
+
     def check_available(self, *, has=_torch_has) -> None:
         """Run in a rank (the process Ray gave the device to): fail if torch cannot use this device kind here."""
         if self.name == "cpu" or has(self.name):

@@ -73,8 +73,23 @@ class RaytpConfig(BaseModel):
     )
     max_num_seqs: int = Field(8, ge=1, le=1024, description="Most sequences decoded together in one batch.")
     max_num_batched_tokens: int = Field(
-        2048, ge=1, description="Most prompt tokens prefilled in one engine step (a longer single prompt still runs "
-        "alone), so new prompts cannot stall running streams for long.",
+        512, ge=1, description="Most tokens computed in one engine step: one per decoding sequence plus chunks of "
+        "prompts being prefilled (a longer prompt is prefilled in chunks over several steps while the others keep "
+        "decoding). Bounds a step's duration; must be at least max_num_seqs.",
+    )
+    block_size: int = Field(16, ge=1, le=256, description="Tokens per KV-cache block (the paged cache's page).")
+    kv_cache_memory_bytes: int | None = Field(
+        None, ge=1, description="KV-cache budget of each rank, in bytes. null: 4 GiB per rank on cpu (vLLM's CPU "
+        "default; pages are committed only as blocks are used), and gpu_memory_utilization of the device's memory "
+        "minus what the loaded shard uses on xpu/cuda.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="xpu/cuda: fraction of device memory raytp may use (weights + KV cache) when "
+        "kv_cache_memory_bytes is null.",
+    )
+    enable_prefix_caching: bool = Field(
+        True, description="Reuse the KV blocks of a cached identical prefix (system prompt, earlier chat turns): "
+        "only the rest of a prompt is computed.",
     )
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="'continuous': iteration-level batching (requests join and leave every step). "
@@ -115,6 +130,9 @@ class RaytpConfig(BaseModel):
     def check_static(self) -> RaytpConfig:
         """Checks that need no node (run where the app is built); returns self. Raises ``ConfigError``."""
         check_dtype_on(self.device, self.dtype)
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError("max_num_batched_tokens", f"{self.max_num_batched_tokens} is less than max_num_seqs "
+                              f"({self.max_num_seqs}): every running sequence needs a token each step.")
         if self.low_bit is not None and self.low_bit not in LOW_BIT_FORMATS:
             raise ConfigError("low_bit", f"unknown format {self.low_bit!r}; choose one of "
                               f"{', '.join(LOW_BIT_FORMATS)} or null.")
@@ -138,6 +156,10 @@ class ResolvedConfig:
     max_model_len: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    block_size: int
+    kv_cache_memory_bytes: int | None
+    gpu_memory_utilization: float
+    enable_prefix_caching: bool
     scheduling: str
     max_queue_size: int
     trust_remote_code: bool
@@ -195,6 +217,10 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
+        block_size=cfg.block_size,
+        kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        enable_prefix_caching=cfg.enable_prefix_caching,
         scheduling=cfg.scheduling,
         max_queue_size=cfg.max_queue_size,
         trust_remote_code=cfg.trust_remote_code,

@@ -1,8 +1,9 @@
 """Typed messages across the engine ⇄ gang seam: plain, picklable dataclasses, no torch, no Ray.
 
 The engine sends every rank the same ``StepInput``; rank 0 answers with a ``StepOutput``.
-Full prompt tokens travel once, in the step that prefills them; decode steps carry no
-tokens at all (every rank already holds each row's last token).
+Ranks keep no per-request state but rank 0's sampling generators: every step says, for
+each row, which tokens to compute, at which positions, and in which KV blocks (the
+driver's scheduler owns the paged KV cache; ranks never allocate).
 """
 
 from __future__ import annotations
@@ -28,42 +29,50 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
-class SeqInput:
-    """What a rank needs to prefill one sequence: full prompt tokens once, never again."""
+class RowInput:
+    """One sequence's share of a step: compute ``token_ids`` at positions ``start_pos ..``, writing their keys
+    and values into the KV slots ``block_table[pos // block_size] * block_size + pos % block_size`` and attending
+    to every earlier position of the sequence (already in its blocks). A decode row has one token (the last one
+    sampled); a prefill row a chunk of its prompt (or, after preemption, of prompt + output so far).
+    ``sample``: this chunk reaches the sequence's end, so one token is sampled from its last position."""
 
     seq_id: str
-    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]
+    sample: bool
     params: SamplingParams
 
 
 @dataclass(frozen=True)
 class StepInput:
-    """One engine step, identical for every rank. Applied in this order:
+    """One engine step, identical for every rank: one flat, unpadded forward over every row's tokens.
+    ``finished_ids``: sequences that ended since the last step (rank 0 drops their sampling state).
+    A step with no rows only releases."""
 
-    1. drop the rows of ``finished_ids`` (finished or aborted since the last step);
-    2. prefill ``new`` rows (appended in order) and sample each one's first token; or, if there are none,
-    3. when ``decode`` is set, sample one token for every row, in row order.
-    A step with only ``finished_ids`` releases rows and samples nothing."""
-
+    rows: tuple[RowInput, ...] = ()
     finished_ids: tuple[str, ...] = ()
-    new: tuple[SeqInput, ...] = ()
-    decode: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.rows)
 
 
 @dataclass(frozen=True)
 class StepOutput:
-    """Rank 0's answer to a ``StepInput``: one sampled token per prefilled row (prefill) or per row (decode),
-    in row order; empty for a release-only step. Other ranks return an empty output."""
+    """Rank 0's answer: one sampled token per row with ``sample`` set, in row order. Other ranks return ()."""
 
     tokens: tuple[int, ...] = ()
 
 
 @dataclass
 class LoadReport:
-    """What one rank reports after loading its shard."""
+    """What one rank reports after loading its shard and allocating its KV cache."""
 
     rank: int
     load_s: float
     peak_rss_mb: float
     rss_mb: float
     num_params: int
+    num_kv_blocks: int = 0  # KV blocks this rank's budget holds (the engine uses the smallest over ranks)
+    kv_block_bytes: int = 0  # bytes of one block on this rank (its share of heads, every layer, keys + values)

@@ -21,16 +21,21 @@ from raytp.messages import LoadReport, StepInput, StepOutput
 
 
 class ScriptedExecutor:
-    """``Executor`` with scripted tokens.
+    """``Executor`` with scripted tokens and a fake paged KV cache.
 
-    ``scripts``: prompt's first token id → the row's tokens (the last one repeats). Other rows draw from
-    ``token_ids`` by hashing (prompt, position, seed). ``step_delay_s``: each step's duration.
-    ``fail_after_steps``: the step after that many fails as a dead gang. ``fail_prompt``: a row whose
-    prompt starts with these ids kills the gang ``fail_prompt_after`` steps after it was prefilled."""
+    Like a rank, it stores each computed token in the KV slot the step's block table names, and reads a row's
+    context back from its blocks, so wrong block tables (a bad prefix share, a lost block) change the tokens.
+    A sampled token is ``scripts[context[0]]`` (its n-th entry for the row's n-th token; the last one repeats),
+    else a hash of (context, seed) into ``token_ids``: a greedy request gives the same tokens alone or in any
+    batch, and seeded sampling is reproducible. ``step_delay_s``: each step's duration. ``fail_after_steps``:
+    the step after that many fails as a dead gang. ``fail_prompt``: a row whose context starts with these ids
+    kills the gang ``fail_prompt_after`` steps after it was first computed. ``num_kv_blocks``: the blocks each
+    "rank" reports."""
 
     def __init__(self, token_ids: list[int] | None = None, *, scripts: dict[int, list[int]] | None = None,
                  step_delay_s: float = 0.0, start_delay_s: float = 0.0, fail_after_steps: int | None = None,
-                 fail_prompt: tuple[int, ...] | None = None, fail_prompt_after: int = 2, world_size: int = 1):
+                 fail_prompt: tuple[int, ...] | None = None, fail_prompt_after: int = 2, world_size: int = 1,
+                 num_kv_blocks: int = 4096, block_size: int = 16):
         self.token_ids = token_ids or list(range(10, 100))
         self.scripts = scripts or {}
         self.step_delay_s = step_delay_s
@@ -39,21 +44,26 @@ class ScriptedExecutor:
         self.fail_prompt = tuple(fail_prompt) if fail_prompt else None
         self.fail_prompt_after = fail_prompt_after
         self.world_size = world_size
-        self.steps: list[str] = []  # "prefill" | "decode" | "release", one per step
-        self.rows: dict[str, list] = {}  # seq_id -> [SeqInput, tokens emitted]
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size = block_size
+        self.steps: list[str] = []  # "prefill" (some row computes several tokens) | "decode" | "release"
+        self.slots: dict[int, int] = {}  # KV slot -> the token computed there
+        self.sampled: dict[str, int] = {}  # seq_id -> tokens sampled so far
         self._fuse: int | None = None  # steps left before a scripted failure
         self._dead: str | None = None
         self.shut = False
 
     async def start(self) -> list[LoadReport]:
         await asyncio.sleep(self.start_delay_s)
-        return [LoadReport(rank=r, load_s=self.start_delay_s, peak_rss_mb=0.0, rss_mb=0.0, num_params=0)
+        return [LoadReport(rank=r, load_s=self.start_delay_s, peak_rss_mb=0.0, rss_mb=0.0, num_params=0,
+                           num_kv_blocks=self.num_kv_blocks, kv_block_bytes=self.block_size)
                 for r in range(self.world_size)]
 
     async def step(self, step: StepInput) -> StepOutput:
         if self._dead:
             raise EngineDeadError(f"TP gang is dead: {self._dead}")
-        self.steps.append("prefill" if step.new else "decode" if step.decode else "release")
+        kind = "release" if not step.rows else "prefill" if any(len(r.token_ids) > 1 for r in step.rows) else "decode"
+        self.steps.append(kind)
         await asyncio.sleep(self.step_delay_s)  # 0: still yields to the event loop, as a real step would
         if self._fuse is not None:
             self._fuse -= 1
@@ -61,23 +71,29 @@ class ScriptedExecutor:
             self._dead = "rank 1: scripted failure"
             raise EngineDeadError(f"TP gang is dead: {self._dead}")
         for seq_id in step.finished_ids:
-            del self.rows[seq_id]
-        for s in step.new:
-            self.rows[s.seq_id] = [s, 0]
-            if self.fail_prompt and s.prompt_ids[:len(self.fail_prompt)] == self.fail_prompt and self._fuse is None:
+            self.sampled.pop(seq_id, None)
+        tokens = []
+        for r in step.rows:
+            bs = self.block_size
+            slot = lambda p: r.block_table[p // bs] * bs + p % bs  # noqa: E731
+            for i, t in enumerate(r.token_ids):
+                self.slots[slot(r.start_pos + i)] = t
+            if not r.sample:
+                continue
+            context = tuple(self.slots[slot(p)] for p in range(r.start_pos + len(r.token_ids)))
+            if self.fail_prompt and context[:len(self.fail_prompt)] == self.fail_prompt and self._fuse is None:
                 self._fuse = self.fail_prompt_after
-        active = [s.seq_id for s in step.new] if step.new else list(self.rows) if step.decode else []
-        return StepOutput(tuple(self._next_token(seq_id) for seq_id in active))
+            tokens.append(self._next_token(r, context))
+        return StepOutput(tuple(tokens))
 
-    def _next_token(self, seq_id: str) -> int:
-        row = self.rows[seq_id]
-        seq, i = row
-        row[1] += 1
-        script = self.scripts.get(seq.prompt_ids[0])
+    def _next_token(self, row, context: tuple[int, ...]) -> int:
+        i = self.sampled.get(row.seq_id, 0)
+        self.sampled[row.seq_id] = i + 1
+        script = self.scripts.get(context[0])
         if script is not None:
             return script[min(i, len(script) - 1)]
-        seed = 0 if seq.params.greedy else seq.params.seed
-        digest = hashlib.blake2b(repr((seq.prompt_ids, i, seed)).encode(), digest_size=8).digest()
+        seed = 0 if row.params.greedy else row.params.seed
+        digest = hashlib.blake2b(repr((context, seed)).encode(), digest_size=8).digest()
         return self.token_ids[int.from_bytes(digest, "little") % len(self.token_ids)]
 
     async def pids(self) -> list[int]:
@@ -110,7 +126,7 @@ def scripted_engine_factory(*, step_delay_s: float = 0.0, start_delay_s: float =
         fail = tuple(tokenizer.encode(fail_prompt)) if fail_prompt else None
         executor = ScriptedExecutor(plain_token_ids(tokenizer), step_delay_s=step_delay_s,
                                     start_delay_s=start_delay_s, fail_prompt=fail, fail_prompt_after=fail_prompt_after,
-                                    world_size=config.tensor_parallel_size)
+                                    world_size=config.tensor_parallel_size, block_size=config.block_size)
         return make_engine(config, executor, tokenizer, stats)
 
     return factory

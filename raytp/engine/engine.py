@@ -19,10 +19,10 @@ from dataclasses import replace
 
 from raytp.engine.detokenizer import IncrementalDetokenizer
 from raytp.engine.protocol import EngineStatus, Executor, RequestOutput
-from raytp.engine.scheduler import SchedulerOutput, Sequence, make_scheduler
+from raytp.engine.scheduler import SchedulerConfig, Sequence
 from raytp.engine.stats import EngineStats
-from raytp.errors import EngineDeadError, InvalidRequestError
-from raytp.messages import SamplingParams, StepInput
+from raytp.errors import ConfigError, EngineDeadError, InvalidRequestError
+from raytp.messages import RowInput, SamplingParams, StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -37,20 +37,21 @@ class _Stream:
 
 def make_engine(config, executor: Executor, tokenizer, stats: EngineStats | None = None) -> Engine:
     """The engine a ``ResolvedConfig`` describes, over ``executor``."""
-    scheduler = make_scheduler(config.scheduling, config.max_num_seqs, config.max_queue_size,
-                               config.max_num_batched_tokens)
-    return Engine(executor, tokenizer, scheduler, seed=config.seed, stats=stats)
+    return Engine(executor, tokenizer, SchedulerConfig.of(config), seed=config.seed, stats=stats)
 
 
 class Engine:
-    """Owns a scheduler and an executor. ``scheduler`` is a ``raytp.engine.scheduler`` policy; ``stats`` an
-    ``EngineStats`` observer (the warm-up request is not reported to it, nor counted in ``status()``)."""
+    """Owns a scheduler and an executor. ``scheduling`` says which ``raytp.engine.scheduler`` policy to build
+    once the gang reports its KV blocks; ``stats`` is an ``EngineStats`` observer (the warm-up request is not
+    reported to it, nor counted in ``status()``)."""
 
-    def __init__(self, executor: Executor, tokenizer, scheduler, *, seed: int = 0, stats: EngineStats | None = None):
+    def __init__(self, executor: Executor, tokenizer, scheduling: SchedulerConfig | None = None, *, seed: int = 0,
+                 stats: EngineStats | None = None):
         self.executor = executor
         self.stats = stats or EngineStats()
         self.tokenizer = tokenizer
-        self.scheduler = scheduler
+        self.scheduling = scheduling or SchedulerConfig()
+        self.scheduler = None
         self.eos_token_id = tokenizer.eos_token_id
         self._streams: dict[str, _Stream] = {}
         self._wake = asyncio.Event()
@@ -63,8 +64,22 @@ class Engine:
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self, warmup: bool = True) -> None:
-        """Start the gang, run the loop, and (optionally) prove it with a 2-token warm-up generation."""
+        """Start the gang, run the loop, and (optionally) prove it with a 2-token warm-up generation. Raises
+        ``ConfigError`` if the ranks' KV budget cannot hold a single block (the gang is shut down)."""
         self.load_reports = await self.executor.start()
+        num_blocks = min(r.num_kv_blocks for r in self.load_reports)
+        bs = self.scheduling.block_size
+        if num_blocks < 2:
+            self.executor.shutdown()
+            per_block = max(r.kv_block_bytes for r in self.load_reports)
+            raise ConfigError("kv_cache_memory_bytes", f"the KV cache budget holds {max(num_blocks - 1, 0)} usable "
+                              f"blocks on some rank; one block of {bs} tokens takes {per_block} bytes per rank and "
+                              f"a request needs at least one: raise it to at least {2 * per_block} (or lower "
+                              "block_size).")
+        self.scheduler = self.scheduling.build(num_blocks)
+        capacity = self.scheduler.kv.capacity_tokens
+        logger.info("raytp: KV cache of %d blocks x %d tokens = %d tokens per replica (prefix caching %s)",
+                    num_blocks - 1, bs, capacity, "on" if self.scheduling.enable_prefix_caching else "off")
         self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
         if warmup:  # proves the whole path once; an operator's counters start after it
             prompt = tuple(self.tokenizer.encode("warm up", add_special_tokens=False)) or (0,)
@@ -101,7 +116,12 @@ class Engine:
             self.executor.shutdown()
 
     def status(self) -> EngineStatus:
-        return EngineStatus(self.scheduler.num_running, self.scheduler.num_waiting, dict(self.finished_counts))
+        s = self.scheduler
+        if s is None:
+            return EngineStatus(0, 0, dict(self.finished_counts))
+        return EngineStatus(s.num_running, s.num_waiting, dict(self.finished_counts), kv_cache_usage=s.kv.usage,
+                            kv_cache_tokens=s.kv.capacity_tokens, num_preemptions=s.num_preemptions,
+                            prefix_cache_hit_rate=s.kv.prefix_hit_rate)
 
     async def worker_pids(self) -> list[int]:
         return await self.executor.pids()
@@ -113,6 +133,8 @@ class Engine:
         Raises ``EngineDeadError`` if the gang fails, ``QueueFullError`` if the replica is at capacity.
         """
         self.check_health()
+        if self.scheduler is None:
+            raise EngineDeadError("engine is not started")
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use (X-Request-Id must be unique)")
         if not params.greedy and params.seed is None:
@@ -158,31 +180,42 @@ class Engine:
 
     async def step(self) -> bool:
         """One iteration. Returns False when there was nothing to do."""
+        kv = self.scheduler.kv
+        queried, hits = kv.prefix_queried_tokens, kv.prefix_hit_tokens
         out = self.scheduler.schedule()  # 1. schedule
-        if out.kind == "idle":
+        if out.idle:
             return False
-        new = tuple(s.to_input() for s in out.seqs) if out.kind == "prefill" else ()
-        if new:
-            now = time.monotonic()
-            for s in out.seqs:
-                self.stats.on_scheduled(now - s.arrival_s)
+        now = time.monotonic()
+        rows = []
+        for seq, n in out.rows:
+            if seq.scheduled_s is None:
+                seq.scheduled_s = now
+                self.stats.on_scheduled(now - seq.arrival_s)
+            start = seq.num_computed
+            rows.append(RowInput(seq.seq_id, tuple(seq.token_ids[start:start + n]), start, tuple(seq.kv.table),
+                                 start + n == len(seq.token_ids), seq.params))
+        if out.num_preempted:
+            self.stats.on_preempted(out.num_preempted)
+        if kv.prefix_queried_tokens != queried:
+            self.stats.on_prefix_lookup(kv.prefix_queried_tokens - queried, kv.prefix_hit_tokens - hits)
         # 2. execute: the same step to every rank, one round trip
-        result = await self.executor.step(StepInput(out.finished_ids, new, out.kind == "decode"))
-        if out.kind != "release":
-            assert len(result.tokens) == len(out.seqs), "workers and scheduler disagree on the rows"
-            self._update(out, result.tokens)  # 3. update
-        self.stats.on_step(self.scheduler.num_running, self.scheduler.num_waiting)
+        result = await self.executor.step(StepInput(tuple(rows), out.finished_ids))
+        self.scheduler.update(out)  # 3. update: tokens computed, then the sampled ones appended
+        sampled = [seq for (seq, _), row in zip(out.rows, rows) if row.sample]
+        assert len(result.tokens) == len(sampled), "workers and scheduler disagree on the rows"
+        self._update(sampled, result.tokens)
+        self.stats.on_step(self.scheduler.num_running, self.scheduler.num_waiting, kv.usage)
         return True
 
-    def _update(self, out: SchedulerOutput, tokens: tuple[int, ...]) -> None:
-        for seq, token in zip(out.seqs, tokens):
+    def _update(self, seqs: list[Sequence], tokens: tuple[int, ...]) -> None:
+        for seq, token in zip(seqs, tokens):
             if seq.finished:
                 continue
             stream = self._streams.get(seq.seq_id)
             if stream is None:  # its caller went away between steps
                 seq.finish_reason = "abort"
                 continue
-            seq.output_ids.append(token)
+            seq.append_token(token)
             now = time.monotonic()
             self.stats.on_token(now - (seq.last_token_s or seq.arrival_s), first=seq.last_token_s is None)
             seq.last_token_s = now
@@ -204,7 +237,8 @@ class Engine:
                 stream.pending_ids = []
 
     def _fail_all(self, error: EngineDeadError) -> None:
-        self.scheduler.drain()
+        if self.scheduler is not None:
+            self.scheduler.drain()
         for stream in list(self._streams.values()):
             stream.seq.finish_reason = stream.seq.finish_reason or "error"
             stream.queue.put_nowait(error)

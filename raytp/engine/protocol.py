@@ -30,11 +30,15 @@ class RequestOutput:
 
 @dataclass
 class EngineStatus:
-    """A snapshot for ``/health``: requests in a batch slot, requests queued, requests ended by reason."""
+    """A snapshot for ``/health``: requests in a batch slot, requests queued, requests ended by reason, KV cache."""
 
     num_running: int
     num_waiting: int
     num_finished: dict[str, int] = field(default_factory=dict)
+    kv_cache_usage: float = 0.0  # fraction of KV blocks held by requests
+    kv_cache_tokens: int = 0  # tokens the whole KV cache holds
+    num_preemptions: int = 0  # requests preempted since start (KV blocks ran out; recomputed later)
+    prefix_cache_hit_rate: float = 0.0  # prompt tokens found in the prefix cache / prompt tokens looked up
 
 
 class Executor(Protocol):

@@ -1,19 +1,22 @@
-"""Which sequences run next. Pure Python: no torch, no Ray, no devices.
+"""Which tokens of which sequences run next, and in which KV blocks. Pure Python: no torch, no Ray.
 
-Every step the scheduler emits one ``SchedulerOutput``: rows to drop on every rank
-(finished or aborted since the last step), then either new rows to prefill or one
-decode step over all running rows. The row order is the workers' order: running rows
-keep their order, new rows are appended.
+Every step the scheduler emits one ``SchedulerOutput``: a flat list of (sequence, number of tokens)
+rows, each computing its next tokens at its next positions, and the ids of sequences that ended.
+Rows carry no padding: a decoding row computes one token, a prefilling row a chunk of its prompt.
 
-``ContinuousBatchScheduler`` (default) schedules per iteration, as vLLM and TGI do:
-waiting requests join the running batch as soon as there is a free slot, and finished
-ones leave at once. A prefill step admits waiting prompts up to ``max_num_batched_tokens``
-tokens in total (one prompt always fits) and never runs twice in a row while rows are
-decoding, so a burst of long prompts stalls running streams by at most one prefill
-step per decode step.
+``ContinuousBatchScheduler`` (default) is vLLM's: each step first gives every running sequence its
+next tokens (one for a decoding row, the next chunk of a prompt still being prefilled), then admits
+waiting sequences, all under ``max_num_batched_tokens`` tokens per step. A long prompt is thus
+prefilled in chunks across steps while the running streams decode a token every step, and one
+step's work (hence its duration) is bounded. KV memory is the paged cache of ``BlockManager``:
+a sequence is admitted only when its blocks fit; when a running sequence needs a block and none is
+free, the newest running sequence is preempted — its blocks are freed and it goes back to the front
+of the queue, to be recomputed (prompt + output so far) when blocks free up; with prefix caching
+its own freed blocks usually make that recompute cheap. Nothing is dropped, nothing runs out of memory.
 
-``StaticBatchScheduler`` is upstream DeepSpeed's serving policy, kept for comparison:
-up to ``max_num_seqs`` requests start together and the batch runs until all are done.
+``StaticBatchScheduler`` is upstream DeepSpeed's serving policy, kept for comparison: up to
+``max_num_seqs`` requests start together (each reserving blocks for prompt + ``max_tokens``, whole
+prompts in one step) and the batch runs until all are done.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from raytp.errors import QueueFullError
-from raytp.messages import SamplingParams, SeqInput
+from raytp.engine.kv_cache import BlockManager, KVState
+from raytp.errors import InvalidRequestError, QueueFullError
+from raytp.messages import SamplingParams
 
 
 @dataclass
 class Sequence:
-    """Engine-side state of one request."""
+    """Engine-side state of one request. ``token_ids`` = prompt + output so far; the first ``num_computed``
+    of them have their keys and values in ``kv``'s blocks."""
 
     seq_id: str
     prompt_ids: tuple[int, ...]
@@ -37,45 +42,75 @@ class Sequence:
     finish_reason: str | None = None
     arrival_s: float = field(default_factory=time.monotonic)
     last_token_s: float | None = None
+    scheduled_s: float | None = None  # first scheduled (end of its queueing)
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    kv: KVState = field(default_factory=KVState)
+    num_preemptions: int = 0
+
+    def __post_init__(self):
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_ids)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def to_input(self) -> SeqInput:
-        return SeqInput(self.seq_id, self.prompt_ids, self.params)
+    @property
+    def num_pending(self) -> int:
+        """Tokens known but not yet computed: the rest of the prompt, or the one token sampled last step."""
+        return len(self.token_ids) - self.num_computed
+
+    def append_token(self, token: int) -> None:
+        self.output_ids.append(token)
+        self.token_ids.append(token)
 
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """One step's command. ``kind``: 'prefill' (``seqs`` are new rows), 'decode' (``seqs`` are all rows),
-    'release' (only drop ``finished_ids``) or 'idle'. ``finished_ids`` are dropped on every rank first."""
+    """One step: ``rows`` (sequence, tokens to compute) in row order; ``finished_ids`` ended since the last
+    step; ``num_preempted`` sequences preempted while scheduling it. No rows and no ids: nothing to do."""
 
-    kind: str
-    seqs: tuple[Sequence, ...] = ()
+    rows: tuple[tuple[Sequence, int], ...] = ()
     finished_ids: tuple[str, ...] = ()
+    num_preempted: int = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows and not self.finished_ids
 
 
-class _Queue:
-    """The bounded waiting queue and abort handling both policies share."""
+class _Scheduler:
+    """The bounded waiting queue, the running set, the block manager and abort handling both policies share."""
 
-    def __init__(self, max_num_seqs: int, max_queue_size: int):
+    def __init__(self, kv: BlockManager, max_num_seqs: int, max_queue_size: int, max_num_batched_tokens: int):
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_queue_size = max_queue_size
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        """Queue ``seq``; raise ``QueueFullError`` if the waiting queue is at its bound."""
+        """Queue ``seq``. Raises ``InvalidRequestError`` if it could never fit in the KV cache, ``QueueFullError``
+        if the waiting queue is at its bound."""
+        need = len(seq.prompt_ids) + seq.params.max_tokens
+        if need > self.kv.capacity_tokens:
+            raise InvalidRequestError(
+                f"this request needs up to {need} tokens of KV cache (prompt {len(seq.prompt_ids)} + max_tokens "
+                f"{seq.params.max_tokens}) but the whole cache of this replica holds {self.kv.capacity_tokens}; "
+                "shorten the prompt or lower max_tokens")
         if len(self.waiting) >= self.max_queue_size:
             raise QueueFullError(f"server is at capacity ({self.max_queue_size} requests waiting); retry later")
         self.waiting.append(seq)
 
     def abort(self, seq_id: str) -> None:
-        """Drop a waiting sequence, or mark a running one finished so the next step frees its row."""
+        """Drop a waiting sequence, or mark a running one finished so the next step frees it."""
         for seq in self.waiting:
             if seq.seq_id == seq_id:
                 self.waiting.remove(seq)
+                self.kv.free(seq.kv)
                 return
         for seq in self.running:
             if seq.seq_id == seq_id and not seq.finished:
@@ -84,8 +119,41 @@ class _Queue:
     def drain(self) -> list[Sequence]:
         """Remove and return every unfinished sequence (used when the gang dies)."""
         seqs = [s for s in self.running if not s.finished] + list(self.waiting)
+        for s in self.running + list(self.waiting):
+            self.kv.free(s.kv)
         self.running, self.waiting = [], deque()
         return seqs
+
+    def update(self, out: SchedulerOutput) -> None:
+        """After the ranks ran ``out``: its rows' tokens are computed (their full blocks become cacheable)."""
+        for seq, n in out.rows:
+            seq.num_computed += n
+            self.kv.commit(seq.kv, seq.token_ids, seq.num_computed)
+
+    def _release_finished(self) -> tuple[str, ...]:
+        finished = tuple(s.seq_id for s in self.running if s.finished)
+        for s in self.running:
+            if s.finished:
+                self.kv.free(s.kv)
+        self.running = [s for s in self.running if not s.finished]
+        return finished
+
+    def _admit(self, seq: Sequence, num_tokens) -> int | None:
+        """Take ``seq``'s cached prefix and blocks for its first chunk (at most ``num_tokens`` tokens, or all
+        of them if None) plus ``reserve`` more tokens; return the chunk's length, or None (nothing held)."""
+        if not seq.kv.table:
+            seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.token_ids)
+        n = seq.num_pending if num_tokens is None else min(seq.num_pending, num_tokens)
+        if self.kv.allocate(seq.kv, seq.num_computed + n + self._reserve(seq)):
+            if self.kv.enable_prefix_caching:
+                self.kv.record_lookup(len(seq.token_ids), seq.num_computed)
+            return n
+        self.kv.free(seq.kv)
+        seq.num_computed = 0
+        return None
+
+    def _reserve(self, seq: Sequence) -> int:
+        return 0
 
     @property
     def num_waiting(self) -> int:
@@ -96,48 +164,88 @@ class _Queue:
         return sum(not s.finished for s in self.running)
 
 
-class ContinuousBatchScheduler(_Queue):
-    def __init__(self, max_num_seqs: int, max_queue_size: int, max_num_batched_tokens: int):
-        super().__init__(max_num_seqs, max_queue_size)
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self._last_was_prefill = False
-
+class ContinuousBatchScheduler(_Scheduler):
     def schedule(self) -> SchedulerOutput:
-        finished = tuple(s.seq_id for s in self.running if s.finished)
-        self.running = [s for s in self.running if not s.finished]
-        new: list[Sequence] = []
-        may_prefill = not (self._last_was_prefill and self.running)
-        if may_prefill:
-            budget = self.max_num_batched_tokens
-            while self.waiting and len(self.running) + len(new) < self.max_num_seqs:
-                n = len(self.waiting[0].prompt_ids)
-                if new and n > budget:
+        finished = self._release_finished()
+        budget = self.max_num_batched_tokens
+        rows: list[tuple[Sequence, int]] = []
+        preempted = 0
+        # 1. Running sequences first, oldest first: a token each (or their next prompt chunk).
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_pending, budget)
+            while not self.kv.allocate(seq.kv, seq.num_computed + n):
+                victim = self.running.pop()  # the newest
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
                     break
+            else:
+                rows.append((seq, n))
                 budget -= n
-                new.append(self.waiting.popleft())
-        self._last_was_prefill = bool(new)
-        if new:
-            self.running += new
-            return SchedulerOutput("prefill", tuple(new), finished)
-        if self.running:
-            return SchedulerOutput("decode", tuple(self.running), finished)
-        return SchedulerOutput("release", (), finished) if finished else SchedulerOutput("idle")
-
-
-class StaticBatchScheduler(_Queue):
-    def schedule(self) -> SchedulerOutput:
-        if self.running and not all(s.finished for s in self.running):
-            return SchedulerOutput("decode", tuple(self.running))
-        finished = tuple(s.seq_id for s in self.running)
-        self.running = []
-        while self.waiting and len(self.running) < self.max_num_seqs:
+                i += 1
+                continue
+            break
+        # 2. Then waiting ones, in arrival order, while tokens, slots and blocks last (not in a step that had to
+        # preempt: blocks are short).
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._admit(seq, budget)
+            if n is None:
+                break
             self.running.append(self.waiting.popleft())
-        if self.running:
-            return SchedulerOutput("prefill", tuple(self.running), finished)
-        return SchedulerOutput("release", (), finished) if finished else SchedulerOutput("idle")
+            rows.append((seq, n))
+            budget -= n
+        return SchedulerOutput(tuple(rows), finished, preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq.kv)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
 
 
-def make_scheduler(policy: str, max_num_seqs: int, max_queue_size: int, max_num_batched_tokens: int):
-    if policy == "static":
-        return StaticBatchScheduler(max_num_seqs, max_queue_size)
-    return ContinuousBatchScheduler(max_num_seqs, max_queue_size, max_num_batched_tokens)
+class StaticBatchScheduler(_Scheduler):
+    def schedule(self) -> SchedulerOutput:
+        live = [s for s in self.running if not s.finished]
+        if live:
+            return SchedulerOutput(tuple((s, s.num_pending) for s in live))
+        finished = self._release_finished()
+        rows = []
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            n = self._admit(self.waiting[0], None)
+            if n is None:
+                break
+            seq = self.waiting.popleft()
+            self.running.append(seq)
+            rows.append((seq, n))
+        return SchedulerOutput(tuple(rows), finished)
+
+    def _reserve(self, seq: Sequence) -> int:
+        return seq.params.max_tokens  # a static batch never grows past what it reserved: no preemption
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """A scheduling policy and its limits; ``build`` makes the scheduler once the gang says how many KV blocks
+    every rank holds."""
+
+    policy: str = "continuous"  # continuous | static
+    max_num_seqs: int = 8
+    max_queue_size: int = 256
+    max_num_batched_tokens: int = 512
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+
+    @classmethod
+    def of(cls, config) -> SchedulerConfig:
+        """From a ``ResolvedConfig``."""
+        return cls(config.scheduling, config.max_num_seqs, config.max_queue_size, config.max_num_batched_tokens,
+                   config.block_size, config.enable_prefix_caching)
+
+    def build(self, num_blocks: int):
+        cls = StaticBatchScheduler if self.policy == "static" else ContinuousBatchScheduler
+        kv = BlockManager(num_blocks, self.block_size, self.enable_prefix_caching)
+        return cls(kv, self.max_num_seqs, self.max_queue_size, self.max_num_batched_tokens)

@@ -10,8 +10,14 @@ from __future__ import annotations
 class EngineStats:
     """No-op observer; subclass and override what you need. Times are seconds (``time.monotonic``)."""
 
-    def on_step(self, num_running: int, num_waiting: int) -> None:
-        """After every step: requests holding a batch slot and requests queued for one."""
+    def on_step(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> None:
+        """After every step: requests holding a batch slot, requests queued for one, fraction of KV blocks held."""
+
+    def on_preempted(self, num: int) -> None:
+        """``num`` running requests were preempted (KV blocks ran out; they will be recomputed)."""
+
+    def on_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """An admitted request looked up ``num_tokens`` prompt tokens in the prefix cache and found ``num_hit``."""
 
     def on_scheduled(self, queue_s: float) -> None:
         """A request got a batch slot after waiting ``queue_s`` in the queue."""

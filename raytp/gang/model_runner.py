@@ -1,27 +1,22 @@
-"""One rank's running batch: its rows, their HF KV cache, and one verb, ``step(StepInput) -> StepOutput``.
+"""One rank's forward over a step: flat, unpadded tokens of every row through the model, attention over the
+rank's paged KV cache (``raytp.gang.paged_attention``), rank 0 samples.
 
-Every rank of a gang holds the same rows in the same order and runs the same forward
-(DeepSpeed AutoTP all-reduces inside it). Rank 0 samples and broadcasts the tokens, so
-ranks never decide anything on their own and cannot diverge.
-
-KV cache: the HF dynamic cache the model itself returns, one [rows, kv_heads, seq,
-head_dim] tensor pair per layer (AutoTP only splits linears, so each rank's tensors
-hold its share of heads). Rows are left-padded to a common length and masked, the
-approach TGI takes for HF models: a finished row is removed with ``index_select``; each
-new row is prefilled on its own (no padding) and concatenated, the shorter side left-padded.
-Both are plain tensor ops that work the same on every device and transformers version
-(``raytp.compat`` reads and writes the per-layer tensors), with no paged-attention kernel.
+Every rank of a gang runs the same ``StepInput`` (DeepSpeed AutoTP all-reduces inside the forward) and
+holds the same KV blocks for its own heads. Ranks keep no request state beyond rank 0's per-request
+sampling generators: tokens, positions and block tables come with each step, so the driver alone decides
+what runs and where it is stored, and preemption or prefix sharing needs nothing from the ranks.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
 
-from raytp.compat import cache_arg_name, cache_kv, empty_cache, logits_to_keep_kwarg, output_cache, set_cache_kv
+from raytp.gang import paged_attention as pa
 from raytp.gang.sampler import make_generator, sample
-from raytp.messages import SeqInput, StepInput, StepOutput
+from raytp.messages import StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -36,130 +31,110 @@ def decoder_layers(model) -> list:
 
 
 class ModelRunner:
-    def __init__(self, model, device: str, rank: int, world_size: int):
+    """``kv_cache_bytes``: this rank's KV budget; ``max_blocks``: most blocks worth allocating (more would never be
+    used). The pool is sized by a one-token probe forward that records every layer's key shape on this rank."""
+
+    def __init__(self, model, device: str, rank: int, world_size: int, *, block_size: int = 16,
+                 kv_cache_bytes: int = 1 << 30, max_blocks: int | None = None):
         self.model = model
         self.device = device
         self.rank = rank
         self.world_size = world_size
-        self._cache_arg = cache_arg_name(model)
-        self._keep_last = logits_to_keep_kwarg(model)  # prefill computes lm_head for the last position only
+        self.block_size = block_size
+        self._interface = pa.register()
+        if self._interface:
+            model.set_attn_implementation(pa.ATTN_NAME)
+        else:
+            self._legacy_cache = pa.legacy_cache_cls()
+        self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in inspect.signature(model.forward).parameters \
+            else None
+        self.generators: dict[str, torch.Generator | None] = {}
         # Decoder layers run so far; read from another thread by the worker's liveness ping, so the executor can
         # tell a slow step (the count moves) from a hung one (it does not).
         self.progress = 0
         for layer in decoder_layers(model):
             layer.register_forward_hook(self._count_layer)
-        self._reset()
+        shapes = self._probe()
+        self.block_bytes = pa.KVPool.block_bytes(shapes, block_size)
+        num_blocks = max(0, kv_cache_bytes // self.block_bytes)
+        if max_blocks is not None:
+            num_blocks = min(num_blocks, max_blocks)
+        self.pool = pa.KVPool(shapes, num_blocks, block_size, device) if num_blocks >= 2 else None
+        self.num_blocks = num_blocks
+
+    @classmethod
+    def for_config(cls, model, config, rank: int, device: str) -> ModelRunner:
+        """The runner a ``ResolvedConfig`` describes: its block size and KV budget (asked of the accelerator after
+        the shard is loaded), and never more blocks than max_num_seqs full-length sequences could use twice over
+        (the spare half keeps cached prefixes)."""
+        from raytp import accelerator
+
+        budget = accelerator.get(config.device).kv_cache_budget(config.kv_cache_memory_bytes,
+                                                               config.gpu_memory_utilization)
+        per_seq = -(-config.max_model_len // config.block_size)
+        return cls(model, device, rank, config.tensor_parallel_size, block_size=config.block_size,
+                   kv_cache_bytes=budget, max_blocks=2 * config.max_num_seqs * per_seq + 1)
 
     def _count_layer(self, *_args) -> None:
         self.progress += 1
 
-    def _reset(self) -> None:
-        self.rows: list[str] = []
-        self.params = []
-        self.generators = []
-        self.cache = None
-        self.mask = None  # [rows, seq] 1 = real token
-        self.last_pos = None  # [rows] position of each row's last token
-        self.last_tokens = None  # [rows]
+    @torch.inference_mode()
+    def _probe(self) -> dict:
+        """Each layer's (kv heads, head dim, dtype) on this rank, from a one-token forward (AutoTP and low-bit
+        shards included: what the layers really produce, not what the config says)."""
+        shapes: dict = {}
+        batch = pa.PagedBatch([(1, 0, (0,))], None, self.device)
+        self._forward(batch, [(1, 0, (0,))], torch.zeros((1, 1), dtype=torch.long, device=self.device),
+                      torch.zeros(1, dtype=torch.long, device=self.device), probe=shapes)
+        if not shapes:
+            raise RuntimeError("the model's attention never reached raytp's paged attention (unsupported model)")
+        return shapes
 
     @torch.inference_mode()
     def step(self, step: StepInput) -> StepOutput:
-        """1. drop the ``finished_ids`` rows; 2. prefill the ``new`` rows (their first tokens), or
-        3. if ``decode``, one token for every row, in row order. Only rank 0's output carries tokens."""
-        if step.finished_ids:
-            logger.debug("rank %d: drop %d rows", self.rank, len(step.finished_ids),
-                         extra={"request_ids": list(step.finished_ids)})
-            self._drop(set(step.finished_ids))
-        tokens = self._prefill(step.new) if step.new else self._decode() if step.decode else None
-        return StepOutput(tuple(tokens.tolist())) if tokens is not None and self.rank == 0 else StepOutput()
+        """Compute every row's tokens (writing their KV into their blocks), then sample one token per row with
+        ``sample`` set. Only rank 0's output carries tokens."""
+        for seq_id in step.finished_ids:
+            self.generators.pop(seq_id, None)
+        if not step.rows:
+            return StepOutput()
+        layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in step.rows]
+        batch = pa.PagedBatch(layout, self.pool, self.device)
+        ids = torch.tensor([[t for r in step.rows for t in r.token_ids]], dtype=torch.long, device=self.device)
+        last, ends = [], 0
+        for r in step.rows:
+            ends += len(r.token_ids)
+            if r.sample:
+                last.append(ends - 1)
+        if not last:  # only prompt chunks that do not finish their prompts: fill the cache, sample nothing
+            self._forward(batch, layout, ids, None)
+            return StepOutput()
+        logits = self._forward(batch, layout, ids, torch.tensor(last, dtype=torch.long, device=self.device))
+        if self.rank != 0:
+            return StepOutput()
+        rows = [r for r in step.rows if r.sample]
+        for r in rows:
+            if r.seq_id not in self.generators:
+                self.generators[r.seq_id] = make_generator(r.params, self.device)
+        tokens = sample(logits, [r.params for r in rows], [self.generators[r.seq_id] for r in rows])
+        return StepOutput(tuple(tokens.tolist()))
 
-    def _drop(self, finished: set[str]) -> None:
-        keep = [i for i, r in enumerate(self.rows) if r not in finished]
-        if not keep:
-            self._reset()
-            return
-        idx = torch.tensor(keep, device=self.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.params = [self.params[i] for i in keep]
-        self.generators = [self.generators[i] for i in keep] if self.generators else []
-        self.mask, self.last_pos, self.last_tokens = self.mask[idx], self.last_pos[idx], self.last_tokens[idx]
-        # columns that are padding in every remaining row are dead weight: trim them
-        start = int((self.mask.sum(0) > 0).nonzero()[0])
-        self.mask = self.mask[:, start:]
-        set_cache_kv(self.cache, [(k[idx, :, start:], v[idx, :, start:]) for k, v in cache_kv(self.cache)])
-
-    def _prefill(self, new: tuple[SeqInput, ...]) -> torch.Tensor:
-        # Each prompt runs as its own forward: a batch of prompts would be padded to the longest one, and on
-        # compute-bound prefill that padding is paid in full (~40% for prompts of 64-256 tokens). One prompt is
-        # already a large enough matrix product. The tokens are sampled together: one broadcast per step.
-        logits, caches = [], []
-        for s in new:
-            logger.info("rank %d: prefill %d prompt tokens", self.rank, len(s.prompt_ids),
-                        extra={"request_id": s.seq_id})
-            ids = torch.tensor([s.prompt_ids], dtype=torch.long, device=self.device)
-            positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-            row_logits, cache = self._forward(ids, torch.ones_like(ids), positions, empty_cache())
-            logits.append(row_logits)
-            caches.append(cache)
-        params = [s.params for s in new]
-        generators = [make_generator(p, self.device) for p in params] if self.rank == 0 else []
-        tokens = self._sample(torch.cat(logits), params, generators)
-        for i, (s, cache) in enumerate(zip(new, caches)):
-            n = len(s.prompt_ids)
-            mask = torch.ones((1, n), dtype=torch.long, device=self.device)
-            last_pos = torch.tensor([n - 1], device=self.device)
-            self._merge([s.seq_id], params[i:i + 1], generators[i:i + 1], cache, mask, last_pos, tokens[i:i + 1])
-        return tokens
-
-    def _decode(self) -> torch.Tensor:
-        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        self.last_pos = self.last_pos + 1
-        logits, self.cache = self._forward(self.last_tokens.unsqueeze(1), self.mask, self.last_pos.unsqueeze(1),
-                                           self.cache)
-        self.last_tokens = self._sample(logits, self.params, self.generators)
-        return self.last_tokens
-
-    def _merge(self, rows, params, generators, cache, mask, last_pos, tokens) -> None:
-        if not self.rows:
-            self.rows, self.params, self.generators = rows, params, generators
-            self.cache, self.mask, self.last_pos, self.last_tokens = cache, mask, last_pos, tokens
-            return
-        old_len, new_len = self.mask.shape[1], mask.shape[1]
-        length = max(old_len, new_len)
-
-        def pad(t: torch.Tensor, dim: int, n: int) -> torch.Tensor:
-            if n == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = n
-            return torch.cat([torch.zeros(shape, dtype=t.dtype, device=t.device), t], dim=dim)
-
-        merged = [
-            (torch.cat([pad(k0, 2, length - old_len), pad(k1, 2, length - new_len)]),
-             torch.cat([pad(v0, 2, length - old_len), pad(v1, 2, length - new_len)]))
-            for (k0, v0), (k1, v1) in zip(cache_kv(self.cache), cache_kv(cache))
-        ]
-        set_cache_kv(self.cache, merged)
-        self.mask = torch.cat([pad(self.mask, 1, length - old_len), pad(mask, 1, length - new_len)])
-        self.rows += rows
-        self.params += params
-        self.generators += generators
-        self.last_pos = torch.cat([self.last_pos, last_pos])
-        self.last_tokens = torch.cat([self.last_tokens, tokens])
-
-    def _forward(self, input_ids, mask, positions, cache):
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         **{self._cache_arg: cache}, **self._keep_last)
-        return out.logits[:, -1, :], output_cache(out)
-
-    def _sample(self, logits, params, generators) -> torch.Tensor:
-        if self.rank == 0:
-            tokens = sample(logits, params, generators)
+    def _forward(self, batch: pa.PagedBatch, layout, ids, keep, probe: dict | None = None):
+        """Logits [len(keep), V] of the positions ``keep`` (None: run for the cache only)."""
+        if self._interface:
+            extra = {"raytp_batch": batch}
+            if probe is not None:
+                extra["raytp_probe"] = probe
+            if self._keep_kwarg and keep is not None:
+                out = self.model(input_ids=ids, position_ids=batch.positions, use_cache=False,
+                                 **{self._keep_kwarg: keep}, **extra)
+                return out.logits[0]
+            hidden = self.model.get_decoder()(input_ids=ids, position_ids=batch.positions, use_cache=False, **extra)
         else:
-            tokens = torch.empty(logits.shape[0], dtype=torch.long, device=self.device)
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.broadcast(tokens, src=0)
-        return tokens
+            cache = self._legacy_cache(batch, probe)
+            mask = batch.legacy_mask(layout, self.model.dtype)
+            hidden = self.model.get_decoder()(input_ids=ids, position_ids=batch.positions, attention_mask=mask,
+                                              past_key_values=cache, use_cache=True)
+        if keep is None:
+            return None
+        return self.model.get_output_embeddings()(hidden.last_hidden_state[0, keep])

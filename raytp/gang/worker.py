@@ -16,21 +16,10 @@ import ray
 
 from raytp import accelerator
 from raytp.config import ResolvedConfig
+from raytp.gang.report import load_report, memory_stats
 from raytp.messages import LoadReport, StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 class Worker:
@@ -103,13 +92,8 @@ class Worker:
         start = time.perf_counter()
         device = self.accel.torch_device()
         model = loader.load_shard(self.config, self.rank, device)
-        self.runner = ModelRunner(model, device, self.rank, self.config.tensor_parallel_size)
-        report = LoadReport(
-            rank=self.rank, load_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), rss_mb=_rss_mb(),
-            num_params=sum(p.numel() for p in model.parameters()),
-        )
-        logger.info("rank %d: model loaded in %.1fs, peak RSS %.0f MB", self.rank, report.load_s, report.peak_rss_mb)
-        return report
+        self.runner = ModelRunner.for_config(model, self.config, self.rank, device)
+        return load_report(self.rank, start, model, self.runner)
 
     def step(self, step: StepInput) -> StepOutput:
         """Apply one engine step to this rank's rows; rank 0's output carries the sampled tokens."""
@@ -118,8 +102,4 @@ class Worker:
     @ray.method(concurrency_group="liveness")  # answered during a long step too
     def memory_stats(self) -> dict:
         """Host memory of this rank now: RSS, PSS (shared pages split among sharers) and peak RSS, in MB."""
-        import psutil
-
-        full = psutil.Process().memory_full_info()
-        return {"rank": self.rank, "rss_mb": full.rss / 2**20, "pss_mb": getattr(full, "pss", 0) / 2**20,
-                "peak_rss_mb": _peak_rss_mb()}
+        return memory_stats(self.rank)

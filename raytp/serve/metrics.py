@@ -25,6 +25,10 @@ NAMES = {
     "raytp_num_requests_running": "gauge",
     "raytp_num_requests_waiting": "gauge",
     "raytp_batch_slot_usage": "gauge",
+    "raytp_kv_cache_usage": "gauge",
+    "raytp_num_preemptions": "counter",
+    "raytp_prefix_cache_queries": "counter",
+    "raytp_prefix_cache_hits": "counter",
     "raytp_gang_healthy": "gauge",
     "raytp_model_load_seconds": "gauge",
     "raytp_prompt_tokens": "counter",
@@ -52,6 +56,14 @@ class ServerMetrics(EngineStats):
         self.waiting = Gauge("raytp_num_requests_waiting", "Requests queued for a batch slot.", tag_keys=("model",))
         self.slots = Gauge("raytp_batch_slot_usage", "Fraction of max_num_seqs batch slots (KV rows) in use.",
                            tag_keys=("model",))
+        self.kv_usage = Gauge("raytp_kv_cache_usage", "Fraction of the paged KV cache's blocks held by requests.",
+                              tag_keys=("model",))
+        self.preemptions = Counter("raytp_num_preemptions", "Running requests preempted because KV blocks ran out "
+                                   "(recomputed later).", tag_keys=("model",))
+        self.prefix_queries = Counter("raytp_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                      tag_keys=("model",))
+        self.prefix_hits = Counter("raytp_prefix_cache_hits", "Prompt tokens found in the prefix cache (hit rate = "
+                                   "hits / queries).", tag_keys=("model",))
         self.healthy = Gauge("raytp_gang_healthy", "1 while every rank of this replica's TP gang is alive.",
                              tag_keys=("model",))
         self.load_s = Gauge("raytp_model_load_seconds", "Time each rank took to load and shard the model.",
@@ -60,15 +72,25 @@ class ServerMetrics(EngineStats):
         self.generation_tokens = Counter("raytp_generation_tokens", "Generated tokens.", tag_keys=("model",))
         self.finished = Counter("raytp_requests_finished", "Requests ended, by finish reason (stop, length, abort, "
                                 "error).", tag_keys=("model", "finished_reason"))
-        for m in (self.ttft, self.itl, self.e2e, self.queue, self.running, self.waiting, self.slots, self.healthy,
+        for m in (self.ttft, self.itl, self.e2e, self.queue, self.running, self.waiting, self.slots, self.kv_usage,
+                  self.preemptions, self.prefix_queries, self.prefix_hits, self.healthy,
                   self.load_s, self.prompt_tokens, self.generation_tokens, self.finished):
             m.set_default_tags(dict(tags))  # Serve adds its tags to the dict it is given
 
     # ---- EngineStats ----
-    def on_step(self, num_running: int, num_waiting: int) -> None:
+    def on_step(self, num_running: int, num_waiting: int, kv_cache_usage: float) -> None:
         self.running.set(num_running)
         self.waiting.set(num_waiting)
         self.slots.set(num_running / self._max_num_seqs)
+        self.kv_usage.set(kv_cache_usage)
+
+    def on_preempted(self, num: int) -> None:
+        self.preemptions.inc(num)
+
+    def on_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
+        self.prefix_queries.inc(num_tokens)
+        if num_hit:
+            self.prefix_hits.inc(num_hit)
 
     def on_scheduled(self, queue_s: float) -> None:
         self.queue.observe(queue_s)

@@ -106,6 +106,9 @@ class LLMServer:
             "num_running": status.num_running,
             "num_waiting": status.num_waiting,
             "num_finished": status.num_finished,
+            "kv_cache": {"usage": round(status.kv_cache_usage, 4), "capacity_tokens": status.kv_cache_tokens,
+                         "num_preemptions": status.num_preemptions,
+                         "prefix_cache_hit_rate": round(status.prefix_cache_hit_rate, 4)},
             "ranks": [vars(r) for r in self.engine.load_reports],
         }
 

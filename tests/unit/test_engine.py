@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from raytp.engine.engine import Engine
-from raytp.engine.scheduler import ContinuousBatchScheduler
+from raytp.engine.scheduler import SchedulerConfig
+from raytp.engine.stats import EngineStats
 from raytp.errors import EngineDeadError, QueueFullError
 from raytp.messages import SamplingParams
 from raytp.testing import ScriptedExecutor
@@ -18,8 +19,9 @@ async def collect(engine, rid, prompt, params):
 
 def make(tok, scripts, **kw):
     ex = ScriptedExecutor(scripts=scripts, fail_after_steps=kw.pop("fail_after", None))
-    scheduler = ContinuousBatchScheduler(kw.pop("max_num_seqs", 4), kw.pop("max_queue_size", 16), 64)
-    return Engine(ex, tok, scheduler), ex
+    scheduling = SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", 4), max_queue_size=kw.pop("max_queue_size", 16),
+                                 max_num_batched_tokens=64)
+    return Engine(ex, tok, scheduling), ex
 
 
 def ids(tok, text):
@@ -123,11 +125,11 @@ def test_closing_the_stream_aborts(tiny_tokenizer):
     asyncio.run(main())
 
 
-class RecordingStats:
+class RecordingStats(EngineStats):
     def __init__(self):
         self.steps, self.queued, self.first, self.gaps, self.finished = [], [], [], [], []
 
-    def on_step(self, num_running, num_waiting):
+    def on_step(self, num_running, num_waiting, kv_cache_usage):
         self.steps.append((num_running, num_waiting))
 
     def on_scheduled(self, queue_s):
@@ -147,7 +149,7 @@ def test_stats_hooks_see_every_token_and_finish(tiny_tokenizer):
 
     async def main():
         ex = ScriptedExecutor(scripts=scripts)
-        engine = Engine(ex, tok, ContinuousBatchScheduler(1, 16, 64), stats=stats)  # 1 slot: b queues behind a
+        engine = Engine(ex, tok, SchedulerConfig(max_num_seqs=1, max_queue_size=16, max_num_batched_tokens=64), stats=stats)  # 1 slot: b queues behind a
         await engine.start(warmup=False)
         await asyncio.gather(
             collect(engine, "a", (1, 7, 7), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)),
@@ -168,7 +170,7 @@ def test_warmup_is_not_reported(tiny_tokenizer):
     stats = RecordingStats()
 
     async def main():
-        engine = Engine(ScriptedExecutor(), tiny_tokenizer, ContinuousBatchScheduler(2, 4, 64), stats=stats)
+        engine = Engine(ScriptedExecutor(), tiny_tokenizer, SchedulerConfig(max_num_seqs=2, max_queue_size=4, max_num_batched_tokens=64), stats=stats)
         await engine.start()  # with the 2-token warm-up generation
         assert stats.first == stats.gaps == stats.finished == stats.queued == []
         assert engine.status().num_finished == {}

@@ -1,14 +1,18 @@
-"""The model runner's rows and KV cache on CPU, without Ray: rows dropped and added between steps (prompts of
-different lengths, so rows are padded differently) produce exactly the tokens each prompt gets alone."""
+"""The paged-KV engine on the real tiny model, in process (no Ray, ``LocalExecutor``), float32.
+
+Property: whatever the schedule — random prompts sharing prefixes (prefix-cache hits), random arrival times,
+a token budget that chunks prompts, a KV budget so small that running requests are preempted and recomputed —
+every greedy output equals the same prompt run through plain transformers with no cache at all."""
+
+import asyncio
+import random
 
 import pytest
 import torch
 
-from raytp.gang.model_runner import ModelRunner
-from raytp.messages import SamplingParams, SeqInput, StepInput, StepOutput
+from raytp.messages import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-PROMPTS = {"a": (5, 17, 33, 2, 48, 9, 71), "b": (12, 40), "c": (7, 7, 90, 61, 3, 18, 25, 44, 11, 6, 29)}
+BLOCK = 4
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +24,7 @@ def model(tiny_model_path):
     return AutoModelForCausalLM.from_pretrained(tiny_model_path, **dtype_kwarg(torch.float32)).eval()
 
 
-def alone(model, prompt: tuple[int, ...], n: int) -> list[int]:
+def alone(model, prompt, n: int) -> list[int]:
     """Greedy tokens with no KV cache at all: the whole sequence recomputed for every token."""
     ids, out = list(prompt), []
     with torch.inference_mode():
@@ -31,28 +35,59 @@ def alone(model, prompt: tuple[int, ...], n: int) -> list[int]:
     return out
 
 
-def test_rows_dropped_and_added_between_steps_keep_their_outputs(model):
-    runner = ModelRunner(model, "cpu", rank=0, world_size=1)
-    got = {k: [] for k in PROMPTS}
+def make_engine(model, tokenizer, **overrides):
+    from raytp.config import resolve
+    from raytp.engine.engine import make_engine
+    from raytp.gang.local import LocalExecutor
 
-    def step(rows: list[str], **kw) -> None:
-        out = runner.step(StepInput(**kw))
-        assert isinstance(out, StepOutput) and len(out.tokens) == len(rows)
-        for row, token in zip(rows, out.tokens):
-            got[row].append(token)
+    cfg = resolve({"model": "raytp-tiny-llama", "tensor_parallel_size": 1, "device": "cpu", "dtype": "float32",
+                   "block_size": BLOCK, **overrides})
+    return make_engine(cfg, LocalExecutor(cfg, model=model), tokenizer)
 
-    step(["a", "b"], new=(SeqInput("a", PROMPTS["a"], GREEDY), SeqInput("b", PROMPTS["b"], GREEDY)))
-    for _ in range(3):
-        step(["a", "b"], decode=True)
-    step(["c"], finished_ids=("a",), new=(SeqInput("c", PROMPTS["c"], GREEDY),))  # a leaves, longer c joins
-    for _ in range(2):
-        step(["b", "c"], decode=True)
-    step(["c"], finished_ids=("b",), decode=True)  # b leaves in the same step that decodes c
-    assert runner.rows == ["c"]
-    assert runner.step(StepInput(finished_ids=("c",))) == StepOutput()  # release only
-    assert runner.rows == [] and runner.cache is None
 
-    assert {k: len(v) for k, v in got.items()} == {"a": 4, "b": 6, "c": 4}
-    for row, tokens in got.items():
-        assert tokens == alone(model, PROMPTS[row], len(tokens)), row
+async def generate(engine, rid, prompt, max_tokens, delay=0.0):
+    await asyncio.sleep(delay)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    tokens = []
+    async for out in engine.generate(rid, tuple(prompt), params):
+        tokens += out.token_ids
+    return tokens
 
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_any_schedule_equals_plain_transformers(model, tiny_tokenizer, seed):
+    rng = random.Random(seed)
+    shared = [rng.randrange(10, 400) for _ in range(11)]  # a "system prompt" of 2 full blocks + 3 tokens
+    requests = []
+    for i in range(9):
+        head = shared[:rng.choice([0, 4, 8, 11])]
+        prompt = head + [rng.randrange(10, 400) for _ in range(rng.randint(1, 12))]
+        requests.append((f"r{i}", prompt, rng.randint(4, 16), rng.uniform(0, 0.02)))
+    want = [alone(model, p, n) for _, p, n, _ in requests]
+    # 10 usable blocks of 4 = 40 tokens: a request needs up to 39; several running at once must be preempted.
+    # 6 tokens per step: prompts of up to 23 tokens are prefilled in chunks.
+    block_bytes = 2 * 2 * BLOCK * 2 * 32 * 4  # layers x (k, v) x block x kv heads x head dim x float32
+
+    async def main():
+        engine = make_engine(model, tiny_tokenizer, kv_cache_memory_bytes=11 * block_bytes, max_num_batched_tokens=6,
+                             max_num_seqs=4)
+        await engine.start()
+        try:
+            got = await asyncio.gather(*(generate(engine, rid, p, n, d) for rid, p, n, d in requests))
+            return got, engine.status()
+        finally:
+            engine.shutdown()
+
+    got, status = asyncio.run(main())
+    assert got == want
+    assert status.num_preemptions > 0, "the budget was meant to force preemption"
+    assert status.prefix_cache_hit_rate > 0, "shared prefixes were meant to hit the cache"
+    assert status.kv_cache_tokens == 10 * BLOCK and status.kv_cache_usage == 0
+
+
+def test_budget_below_one_block_fails_start_with_a_config_error(model, tiny_tokenizer):
+    from raytp.errors import ConfigError
+
+    engine = make_engine(model, tiny_tokenizer, kv_cache_memory_bytes=1000)
+    with pytest.raises(ConfigError, match="kv_cache_memory_bytes"):
+        asyncio.run(engine.start())

@@ -1,96 +1,105 @@
+"""Scheduling policies over the paged KV cache, driven by a fake model (each sampled row gets a token)."""
+
 import pytest
 
-from raytp.engine.scheduler import (
-    ContinuousBatchScheduler,
-    Sequence,
-    StaticBatchScheduler,
-)
-from raytp.errors import QueueFullError
+from raytp.engine.scheduler import SchedulerConfig, Sequence
+from raytp.errors import InvalidRequestError, QueueFullError
 from raytp.messages import SamplingParams
 
 
-def seq(i: int, n_prompt: int = 3) -> Sequence:
-    return Sequence(f"r{i}", tuple(range(n_prompt)), SamplingParams(max_tokens=4))
+def seq(i: int, n_prompt: int = 3, max_tokens: int = 4, first: int = 0) -> Sequence:
+    return Sequence(f"r{i}", tuple(range(first, first + n_prompt)), SamplingParams(max_tokens=max_tokens))
 
 
-def ids(out):
-    return [s.seq_id for s in out.seqs]
+def build(num_blocks=64, block_size=4, **kw):
+    return SchedulerConfig(**{"max_num_seqs": 8, "max_queue_size": 8, "max_num_batched_tokens": 100, **kw},
+                           block_size=block_size).build(num_blocks)
 
 
-@pytest.mark.parametrize("cls", [StaticBatchScheduler, lambda a, b: ContinuousBatchScheduler(a, b, 100)])
-def test_idle_when_empty_and_queue_bounded(cls):
-    s = cls(1, 2)
-    assert s.schedule().kind == "idle"
+def run_step(s):
+    """Schedule one step and play the model: every row that reaches its sequence's end samples a token (7);
+    sequences reaching max_tokens finish. Returns the step's [(seq_id, num_tokens)]."""
+    out = s.schedule()
+    sampled = [seq for seq, n in out.rows if seq.num_computed + n == len(seq.token_ids)]
+    s.update(out)
+    for seq in sampled:
+        seq.append_token(7)
+        if len(seq.output_ids) >= seq.params.max_tokens:
+            seq.finish_reason = "length"
+    return [(seq.seq_id, n) for seq, n in out.rows], out
+
+
+@pytest.mark.parametrize("policy", ["continuous", "static"])
+def test_idle_when_empty_queue_bounded_and_too_long_rejected(policy):
+    s = build(num_blocks=5, policy=policy, max_queue_size=2)  # 4 usable blocks of 4 = 16 tokens
+    assert s.schedule().idle
+    with pytest.raises(InvalidRequestError, match="holds 16"):
+        s.add(seq(9, n_prompt=10, max_tokens=7))
     s.add(seq(0))
     s.add(seq(1))
     with pytest.raises(QueueFullError):
         s.add(seq(2))
 
 
-def test_static_runs_a_batch_to_completion():
-    s = StaticBatchScheduler(max_num_seqs=2, max_queue_size=8)
+def test_static_runs_a_batch_to_completion_before_admitting_more():
+    s = build(policy="static", max_num_seqs=2)
     for i in range(3):
-        s.add(seq(i))
-    out = s.schedule()
-    assert out.kind == "prefill" and ids(out) == ["r0", "r1"]
-    assert s.schedule().kind == "decode"
-    out.seqs[0].finish_reason = "stop"
-    assert s.schedule().kind == "decode", "the batch runs until every sequence has finished"
-    out.seqs[1].finish_reason = "length"
-    nxt = s.schedule()
-    assert nxt.kind == "prefill" and ids(nxt) == ["r2"] and nxt.finished_ids == ("r0", "r1")
-    nxt.seqs[0].finish_reason = "stop"
-    assert s.schedule().finished_ids == ("r2",)
-    assert s.schedule().kind == "idle"
+        s.add(seq(i, max_tokens=2 + i))
+    assert run_step(s)[0] == [("r0", 3), ("r1", 3)]  # whole prompts
+    assert run_step(s)[0] == [("r0", 1), ("r1", 1)]
+    assert run_step(s)[0] == [("r1", 1)]  # r0 done: the batch keeps running without it, r2 waits
+    rows, out = run_step(s)
+    assert rows == [("r2", 3)] and out.finished_ids == ("r0", "r1")
 
 
-def test_continuous_admits_into_free_slots_and_frees_finished_rows():
-    s = ContinuousBatchScheduler(max_num_seqs=2, max_queue_size=8, max_num_batched_tokens=100)
-    for i in range(3):
-        s.add(seq(i))
-    first = s.schedule()
-    assert first.kind == "prefill" and ids(first) == ["r0", "r1"]
-    assert s.schedule().kind == "decode"
-    first.seqs[0].finish_reason = "stop"
-    out = s.schedule()
-    assert out.kind == "prefill" and ids(out) == ["r2"] and out.finished_ids == ("r0",)
-    out = s.schedule()
-    assert out.kind == "decode" and ids(out) == ["r1", "r2"], "row order: running rows, then new ones"
+def test_long_prompt_is_prefilled_in_chunks_while_running_rows_decode():
+    s = build(max_num_batched_tokens=8)
+    s.add(seq(0, n_prompt=2, max_tokens=20))
+    assert run_step(s)[0] == [("r0", 2)]
+    s.add(seq(1, n_prompt=20, max_tokens=2))
+    steps = [run_step(s)[0] for _ in range(4)]
+    assert steps == [[("r0", 1), ("r1", 7)], [("r0", 1), ("r1", 7)], [("r0", 1), ("r1", 6)],
+                     [("r0", 1), ("r1", 1)]], "r0 decodes every step; r1's 20 tokens take 3 chunks, then it decodes"
 
 
-def test_prefill_never_twice_in_a_row_while_decoding():
-    s = ContinuousBatchScheduler(max_num_seqs=8, max_queue_size=8, max_num_batched_tokens=5)
-    for i in range(3):
-        s.add(seq(i, n_prompt=4))
-    assert ids(s.schedule()) == ["r0"], "token budget: 4 + 4 > 5"
-    assert s.schedule().kind == "decode", "running rows get a decode step between prefills"
-    assert ids(s.schedule()) == ["r1"]
-    assert s.schedule().kind == "decode"
+def test_newest_is_preempted_when_blocks_run_out_and_recomputed_with_its_output():
+    s = build(num_blocks=5, block_size=4, enable_prefix_caching=False)  # 16 tokens in all
+    a, b = seq(0, n_prompt=4, max_tokens=8), seq(1, n_prompt=4, max_tokens=8, first=50)
+    s.add(a)
+    s.add(b)
+    run_step(s)  # both prefilled: 1 block each (+1 block each for their first decode below)
+    run_step(s)
+    run_step(s)
+    run_step(s)
+    run_step(s)  # both: 8 tokens computed in 2 blocks each (all 4 taken), a 9th sampled
+    rows, out = run_step(s)  # a needs a 3rd block for its 9th: b (newest) is preempted
+    assert out.num_preempted == 1 and rows == [("r0", 1)] and s.waiting[0] is b
+    assert b.num_computed == 0 and b.kv.table == [] and len(b.output_ids) == 5
+    while not a.finished:
+        run_step(s)
+    rows, _ = run_step(s)
+    assert rows == [("r1", 9)], "b is recomputed from prompt + the 5 tokens it had"
+    while not b.finished:
+        run_step(s)
+    assert len(b.output_ids) == 8 and s.num_preemptions == 1
 
 
-def test_long_prompt_still_admitted_alone():
-    s = ContinuousBatchScheduler(max_num_seqs=8, max_queue_size=8, max_num_batched_tokens=5)
-    s.add(seq(0, n_prompt=50))
-    assert ids(s.schedule()) == ["r0"]
+def test_a_prefix_hit_computes_only_the_rest():
+    s = build(block_size=4)
+    s.add(seq(0, n_prompt=10, max_tokens=1))
+    assert run_step(s)[0] == [("r0", 10)]
+    s.add(seq(1, n_prompt=13, max_tokens=1))
+    assert run_step(s)[0] == [("r1", 5)], "8 of 13 tokens are cached in 2 full blocks"
+    assert s.kv.prefix_hit_tokens == 8 and s.kv.prefix_queried_tokens == 23
 
 
-def test_abort_waiting_and_running():
-    s = ContinuousBatchScheduler(max_num_seqs=1, max_queue_size=4, max_num_batched_tokens=100)
-    s.add(seq(0))
-    s.add(seq(1))
-    out = s.schedule()
-    s.abort("r1")
-    assert s.num_waiting == 0
+def test_abort_frees_blocks_of_waiting_and_running():
+    s = build(num_blocks=9)
+    a, b = seq(0, max_tokens=20), seq(1)
+    s.add(a)
+    run_step(s)
+    s.add(b)
     s.abort("r0")
-    assert out.seqs[0].finish_reason == "abort"
-    rel = s.schedule()
-    assert rel.kind == "release" and rel.finished_ids == ("r0",)
-
-
-def test_drain_returns_unfinished():
-    s = ContinuousBatchScheduler(max_num_seqs=1, max_queue_size=4, max_num_batched_tokens=100)
-    s.add(seq(0))
-    s.add(seq(1))
-    s.schedule()
-    assert [q.seq_id for q in s.drain()] == ["r0", "r1"]
-    assert s.schedule().kind == "idle"
+    s.abort("r1")
+    _, out = run_step(s)
+    assert out.finished_ids == ("r0",) and s.kv.num_free == 8

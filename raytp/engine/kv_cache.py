@@ -1,0 +1,150 @@
+"""The paged KV cache's bookkeeping, owned by the driver: which blocks each sequence holds. Pure Python.
+
+Every rank preallocates the same number of fixed-size blocks (``block_size`` token slots, its share of
+heads, every layer); this class decides which sequence uses which block, and the block tables travel to
+the ranks in each step (``raytp.messages.RowInput``), so ranks never allocate and cannot disagree.
+
+Block 0 is the null block: never handed out, zeroed on the ranks, the target of padding when the ranks
+gather a batch's keys. Prefix caching (vLLM's design, re-implemented here because the driver must own
+the tables; transformers' ``PagedAttentionCache`` allocates on its own): a block whose ``block_size``
+tokens are all computed gets a hash of its tokens chained with its predecessor's hash, so equal hashes
+mean equal prefixes. A new sequence takes over the cached blocks of its longest matching prefix and
+computes only the rest. A freed block keeps its contents and hash until it is reused; free blocks are
+reused least-recently-freed first (blocks that never held a full hash first of all), so popular
+prefixes survive longest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class KVState:
+    """One sequence's blocks: ``table`` in position order, and the chain hashes of its leading full blocks."""
+
+    table: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
+
+
+def block_hash(parent: bytes, tokens) -> bytes:
+    """Identity of a full block: its tokens and (through ``parent``) every token before it."""
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in tokens))
+    return h.digest()
+
+
+class BlockManager:
+    """Allocates ``num_blocks - 1`` usable blocks of ``block_size`` slots among sequences."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 2:
+            raise ValueError("need at least one usable block besides the null block")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._refs = [0] * num_blocks
+        self._hash_of: list[bytes | None] = [None] * num_blocks
+        self._cached: dict[bytes, int] = {}  # hash -> block holding that prefix
+        # free blocks, next to reuse first; a freed block that holds a cached prefix goes last (evicted last)
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
+        self.prefix_queried_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    # ---- capacity ------------------------------------------------------------------------------
+    @property
+    def num_usable(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of usable blocks held by sequences (free blocks that merely cache a prefix count as free)."""
+        return 1.0 - self.num_free / self.num_usable
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_usable * self.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- per sequence -----------------------------------------------------------------------------
+    def reuse_prefix(self, kv: KVState, token_ids: list[int]) -> int:
+        """Give an empty ``kv`` the cached blocks of ``token_ids``' longest cached prefix; return the number of
+        tokens they hold. At least one token is always left to compute (its logits give the next token)."""
+        assert not kv.table, "prefix reuse is for a sequence that holds no blocks"
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        parent = b""
+        for i in range((len(token_ids) - 1) // bs):
+            h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
+            block = self._cached.get(h)
+            if block is None:
+                break
+            if self._refs[block] == 0:
+                del self._free[block]
+            self._refs[block] += 1
+            kv.table.append(block)
+            kv.hashes.append(h)
+            parent = h
+        return len(kv.table) * bs
+
+    def record_lookup(self, num_tokens: int, num_hit: int) -> None:
+        """Count an admitted sequence's prefix lookup (for the hit rate; failed admissions retry and are not)."""
+        self.prefix_queried_tokens += num_tokens
+        self.prefix_hit_tokens += num_hit
+
+    def allocate(self, kv: KVState, num_tokens: int) -> bool:
+        """Grow ``kv`` to hold ``num_tokens`` tokens. All or nothing: False (nothing taken) if too few are free."""
+        need = self.blocks_for(num_tokens) - len(kv.table)
+        if need <= 0:
+            return True
+        if need > len(self._free):
+            return False
+        for _ in range(need):
+            block, _ = self._free.popitem(last=False)
+            old = self._hash_of[block]
+            if old is not None:  # evict the prefix this block cached
+                self._hash_of[block] = None
+                if self._cached.get(old) == block:
+                    del self._cached[old]
+            self._refs[block] = 1
+            kv.table.append(block)
+        return True
+
+    def commit(self, kv: KVState, token_ids: list[int], num_computed: int) -> None:
+        """Record that the first ``num_computed`` tokens' keys/values are written: full blocks become cacheable."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        for i in range(len(kv.hashes), num_computed // bs):
+            parent = kv.hashes[-1] if kv.hashes else b""
+            h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
+            kv.hashes.append(h)
+            block = kv.table[i]
+            if h not in self._cached:  # else an identical block is already cached: keep that one
+                self._cached[h] = block
+                self._hash_of[block] = h
+
+    def free(self, kv: KVState) -> None:
+        """Release every block of ``kv`` (finished or preempted). Cached prefixes stay reusable until evicted."""
+        # last blocks first, so a sequence's tail is evicted before its (more shareable) head
+        for block in reversed(kv.table):
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                self._free[block] = None
+                if self._hash_of[block] is None:
+                    self._free.move_to_end(block, last=False)  # holds nothing reusable: hand it out first
+        kv.table.clear()
+        kv.hashes.clear()
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0

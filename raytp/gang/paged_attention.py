@@ -1,0 +1,217 @@
+"""Attention over a rank's paged KV cache, plugged into unmodified Hugging Face model classes.
+
+What was chosen and why (a short note, as the brief asks):
+
+* transformers 5 routes every attention call through its attention interface: a function registered
+  with ``AttentionInterface.register`` and selected by name receives each layer's query / key / value
+  and every extra keyword given to ``model(...)``. raytp registers ``raytp_paged`` and passes the
+  step's ``PagedBatch``: the function writes the step's keys/values into the layer's blocks and attends
+  over each sequence's blocks. transformers' own ``paged|sdpa`` pieces were not used: its
+  ``PagedAttentionCache`` allocates blocks itself, and here the driver's scheduler must own every block
+  table so all ranks stay in lockstep (``raytp.engine.kv_cache``).
+* transformers 4.47 (IPEX-LLM's pin) has no attention interface, but every attention class calls
+  ``past_key_value.update(k, v, layer_idx)`` and uses the keys/values it returns. ``LegacyPagedCache``
+  writes the blocks there and returns the step's keys packed row after row, with a block-diagonal causal
+  mask given to the model as its 4-D attention mask, so the model's own SDPA attends within each row only.
+  That costs attention over the whole step's keys (not per row); it is the compatibility path.
+* The kernel is the portable one: gather the blocks' keys/values, then ``torch.nn.functional
+  .scaled_dot_product_attention`` (decode rows batched, padded to the longest context with the null
+  block and masked; each prefill chunk on its own, causal). It runs on every device torch runs;
+  a fused paged kernel (flash-attn's kv-cache varlen, vLLM's XPU ops) would replace ``_attend`` where
+  installed.
+
+Both paths are model-agnostic for decoder-only models with plain causal attention (Llama, Qwen2,
+Mistral without sliding window, ...) and work on DeepSpeed AutoTP shards (each rank's layers see only
+their heads) and IPEX-LLM low-bit shards (only linears change; loaded with ``optimize_llm=False`` so the
+attention stays HF's).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTN_NAME = "raytp_paged"
+
+
+class KVPool:
+    """One rank's KV blocks: per layer, keys and values of shape [num_blocks * block_size, kv_heads, head_dim].
+    Block 0 is the null block (zeros): padding of gathered contexts points there."""
+
+    def __init__(self, shapes: dict[int, tuple[int, int, torch.dtype]], num_blocks: int, block_size: int, device):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        n = max(shapes) + 1
+        self.keys: list[torch.Tensor | None] = [None] * n
+        self.values: list[torch.Tensor | None] = [None] * n
+        for layer, (heads, dim, dtype) in shapes.items():
+            for store in (self.keys, self.values):
+                # empty, not zeros: on CPU the pages are committed only when a block is first written
+                t = torch.empty((num_blocks * block_size, heads, dim), dtype=dtype, device=device)
+                t[:block_size].zero_()
+                store[layer] = t
+
+    @staticmethod
+    def block_bytes(shapes: dict[int, tuple[int, int, torch.dtype]], block_size: int) -> int:
+        return sum(2 * block_size * h * d * torch.empty((), dtype=t).element_size() for h, d, t in shapes.values())
+
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        """``key``/``value`` [1, kv_heads, T, D] of the step's tokens into their ``slots`` [T]."""
+        k, v = self.keys[layer], self.values[layer]
+        k.index_copy_(0, slots, key[0].transpose(0, 1).to(k.dtype))
+        v.index_copy_(0, slots, value[0].transpose(0, 1).to(v.dtype))
+
+
+class PagedBatch:
+    """A step's layout, computed once per step and shared by every layer: the flat token order, each token's
+    KV slot, and per row what to attend to. ``rows``: (num_tokens, start_pos, block_table) in step order."""
+
+    def __init__(self, rows: list[tuple[int, int, tuple[int, ...]]], pool: KVPool | None, device):
+        self.pool = pool
+        self.device = device
+        bs = pool.block_size if pool is not None else 1
+        positions, slots = [], []
+        self.prefills: list[tuple[int, int, int, torch.Tensor | None]] = []  # (q start, q len, ctx len, slots)
+        decode_q, decode_len, decode_tables = [], [], []
+        offset = 0
+        for n, start, table in rows:
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            if n == 1:
+                decode_q.append(offset)
+                decode_len.append(start + 1)
+                decode_tables.append(table)
+            else:
+                ctx = None
+                if start > 0:  # attends to earlier chunks / a cached prefix: gather them from the blocks
+                    ctx = _slots(torch.tensor(table, device=device), start + n, bs)
+                self.prefills.append((offset, n, start + n, ctx))
+            offset += n
+        self.num_tokens = offset
+        self.positions = torch.tensor([positions], dtype=torch.long, device=device)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.decode_q = torch.tensor(decode_q, dtype=torch.long, device=device) if decode_q else None
+        if decode_q:
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in decode_tables], device=device)
+            lens = torch.tensor(decode_len, device=device)
+            cols = torch.arange(max(decode_len), device=device)
+            self.decode_mask = cols[None, :] < lens[:, None]  # [B, L]
+            gathered = tables[:, cols // bs] * bs + cols % bs
+            self.decode_slots = torch.where(self.decode_mask, gathered, 0)  # padding reads the null block
+            self.decode_mask = self.decode_mask[:, None, None, :]  # [B, 1, 1, L] for SDPA
+        self._legacy_mask = None
+
+    # ---- transformers 5: the registered attention function ----------------------------------------
+    def attend(self, layer: int, query, key, value, scaling) -> torch.Tensor:
+        """query [1, Hq, T, D], key/value [1, Hkv, T, D] of the step's tokens → output [1, T, Hq, D]."""
+        self.pool.write(layer, key, value, self.slots)
+        k_pool, v_pool = self.pool.keys[layer], self.pool.values[layer]
+        out = torch.empty((self.num_tokens, query.shape[1], query.shape[3]), dtype=query.dtype, device=query.device)
+        q = query[0].transpose(0, 1)  # [T, Hq, D]
+        if self.decode_q is not None:
+            qd = q[self.decode_q].unsqueeze(2)  # [B, Hq, 1, D]
+            kd = k_pool[self.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+            vd = v_pool[self.decode_slots].transpose(1, 2)
+            od = _sdpa(qd, kd.to(qd.dtype), vd.to(qd.dtype), self.decode_mask, False, scaling)
+            out[self.decode_q] = od.squeeze(2)
+        for start, n, ctx_len, ctx in self.prefills:
+            qp = query[:, :, start:start + n]
+            if ctx is None:  # the chunk is the whole context so far: its own keys, causal
+                kp, vp, mask, causal = key[:, :, start:start + n], value[:, :, start:start + n], None, True
+            else:
+                kp = k_pool[ctx].transpose(0, 1).unsqueeze(0).to(qp.dtype)
+                vp = v_pool[ctx].transpose(0, 1).unsqueeze(0).to(qp.dtype)
+                q_pos = torch.arange(ctx_len - n, ctx_len, device=query.device)
+                mask, causal = (torch.arange(ctx_len, device=query.device)[None, :] <= q_pos[:, None]), False
+            out[start:start + n] = _sdpa(qp, kp, vp, mask, causal, scaling)[0].transpose(0, 1)
+        return out.unsqueeze(0)
+
+    # ---- transformers 4.47: keys packed row after row, block-diagonal causal mask ------------------------
+    def legacy_gather(self, layer: int, key, value):
+        self.pool.write(layer, key, value, self.slots)
+        idx = self._legacy_slots
+        k = self.pool.keys[layer][idx].transpose(0, 1).unsqueeze(0).to(key.dtype)
+        v = self.pool.values[layer][idx].transpose(0, 1).unsqueeze(0).to(value.dtype)
+        return k, v
+
+    def legacy_mask(self, rows, dtype) -> torch.Tensor:
+        """[1, 1, T, K] additive mask: token i of a row sees that row's positions <= its own, nothing else."""
+        bs = self.pool.block_size if self.pool is not None else 1
+        slots, q_row, q_pos, k_row, k_pos = [], [], [], [], []
+        for i, (n, start, table) in enumerate(rows):
+            length = start + n
+            if self.pool is not None:
+                slots.append(_slots(torch.tensor(table, device=self.device), length, bs))
+            q_row += [i] * n
+            q_pos += range(start, length)
+            k_row += [i] * length
+            k_pos += range(length)
+        self._legacy_slots = torch.cat(slots) if slots else None
+        t = lambda x: torch.tensor(x, device=self.device)  # noqa: E731
+        allowed = (t(q_row)[:, None] == t(k_row)[None, :]) & (t(k_pos)[None, :] <= t(q_pos)[:, None])
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def _slots(table: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(length, device=table.device)
+    return table[pos // block_size] * block_size + pos % block_size
+
+
+def _sdpa(q, k, v, mask, causal: bool, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-interface signature. Without a ``raytp_batch`` (the shape probe at load), plain
+    causal SDPA over the given keys; with one, paged attention."""
+    batch: PagedBatch | None = kwargs.get("raytp_batch")
+    probe: dict | None = kwargs.get("raytp_probe")
+    if probe is not None:
+        probe[module.layer_idx] = (key.shape[1], key.shape[3], key.dtype)
+    if batch is None or batch.pool is None:
+        out = _sdpa(query, key, value, None, query.shape[2] > 1, scaling)
+        return out.transpose(1, 2), None
+    return batch.attend(module.layer_idx, query, key, value, scaling), None
+
+
+def register() -> bool:
+    """Register ``raytp_paged`` with transformers' attention interface; False if this transformers has none."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(ATTN_NAME, paged_attention_forward)
+    return True
+
+
+def legacy_cache_cls():
+    """transformers 4.x: a ``Cache`` whose ``update`` writes the paged blocks and returns the step's packed keys."""
+    from transformers import Cache
+
+    class LegacyPagedCache(Cache):
+        def __init__(self, batch: PagedBatch, probe: dict | None = None):
+            super().__init__()
+            self.batch = batch
+            self.probe = probe
+
+        def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+            if self.probe is not None:
+                self.probe[layer_idx] = (key_states.shape[1], key_states.shape[3], key_states.dtype)
+            if self.batch.pool is None:
+                return key_states, value_states
+            return self.batch.legacy_gather(layer_idx, key_states, value_states)
+
+        def get_seq_length(self, layer_idx=0):
+            return 0
+
+        def get_max_length(self):
+            return None
+
+        def get_max_cache_shape(self):
+            return None
+
+    return LegacyPagedCache

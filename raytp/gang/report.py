@@ -1,0 +1,41 @@
+"""What a rank reports about itself: load time, host memory, KV cache size. No Ray."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from raytp.messages import LoadReport
+
+logger = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def memory_stats(rank: int) -> dict:
+    """Host memory of this process now: RSS, PSS (shared pages split among sharers) and peak RSS, in MB."""
+    import psutil
+
+    full = psutil.Process().memory_full_info()
+    return {"rank": rank, "rss_mb": full.rss / 2**20, "pss_mb": getattr(full, "pss", 0) / 2**20,
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def load_report(rank: int, start: float, model, runner) -> LoadReport:
+    """The ``LoadReport`` of a rank that started loading at ``start`` (``time.perf_counter``) and built ``runner``."""
+    import psutil
+
+    report = LoadReport(
+        rank=rank, load_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
+        rss_mb=psutil.Process().memory_info().rss / 2**20,
+        num_params=sum(p.numel() for p in model.parameters()), num_kv_blocks=runner.num_blocks,
+        kv_block_bytes=runner.block_bytes,
+    )
+    logger.info("rank %d: model loaded in %.1fs, peak RSS %.0f MB, KV cache %d blocks of %d tokens (%.0f MB)", rank,
+                report.load_s, report.peak_rss_mb, runner.num_blocks, runner.block_size,
+                runner.num_blocks * runner.block_bytes / 2**20)
+    return report
