@@ -88,10 +88,11 @@ def main() -> int:
     import transformers
 
     from raytp import tiny_model
+    from raytp.bench.direct import DirectBatch
     from raytp.bench.roofline import weight_bytes
     from raytp.config import resolve
     from raytp.gang.executor import RayExecutor
-    from raytp.messages import SamplingParams, SeqInput, StepInput
+    from raytp.messages import SamplingParams
 
     path = tiny_model.ensure(args.model) if args.model in tiny_model.PRESETS else args.model
     weights = weight_bytes(path)
@@ -106,8 +107,9 @@ def main() -> int:
         await ex.start()
         loaded = time.monotonic() - started
         params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-        await ex.step(StepInput(new=(SeqInput("m", tuple(range(10, 74)), params),)))
-        await ex.step(StepInput(decode=True))
+        rows = DirectBatch(ex, [tuple(range(10, 74))], params)
+        await rows.step()  # prefill
+        await rows.step()
         pids = await ex.pids()
         ex.shutdown()
         return loaded, pids

@@ -50,9 +50,10 @@ def hf_baseline(path: str, dtype: str, n_new: int, threads: int) -> dict:
 
 
 def gang(model: str, tp: int, dtype: str, n_new: int, cpus: int) -> dict:
+    from raytp.bench.direct import DirectBatch
     from raytp.config import resolve
     from raytp.gang.executor import RayExecutor
-    from raytp.messages import SamplingParams, SeqInput, StepInput
+    from raytp.messages import SamplingParams
 
     async def main():
         ex = RayExecutor(resolve({"model": model, "tensor_parallel_size": tp, "device": "cpu", "dtype": dtype,
@@ -60,20 +61,20 @@ def gang(model: str, tp: int, dtype: str, n_new: int, cpus: int) -> dict:
         t = time.perf_counter()
         reports = await ex.start()
         out = {"start_s": time.perf_counter() - t, "ranks": [vars(r) for r in reports]}
-        params = SamplingParams(max_tokens=n_new, temperature=0.0, ignore_eos=True)
+        params = SamplingParams(max_tokens=n_new + 2, temperature=0.0, ignore_eos=True)  # prefill + warm-up + n_new
         import random
 
         rng = random.Random(0)
         for batch in (1, 8):
-            seqs = tuple(SeqInput(str(i), tuple(rng.randrange(10, 400) for _ in range(32)), params)
-                         for i in range(batch))
-            await ex.step(StepInput(new=seqs))
-            await ex.step(StepInput(decode=True))
+            rows = DirectBatch(ex, [tuple(rng.randrange(10, 400) for _ in range(32)) for _ in range(batch)], params,
+                               tag=f"b{batch}-")
+            await rows.step()  # prefill
+            await rows.step()
             t = time.perf_counter()
             for _ in range(n_new):
-                await ex.step(StepInput(decode=True))
+                await rows.step()
             out[f"tok_s_b{batch}"] = batch * n_new / (time.perf_counter() - t)
-            await ex.step(StepInput(finished_ids=tuple(s.seq_id for s in seqs)))
+            await rows.release()
         # after decoding, so memory-mapped weights that were only touched in forward are counted
         out["memory_after_decode"] = await ex.memory_stats()
         ex.shutdown()

@@ -76,3 +76,4 @@ class LoadReport:
     num_params: int
     num_kv_blocks: int = 0  # KV blocks this rank's budget holds (the engine uses the smallest over ranks)
     kv_block_bytes: int = 0  # bytes of one block on this rank (its share of heads, every layer, keys + values)
+    kv_block_size: int = 16  # tokens per block

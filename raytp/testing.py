@@ -56,7 +56,8 @@ class ScriptedExecutor:
     async def start(self) -> list[LoadReport]:
         await asyncio.sleep(self.start_delay_s)
         return [LoadReport(rank=r, load_s=self.start_delay_s, peak_rss_mb=0.0, rss_mb=0.0, num_params=0,
-                           num_kv_blocks=self.num_kv_blocks, kv_block_bytes=self.block_size)
+                           num_kv_blocks=self.num_kv_blocks, kv_block_bytes=self.block_size,
+                           kv_block_size=self.block_size)
                 for r in range(self.world_size)]
 
     async def step(self, step: StepInput) -> StepOutput:

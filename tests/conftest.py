@@ -44,29 +44,34 @@ def ray_session():
 
 
 def run_gang(config: dict, batches: list[list[list[int]]], max_tokens: int) -> list[list[list[int]]]:
-    """On one fresh gang, greedy-generate ``max_tokens`` tokens for each batch of prompts in turn (a batch's rows
-    are released before the next starts); return the tokens per prompt, per batch."""
+    """On one fresh gang (through the engine, so through the paged KV cache), greedy-generate ``max_tokens``
+    tokens for each batch of prompts in turn (a batch's prompts concurrently, the next batch once it is done);
+    return the tokens per prompt, per batch."""
+    from transformers import AutoTokenizer
+
     from raytp.config import resolve
+    from raytp.engine.engine import make_engine
     from raytp.gang.executor import RayExecutor
-    from raytp.messages import SamplingParams, SeqInput, StepInput
+    from raytp.messages import SamplingParams
+
+    cfg = resolve(config)
+    executor = RayExecutor(cfg)
+    engine = make_engine(cfg, executor, AutoTokenizer.from_pretrained(cfg.model_path))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def one(rid: str, prompt: list[int]) -> list[int]:
+        return [t async for out in engine.generate(rid, tuple(prompt), params) for t in out.token_ids]
 
     async def main():
-        ex = RayExecutor(resolve(config))
-        await ex.start()
+        await engine.start()
         try:
-            assert ex.shm_segments() == [], "each rank unlinks its shm buffer once every rank has mapped it"
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            assert executor.shm_segments() == [], "each rank unlinks its shm buffer once every rank has mapped it"
             results = []
             for b, prompts in enumerate(batches):
-                new = tuple(SeqInput(f"{b}-{i}", tuple(p), params) for i, p in enumerate(prompts))
-                steps = [(await ex.step(StepInput(new=new))).tokens]
-                for _ in range(max_tokens - 1):
-                    steps.append((await ex.step(StepInput(decode=True))).tokens)
-                assert (await ex.step(StepInput(finished_ids=tuple(s.seq_id for s in new)))).tokens == ()
-                results.append([list(col) for col in zip(*steps)])
+                results.append(list(await asyncio.gather(*(one(f"{b}-{i}", p) for i, p in enumerate(prompts)))))
             return results
         finally:
-            ex.shutdown()
+            engine.shutdown()
 
     return asyncio.run(main())
 

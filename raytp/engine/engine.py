@@ -69,6 +69,10 @@ class Engine:
         self.load_reports = await self.executor.start()
         num_blocks = min(r.num_kv_blocks for r in self.load_reports)
         bs = self.scheduling.block_size
+        if {r.kv_block_size for r in self.load_reports} != {bs}:
+            self.executor.shutdown()
+            raise ConfigError("block_size", f"the ranks' KV blocks hold {self.load_reports[0].kv_block_size} tokens, "
+                              f"the scheduler's {bs}: build both from the same config")
         if num_blocks < 2:
             self.executor.shutdown()
             per_block = max(r.kv_block_bytes for r in self.load_reports)

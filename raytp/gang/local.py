@@ -2,14 +2,16 @@
 (``benchmarks/engine.py`` on a lent GPU). Same ``Executor`` contract as ``RayExecutor``; TP=1 only.
 
 ``model`` may be given already built (e.g. a random-weight model made directly on the device); else the
-config's checkpoint is loaded with ``raytp.gang.loader`` as a rank would. Steps run synchronously on the
-event loop's thread: nothing else needs the loop while the engine is the only user.
+config's checkpoint is loaded with ``raytp.gang.loader`` as a rank would. Steps run on one dedicated thread,
+so the event loop streams tokens to callers while the next step computes, as it does with Ray.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from raytp import accelerator
 from raytp.config import ResolvedConfig
@@ -25,6 +27,7 @@ class LocalExecutor:
         self.model = model
         self.runner = None
         self._dead: str | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="raytp-rank0")
 
     async def start(self) -> list[LoadReport]:
         from raytp.gang import loader
@@ -43,7 +46,7 @@ class LocalExecutor:
         if self._dead:
             raise EngineDeadError(f"executor is {self._dead}")
         try:
-            return self.runner.step(step)
+            return await asyncio.get_running_loop().run_in_executor(self._thread, self.runner.step, step)
         except Exception as e:  # noqa: BLE001 - the engine turns this into failed requests, never a hang
             self._dead = f"failed: {type(e).__name__}: {e}"
             raise EngineDeadError(f"executor {self._dead}") from e
@@ -59,3 +62,4 @@ class LocalExecutor:
     def shutdown(self) -> None:
         self._dead = self._dead or "shut down"
         self.runner = None
+        self._thread.shutdown(wait=False)

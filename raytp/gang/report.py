@@ -33,7 +33,7 @@ def load_report(rank: int, start: float, model, runner) -> LoadReport:
         rank=rank, load_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
         rss_mb=psutil.Process().memory_info().rss / 2**20,
         num_params=sum(p.numel() for p in model.parameters()), num_kv_blocks=runner.num_blocks,
-        kv_block_bytes=runner.block_bytes,
+        kv_block_bytes=runner.block_bytes, kv_block_size=runner.block_size,
     )
     logger.info("rank %d: model loaded in %.1fs, peak RSS %.0f MB, KV cache %d blocks of %d tokens (%.0f MB)", rank,
                 report.load_s, report.peak_rss_mb, runner.num_blocks, runner.block_size,

@@ -22,11 +22,11 @@ def loop():
 def engine(ray_session, loop, tiny_tokenizer):
     from raytp.config import resolve
     from raytp.engine.engine import Engine
-    from raytp.engine.scheduler import ContinuousBatchScheduler
+    from raytp.engine.scheduler import SchedulerConfig
     from raytp.gang.executor import RayExecutor
 
     cfg = resolve({"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"})
-    engine = Engine(RayExecutor(cfg), tiny_tokenizer, ContinuousBatchScheduler(4, 64, max_num_batched_tokens=48))
+    engine = Engine(RayExecutor(cfg), tiny_tokenizer, SchedulerConfig("continuous", 4, 64, max_num_batched_tokens=48))
     loop.run_until_complete(engine.start())
     yield engine
     engine.shutdown()

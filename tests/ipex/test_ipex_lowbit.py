@@ -58,7 +58,7 @@ def test_tp2_sym_int4_continuous_batching_equals_solo(ray_session, tiny_tokenize
 
     from raytp.config import resolve
     from raytp.engine.engine import Engine
-    from raytp.engine.scheduler import ContinuousBatchScheduler
+    from raytp.engine.scheduler import SchedulerConfig
     from raytp.gang.executor import RayExecutor
     from raytp.messages import SamplingParams
 
@@ -73,7 +73,7 @@ def test_tp2_sym_int4_continuous_batching_equals_solo(ray_session, tiny_tokenize
         return [t for out in [o async for o in engine.generate(rid, tuple(prompt), sp)] for t in out.token_ids]
 
     async def main():
-        engine = Engine(RayExecutor(cfg), tiny_tokenizer, ContinuousBatchScheduler(4, 16, 64))
+        engine = Engine(RayExecutor(cfg), tiny_tokenizer, SchedulerConfig("continuous", 4, 16, 64))
         await engine.start()
         try:
             solo = [await collect(engine, f"solo{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))]

@@ -149,7 +149,7 @@ def test_stats_hooks_see_every_token_and_finish(tiny_tokenizer):
 
     async def main():
         ex = ScriptedExecutor(scripts=scripts)
-        engine = Engine(ex, tok, SchedulerConfig(max_num_seqs=1, max_queue_size=16, max_num_batched_tokens=64), stats=stats)  # 1 slot: b queues behind a
+        engine = Engine(ex, tok, SchedulerConfig("continuous", 1, 16, 64), stats=stats)  # 1 slot: b queues behind a
         await engine.start(warmup=False)
         await asyncio.gather(
             collect(engine, "a", (1, 7, 7), SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)),
@@ -170,7 +170,7 @@ def test_warmup_is_not_reported(tiny_tokenizer):
     stats = RecordingStats()
 
     async def main():
-        engine = Engine(ScriptedExecutor(), tiny_tokenizer, SchedulerConfig(max_num_seqs=2, max_queue_size=4, max_num_batched_tokens=64), stats=stats)
+        engine = Engine(ScriptedExecutor(), tiny_tokenizer, SchedulerConfig("continuous", 2, 4, 64), stats=stats)
         await engine.start()  # with the 2-token warm-up generation
         assert stats.first == stats.gaps == stats.finished == stats.queued == []
         assert engine.status().num_finished == {}

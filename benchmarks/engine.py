@@ -1,0 +1,297 @@
+"""The engine core in one process, without Ray, on any device: raytp's engine (paged KV cache, chunked prefill,
+prefix caching) against transformers' own continuous batching (paged attention) on the same model and workload.
+
+    python benchmarks/engine.py --device cpu --model raytp-llama-0.5b --concurrency 16
+    python benchmarks/engine.py --device cuda --dtype bfloat16          # an 8B-shaped random Llama, built on the GPU
+
+Each target runs in its own subprocess (clean peak memory, no shared state):
+  decode1     one request, batch-1 decode tok/s against the memory-bandwidth roofline (weight bytes / measured
+              device copy bandwidth);
+  raytp / hf  ``--concurrency`` requests at once, prompts 128–512 random tokens, outputs 128–256 (ignore_eos):
+              output tok/s, TTFT and TPOT p50/p99, peak memory; hf = transformers' ContinuousBatchingManager (what
+              ``generate_batch`` runs), each request with its own max_new_tokens;
+  prefix_on / prefix_off  a shared 1,000-token system prompt + short user turns (``--prefix-requests`` requests,
+              each sent when the previous one finished, as turns are): TTFT p50 with and without prefix caching.
+Imports no Ray. Results: benchmarks/results/engine_<device>.json and .md (printed). Ratios are within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # raytp from this checkout
+
+
+# ---- model and device ---------------------------------------------------------------------------------
+def build_model(args):
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from raytp import tiny_model
+    from raytp.compat import dtype_kwarg
+
+    dtype = getattr(torch, args.dtype)
+    if args.model:
+        path = tiny_model.ensure(args.model) if args.model in tiny_model.PRESETS else args.model
+        return AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype)).to(args.device).eval()
+    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+                      max_position_embeddings=4096, initializer_range=0.02)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(cfg, **dtype_kwarg(dtype))
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device != "cpu":
+        getattr(torch, device.split(":")[0]).synchronize()
+
+
+def bandwidth(device: str, size_mb: int = 1024) -> float:
+    """Best-of-5 bytes/s of a device-to-device copy (read + write counted)."""
+    import torch
+
+    src = torch.empty(size_mb << 20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = max(best, 2 * src.numel() / (time.perf_counter() - t))
+    return best
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cpu":
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return getattr(torch, device.split(":")[0]).max_memory_allocated() / 2**20
+
+
+class NumberTokenizer:
+    """Enough of a tokenizer for the engine when the model has no real one: token ids as text."""
+
+    eos_token_id = None
+
+    def encode(self, text, add_special_tokens=False):
+        return [1, 2]
+
+    def decode(self, ids, **_):
+        return "".join(f"<{i}>" for i in ids)
+
+
+# ---- workloads ------------------------------------------------------------------------------------------
+def concurrent_workload(n: int, vocab: int, seed: int):
+    rng = random.Random(seed)
+    return [([rng.randrange(10, vocab - 1) for _ in range(rng.randint(128, 512))], rng.randint(128, 256))
+            for _ in range(n)]
+
+
+def prefix_workload(n: int, vocab: int, seed: int):
+    rng = random.Random(seed + 1)
+    system = [rng.randrange(10, vocab - 1) for _ in range(1000)]
+    return [(system + [rng.randrange(10, vocab - 1) for _ in range(rng.randint(10, 40))], 8) for _ in range(n)]
+
+
+def summarize(results, wall_s: float, device: str) -> dict:
+    """``results``: per request (arrival, token times). TPOT = mean gap after the first token, per request."""
+    ttft = sorted(times[0] - arrival for arrival, times in results)
+    tpot = sorted((times[-1] - times[0]) / (len(times) - 1) for _, times in results if len(times) > 1)
+    q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else None  # noqa: E731
+    out_tokens = sum(len(times) for _, times in results)
+    return {"requests": len(results), "output_tokens": out_tokens, "wall_s": round(wall_s, 2),
+            "output_tok_s": round(out_tokens / wall_s, 2), "ttft_p50_s": q(ttft, 0.5), "ttft_p99_s": q(ttft, 0.99),
+            "tpot_p50_ms": q(tpot, 0.5) and q(tpot, 0.5) * 1e3, "tpot_p99_ms": q(tpot, 0.99) and q(tpot, 0.99) * 1e3,
+            "peak_memory_mb": round(peak_memory_mb(device), 1)}
+
+
+# ---- targets (each runs in its own process) ----------------------------------------------------------------
+def raytp_engine(args, model, **overrides):
+    from raytp.config import RaytpConfig, ResolvedConfig
+    from raytp.engine.engine import make_engine
+    from raytp.gang.local import LocalExecutor
+
+    base = RaytpConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       kv_cache_memory_bytes=args.kv_cache_gb << 30 if args.kv_cache_gb else None, **overrides)
+    fields = {f: getattr(base, f) for f in ResolvedConfig.__dataclass_fields__ if hasattr(base, f)}
+    cfg = ResolvedConfig(**{**fields, "model_path": args.model or "random", "served_model_name": "bench",
+                            "tensor_parallel_size": 1, "device": args.device.split(":")[0], "dtype": args.dtype,
+                            "max_model_len": 4096})
+    return make_engine(cfg, LocalExecutor(cfg, model=model), NumberTokenizer())
+
+
+async def run_raytp(engine, workload, device: str, sequential: bool = False):
+    from raytp.messages import SamplingParams
+
+    async def one(i, prompt, n):
+        arrival, times = time.perf_counter(), []
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        async for out in engine.generate(f"r{i}", tuple(prompt), params):
+            sync(device)
+            times += [time.perf_counter()] * len(out.token_ids)
+        return arrival, times
+
+    start = time.perf_counter()
+    if sequential:
+        results = [await one(i, p, n) for i, (p, n) in enumerate(workload)]
+    else:
+        results = await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(workload)))
+    return summarize(results, time.perf_counter() - start, device)
+
+
+def target(args) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or os.cpu_count())
+    model = build_model(args)
+    vocab = model.config.vocab_size
+    if args.target == "hf":
+        return run_hf(args, model, concurrent_workload(args.concurrency, vocab, args.seed))
+
+    async def main():
+        if args.target == "decode1":
+            engine = raytp_engine(args, model)
+            await engine.start()
+            res = await run_raytp(engine, [([5] * 32, args.decode_tokens)], args.device)
+            engine.shutdown()
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            bw = bandwidth(args.device)
+            tok_s = 1e3 / res["tpot_p50_ms"]
+            return {"decode_tok_s": round(tok_s, 2), "weight_bytes": weights, "bandwidth_gb_s": round(bw / 1e9, 1),
+                    "roofline_tok_s": round(bw / 2 / weights, 2), "roofline_efficiency": round(tok_s * weights * 2 / bw,
+                                                                                                3)}
+        if args.target == "raytp":
+            engine = raytp_engine(args, model)
+            await engine.start()
+            await run_raytp(engine, concurrent_workload(2, vocab, args.seed + 7), args.device)  # warm-up
+            res = await run_raytp(engine, concurrent_workload(args.concurrency, vocab, args.seed), args.device)
+        else:  # prefix_on / prefix_off
+            engine = raytp_engine(args, model, enable_prefix_caching=args.target == "prefix_on")
+            await engine.start()
+            res = await run_raytp(engine, prefix_workload(args.prefix_requests, vocab, args.seed), args.device,
+                                  sequential=True)
+            res["prefix_cache_hit_rate"] = round(engine.status().prefix_cache_hit_rate, 3)
+        res["num_preemptions"] = engine.status().num_preemptions
+        engine.shutdown()
+        return res
+
+    return asyncio.run(main())
+
+
+def run_hf(args, model, workload) -> dict:
+    """transformers' continuous batching (paged attention; what generate_batch runs), per-request lengths."""
+    import torch
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=max(n for _, n in workload), do_sample=False, eos_token_id=-1,
+                           pad_token_id=0)
+    with torch.inference_mode(), model.continuous_batching_context_manager(generation_config=gen, block=True,
+                                                                               timeout=5) as manager:
+        warm = manager.add_request([5] * 16, request_id="warm", max_new_tokens=4)
+        while (r := manager.get_result(timeout=60)) is None or r.request_id != warm or not r.is_finished():
+            pass
+        start = time.perf_counter()
+        for i, (prompt, n) in enumerate(workload):
+            manager.add_request(prompt, request_id=f"r{i}", max_new_tokens=n, record_timestamps=True)
+        done = {}
+        while len(done) < len(workload):
+            r = manager.get_result(timeout=600)
+            if r is None:
+                raise RuntimeError("transformers' continuous batching stopped before finishing the workload")
+            if r.is_finished():
+                done[r.request_id] = r
+        wall = time.perf_counter() - start
+    results = [(start, list(r.timestamps)) for r in done.values()]
+    out = summarize(results, wall, args.device)
+    out["lengths_ok"] = all(len(done[f"r{i}"].generated_tokens) == n for i, (_, n) in enumerate(workload))
+    return out
+
+
+# ---- driver -----------------------------------------------------------------------------------------------
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | xpu")
+    ap.add_argument("--model", default=None, help="checkpoint dir or built-in name; default: a random Llama of the "
+                    "shape below, built directly on the device")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on accelerators; on cpu the 'auto' rule")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=14336)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: --concurrency")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=512)
+    ap.add_argument("--kv-cache-gb", type=int, default=None)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--prefix-requests", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--targets", default="decode1,raytp,hf,prefix_on,prefix_off")
+    ap.add_argument("--target", default=None, help=argparse.SUPPRESS)  # internal: run one target, print JSON
+    args = ap.parse_args()
+    if args.dtype is None:
+        from raytp.config import cpu_auto_dtype
+
+        args.dtype = cpu_auto_dtype() if args.device == "cpu" else "bfloat16"
+    args.max_num_seqs = args.max_num_seqs or args.concurrency
+    if args.target:
+        print("RESULT " + json.dumps(target(args)))
+        return 0
+
+    results: dict = {"device": args.device, "dtype": args.dtype, "model": args.model or (
+        f"random Llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
+        f"vocab={args.vocab}"), "concurrency": args.concurrency, "argv": sys.argv[1:]}
+    for name in args.targets.split(","):
+        argv = [sys.executable, __file__, *sys.argv[1:], "--target", name]
+        t = time.perf_counter()
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            results[name] = {"error": (proc.stderr or proc.stdout)[-2000:]}
+        else:
+            results[name] = json.loads(lines[-1][len("RESULT "):])
+        print(f"{name}: {results[name]} ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
+
+    ok = lambda k: k in results and "error" not in results[k]  # noqa: E731
+    if ok("raytp") and ok("hf"):
+        results["raytp_over_hf_tok_s"] = round(results["raytp"]["output_tok_s"] / results["hf"]["output_tok_s"], 2)
+    if ok("prefix_on") and ok("prefix_off"):
+        on, off = results["prefix_on"]["ttft_p50_s"], results["prefix_off"]["ttft_p50_s"]
+        results["prefix_ttft_p50_ratio"] = round(on / off, 3)
+    sys.path.insert(0, HERE)
+    import _results  # noqa: E402 - benchmarks/ helper
+
+    name = f"engine_{args.device.split(':')[0]}"
+    lines = [f"# Engine benchmark ({args.device}, {args.dtype}, {results['model']})", "",
+             f"Command: `python benchmarks/engine.py {' '.join(sys.argv[1:])}`", ""]
+    for key in ("decode1", "raytp", "hf", "prefix_on", "prefix_off"):
+        if key in results:
+            lines.append(f"- **{key}**: " + ", ".join(f"{k}={v}" for k, v in results[key].items()))
+    for key in ("raytp_over_hf_tok_s", "prefix_ttft_p50_ratio"):
+        if key in results:
+            lines.append(f"- **{key}**: {results[key]}")
+    _results.write(name, results, lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
