@@ -90,7 +90,8 @@ def test_prometheus_metrics_after_requests(app, ray_session):
         samples = scrape(port)
         names = {n for n, _ in samples}
         # a counter appears once incremented: nothing here runs out of KV blocks, so no preemption is counted
-        missing = [m for m in NAMES if m != "raytp_num_preemptions" and not any(n.startswith("ray_" + m) for n in names)]
+        missing = [m for m in NAMES
+                   if m != "raytp_num_preemptions" and not any(n.startswith("ray_" + m) for n in names)]
         if (not missing and grew(samples, "ray_raytp_generation_tokens_total", replica=replica) >= 24
                 and grew(samples, "ray_raytp_request_errors_total", status="400") >= 1
                 and grew(samples, "ray_raytp_ingress_request_seconds_count", route="/v1/completions") >= 4):
