@@ -115,11 +115,12 @@ def plain_token_ids(tokenizer) -> list[int]:
 
 
 def scripted_engine_factory(*, step_delay_s: float = 0.0, start_delay_s: float = 0.0,
-                            fail_prompt: str | None = None, fail_prompt_after: int = 2):
+                            fail_prompt: str | None = None, fail_prompt_after: int = 2, num_kv_blocks: int = 4096):
     """An ``engine_factory`` for ``raytp.serve.app.bind_app``: the real ``Engine`` over a ``ScriptedExecutor``.
 
     ``fail_prompt``: a completion prompt starting with this text kills the replica's "gang"
-    ``fail_prompt_after`` steps after it started (as a dead rank would)."""
+    ``fail_prompt_after`` steps after it started (as a dead rank would). ``num_kv_blocks``: the KV blocks each
+    "rank" reports (block 0 is the null block)."""
 
     def factory(config, tokenizer, stats):
         from raytp.engine.engine import make_engine
@@ -127,7 +128,8 @@ def scripted_engine_factory(*, step_delay_s: float = 0.0, start_delay_s: float =
         fail = tuple(tokenizer.encode(fail_prompt)) if fail_prompt else None
         executor = ScriptedExecutor(plain_token_ids(tokenizer), step_delay_s=step_delay_s,
                                     start_delay_s=start_delay_s, fail_prompt=fail, fail_prompt_after=fail_prompt_after,
-                                    world_size=config.tensor_parallel_size, block_size=config.block_size)
+                                    world_size=config.tensor_parallel_size, block_size=config.block_size,
+                                    num_kv_blocks=num_kv_blocks)
         return make_engine(config, executor, tokenizer, stats)
 
     return factory

@@ -96,6 +96,10 @@ class ModelRunner:
         ``sample`` set. Only rank 0's output carries tokens."""
         for seq_id in step.finished_ids:
             self.generators.pop(seq_id, None)
+        for r in step.rows:
+            if len(r.token_ids) > 1:  # prompt chunks (never their text): which request, how much, from where
+                logger.info("rank %d: prefill %d tokens from position %d", self.rank, len(r.token_ids), r.start_pos,
+                            extra={"request_id": r.seq_id})
         if not step.rows:
             return StepOutput()
         layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in step.rows]

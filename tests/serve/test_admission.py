@@ -13,9 +13,10 @@ from tests.serve.conftest import MODEL
 
 @pytest.fixture(scope="module")
 def app(ray_session):
-    # 20 ms a step: a 40-token request holds its slot for about a second
+    # 20 ms a step: a 40-token request holds its slot for about a second. A KV cache of 63 blocks of 16 tokens.
     with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "max_num_seqs": 2,
-                    "max_queue_size": 2}, engine_factory=scripted_engine_factory(step_delay_s=0.02)) as handle:
+                    "max_queue_size": 2},
+                   engine_factory=scripted_engine_factory(step_delay_s=0.02, num_kv_blocks=64)) as handle:
         yield handle
 
 
@@ -66,3 +67,14 @@ def test_disconnected_streams_are_aborted(app):
     assert after.get("abort", 0) == before.get("abort", 0) + 2
     assert after.get("length", 0) == before.get("length", 0), "the requests were cut short, not run to max_tokens"
     assert requests.get(URL + "/health", timeout=10).json()["num_running"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_longer_than_the_whole_kv_cache_gets_400(app, stream):
+    body = {"model": MODEL, "prompt": "the model", "max_tokens": 1010, "stream": stream}
+    r = requests.post(URL + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and "whole cache of this replica holds 1008" in error["message"]
+    ok = requests.post(URL + "/v1/completions", json={**body, "max_tokens": 20}, timeout=60)
+    assert ok.status_code == 200, "a request that fits is served"
