@@ -141,4 +141,5 @@ class ModelRunner:
                                               past_key_values=cache, use_cache=True)
         if keep is None:
             return None
-        return self.model.get_output_embeddings()(hidden.last_hidden_state[0, keep])
+        # [1, K, H] in: DeepSpeed's sharded lm_head (LmHeadLinearAllreduce) slices a 3-D input
+        return self.model.get_output_embeddings()(hidden.last_hidden_state[:, keep])[0]
