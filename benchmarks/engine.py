@@ -5,8 +5,8 @@ prefix caching) against transformers' own continuous batching (paged attention) 
     python benchmarks/engine.py --device cuda --dtype bfloat16          # an 8B-shaped random Llama, built on the GPU
 
 Each target runs in its own subprocess (clean peak memory, no shared state):
-  decode1     one request, batch-1 decode tok/s against the memory-bandwidth roofline (weight bytes / measured
-              device copy bandwidth);
+  decode1     one request, batch-1 decode tok/s against the memory-bandwidth roofline (measured device copy
+              bandwidth / weight bytes, ``raytp bench --roofline``'s convention);
   raytp / hf  ``--concurrency`` requests at once, prompts 128–512 random tokens, outputs 128–256 (ignore_eos):
               output tok/s, TTFT and TPOT p50/p99, peak memory; hf = transformers' ContinuousBatchingManager (what
               ``generate_batch`` runs), each request with its own max_new_tokens;
@@ -157,6 +157,8 @@ async def run_raytp(engine, workload, device: str, sequential: bool = False):
 def target(args) -> dict:
     import torch
 
+    from raytp.bench.roofline import efficiency
+
     torch.manual_seed(0)
     if args.device == "cpu":
         torch.set_num_threads(args.threads or os.cpu_count())
@@ -174,9 +176,10 @@ def target(args) -> dict:
             weights = sum(p.numel() * p.element_size() for p in model.parameters())
             bw = bandwidth(args.device)
             tok_s = 1e3 / res["tpot_p50_ms"]
+            # the convention of raytp.bench.roofline (and `raytp bench --roofline`): copy bandwidth, read + write
             return {"decode_tok_s": round(tok_s, 2), "weight_bytes": weights, "bandwidth_gb_s": round(bw / 1e9, 1),
-                    "roofline_tok_s": round(bw / 2 / weights, 2), "roofline_efficiency": round(tok_s * weights * 2 / bw,
-                                                                                                3)}
+                    "roofline_tok_s": round(bw / weights, 2), "roofline_efficiency": round(efficiency(tok_s, weights,
+                                                                                                      bw), 3)}
         if args.target == "raytp":
             engine = raytp_engine(args, model)
             await engine.start()

@@ -109,7 +109,8 @@ class BlockManager:
         if need > len(self._free):
             return False
         for _ in range(need):
-            block, _ = self._free.popitem(last=False)
+            block = self._place(kv.table)
+            del self._free[block]
             old = self._hash_of[block]
             if old is not None:  # evict the prefix this block cached
                 self._hash_of[block] = None
@@ -118,6 +119,25 @@ class BlockManager:
             self._refs[block] = 1
             kv.table.append(block)
         return True
+
+    def _place(self, table: list[int]) -> int:
+        """The free block a sequence holding ``table`` should grow into. Consecutive blocks let the ranks attend
+        to a view of the pool instead of copying the blocks out (``raytp.gang.paged_attention``), so: the block
+        right after its last one if free and caching nothing; else the middle of the longest run of free blocks that cache nothing
+        (the first half is room for whichever sequence ends just before it); else the least recently freed."""
+        nxt = table[-1] + 1 if table else 0
+        if 0 < nxt < self.num_blocks and nxt in self._free and self._hash_of[nxt] is None:
+            return nxt
+        best_start, best_len, start, prev = 0, 0, 0, -2
+        for b in sorted(b for b in self._free if self._hash_of[b] is None):
+            if b != prev + 1:
+                start = b
+            prev = b
+            if b - start + 1 > best_len:
+                best_start, best_len = start, b - start + 1
+        if best_len:
+            return best_start if best_start == 1 else best_start + best_len // 2
+        return next(iter(self._free))
 
     def commit(self, kv: KVState, token_ids: list[int], num_computed: int) -> None:
         """Record that the first ``num_computed`` tokens' keys/values are written: full blocks become cacheable."""

@@ -68,3 +68,16 @@ def test_prefix_caching_off_reuses_nothing():
     bm = BlockManager(num_blocks=8, block_size=2, enable_prefix_caching=False)
     filled(bm, [1, 2, 3, 4, 5])
     assert hit(bm, [1, 2, 3, 4, 5]) == 0
+
+
+def test_concurrent_sequences_grow_into_consecutive_blocks():
+    """Ranks attend to consecutive blocks in place (no copy), so placement keeps each sequence's blocks together."""
+    bm = BlockManager(num_blocks=65, block_size=4, enable_prefix_caching=False)
+    seqs = [KVState() for _ in range(4)]
+    for kv in seqs:
+        assert bm.allocate(kv, 8)
+    for tokens in range(9, 41):  # the four grow in turns, as decoding rows do
+        for kv in seqs:
+            assert bm.allocate(kv, tokens)
+    for kv in seqs:
+        assert len(kv.table) == 10 and kv.table == list(range(kv.table[0], kv.table[0] + 10)), kv.table

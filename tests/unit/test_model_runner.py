@@ -91,3 +91,36 @@ def test_budget_below_one_block_fails_start_with_a_config_error(model, tiny_toke
     engine = make_engine(model, tiny_tokenizer, kv_cache_memory_bytes=1000)
     with pytest.raises(ConfigError, match="kv_cache_memory_bytes"):
         asyncio.run(engine.start())
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_consecutive_and_scattered_blocks_give_the_same_tokens(model, scatter):
+    """The ranks' three attention paths (a first chunk's own keys, a view of consecutive blocks, gathered scattered
+    blocks; decode rows batched) agree with plain transformers, rows mixing chunks and decodes in one step."""
+    from raytp.gang.model_runner import ModelRunner
+    from raytp.messages import RowInput, StepInput
+
+    runner = ModelRunner(model, "cpu", 0, 1, block_size=BLOCK, kv_cache_bytes=1 << 22, max_blocks=64)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    prompts = [list(range(5, 8)), list(range(20, 29)), list(range(40, 54))]
+    tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(3)]
+    if scatter:  # every row's blocks out of order and interleaved with the others'
+        tables = [[b for j, b in enumerate(range(60, 0, -1)) if j % 3 == i][:8] for i in range(3)]
+    chunk = [99, 4, 6]  # row 0 whole, rows 1 and 2 in chunks while row 0 decodes
+    tokens, computed, outs = [list(p) for p in prompts], [0, 0, 0], [[], [], []]
+    while any(len(o) < 8 for o in outs):
+        rows = []
+        for i in range(3):
+            if len(outs[i]) < 8:
+                n = min(len(tokens[i]) - computed[i], chunk[i])
+                rows.append(RowInput(str(i), tuple(tokens[i][computed[i]:computed[i] + n]), computed[i],
+                                     tuple(tables[i]), computed[i] + n == len(tokens[i]), greedy))
+        sampled = iter(runner.step(StepInput(tuple(rows))).tokens)
+        for r in rows:
+            i = int(r.seq_id)
+            computed[i] += len(r.token_ids)
+            if r.sample:
+                token = next(sampled)
+                outs[i].append(token)
+                tokens[i].append(token)
+    assert outs == [alone(model, p, 8) for p in prompts]
