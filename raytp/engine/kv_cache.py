@@ -123,8 +123,9 @@ class BlockManager:
     def _place(self, table: list[int]) -> int:
         """The free block a sequence holding ``table`` should grow into. Consecutive blocks let the ranks attend
         to a view of the pool instead of copying the blocks out (``raytp.gang.paged_attention``), so: the block
-        right after its last one if free and caching nothing; else the middle of the longest run of free blocks that cache nothing
-        (the first half is room for whichever sequence ends just before it); else the least recently freed."""
+        right after its last one if free and caching nothing; else the middle of the longest run of free blocks
+        that cache nothing (the first half is room for whichever sequence ends just before it); else the least
+        recently freed."""
         nxt = table[-1] + 1 if table else 0
         if 0 < nxt < self.num_blocks and nxt in self._free and self._hash_of[nxt] is None:
             return nxt
