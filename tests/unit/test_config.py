@@ -151,3 +151,15 @@ def test_config_errors_keep_their_field_across_ray():
     err = ConfigError("device", "xpu requested but torch sees no xpu device")
     back = RayError.from_bytes(RayTaskError("init_device", "traceback", err).to_bytes())
     assert isinstance(back.cause, ConfigError) and back.cause.field == "device" and str(back.cause) == str(err)
+
+
+def test_kv_cache_and_step_budget_fields(model_dir):
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        RaytpConfig(max_num_seqs=32, max_num_batched_tokens=16).check_static()
+    with pytest.raises(ValidationError):
+        RaytpConfig(gpu_memory_utilization=1.5)
+    r = resolve({"model": model_dir, "device": "cpu", "block_size": 32, "kv_cache_memory_bytes": 1 << 20,
+                 "enable_prefix_caching": False}, cpu_bf16=NATIVE_BF16)
+    assert (r.block_size, r.kv_cache_memory_bytes, r.enable_prefix_caching) == (32, 1 << 20, False)
+    assert accelerator.get("cpu").kv_cache_budget(None, 0.9) == 4 << 30
+    assert accelerator.get("cuda").kv_cache_budget(123, 0.9) == 123, "an explicit budget needs no device"
