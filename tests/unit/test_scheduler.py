@@ -103,3 +103,18 @@ def test_abort_frees_blocks_of_waiting_and_running():
     s.abort("r1")
     _, out = run_step(s)
     assert out.finished_ids == ("r0",) and s.kv.num_free == 8
+
+
+def test_a_long_prompt_arriving_never_stalls_decoding_rows():
+    """Running rows are served first and waiting prompts only get the budget they leave, so every decoding row gets
+    its token in every step while a long prompt is prefilled in chunks."""
+    s = build(max_num_batched_tokens=8, max_num_seqs=4)
+    for i in range(3):
+        s.add(seq(i, n_prompt=2, max_tokens=30, first=10 * i))
+    run_step(s)
+    s.add(seq(3, n_prompt=40, max_tokens=2))
+    for _ in range(8):  # 40 prompt tokens at 8 - 3 = 5 per step
+        rows, _ = run_step(s)
+        assert rows[:3] == [("r0", 1), ("r1", 1), ("r2", 1)] and rows[3] == ("r3", 5)
+    rows, _ = run_step(s)
+    assert rows == [("r0", 1), ("r1", 1), ("r2", 1), ("r3", 1)]
