@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -249,6 +250,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", default="decode1,raytp,hf,prefix_on,prefix_off")
+    ap.add_argument("--repeat", type=int, default=1, help="run the raytp / hf pair this many times, alternating "
+                    "(this host's speed drifts: each pair's ratio is reported, and their median)")
     ap.add_argument("--target", default=None, help=argparse.SUPPRESS)  # internal: run one target, print JSON
     args = ap.parse_args()
     if args.dtype is None:
@@ -263,19 +266,33 @@ def main() -> int:
     results: dict = {"device": args.device, "dtype": args.dtype, "model": args.model or (
         f"random Llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
         f"vocab={args.vocab}"), "concurrency": args.concurrency, "argv": sys.argv[1:]}
-    for name in args.targets.split(","):
+    names = args.targets.split(",")
+    order = [n for n in names if n not in ("raytp", "hf")]
+    pair = [n for n in ("raytp", "hf") if n in names]
+    order[1:1] = pair * args.repeat  # after decode1, alternating
+    runs: dict[str, list] = {}
+    for name in order:
         argv = [sys.executable, __file__, *sys.argv[1:], "--target", name]
         t = time.perf_counter()
         proc = subprocess.run(argv, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
-            results[name] = {"error": (proc.stderr or proc.stdout)[-2000:]}
+            result = {"error": (proc.stderr or proc.stdout)[-2000:]}
         else:
-            results[name] = json.loads(lines[-1][len("RESULT "):])
-        print(f"{name}: {results[name]} ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
+            result = json.loads(lines[-1][len("RESULT "):])
+        runs.setdefault(name, []).append(result)
+        results[name] = result
+        print(f"{name}: {result} ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
+    if args.repeat > 1 and len(pair) == 2:
+        ratios = [r["output_tok_s"] / h["output_tok_s"] for r, h in zip(runs["raytp"], runs["hf"])
+                  if "error" not in r and "error" not in h]
+        results["raytp_over_hf_tok_s_per_pair"] = [round(x, 2) for x in ratios]
+        results["raytp_runs"], results["hf_runs"] = runs["raytp"], runs["hf"]
 
     ok = lambda k: k in results and "error" not in results[k]  # noqa: E731
-    if ok("raytp") and ok("hf"):
+    if "raytp_over_hf_tok_s_per_pair" in results:
+        results["raytp_over_hf_tok_s"] = round(statistics.median(results["raytp_over_hf_tok_s_per_pair"]), 2)
+    elif ok("raytp") and ok("hf"):
         results["raytp_over_hf_tok_s"] = round(results["raytp"]["output_tok_s"] / results["hf"]["output_tok_s"], 2)
     if ok("prefix_on") and ok("prefix_off"):
         on, off = results["prefix_on"]["ttft_p50_s"], results["prefix_off"]["ttft_p50_s"]
@@ -288,8 +305,9 @@ def main() -> int:
              f"Command: `python benchmarks/engine.py {' '.join(sys.argv[1:])}`", ""]
     for key in ("decode1", "raytp", "hf", "prefix_on", "prefix_off"):
         if key in results:
-            lines.append(f"- **{key}**: " + ", ".join(f"{k}={v}" for k, v in results[key].items()))
-    for key in ("raytp_over_hf_tok_s", "prefix_ttft_p50_ratio"):
+            fields = ", ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in results[key].items())
+            lines.append(f"- **{key}**{' (last run)' if key in pair and args.repeat > 1 else ''}: {fields}")
+    for key in ("raytp_over_hf_tok_s_per_pair", "raytp_over_hf_tok_s", "prefix_ttft_p50_ratio"):
         if key in results:
             lines.append(f"- **{key}**: {results[key]}")
     _results.write(name, results, lines)

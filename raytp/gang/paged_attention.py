@@ -133,29 +133,31 @@ class PagedBatch:
     def attend(self, layer: int, query, key, value, scaling) -> torch.Tensor:
         """query [1, Hq, T, D], key/value [1, Hkv, T, D] of the step's tokens → output [1, T, Hq, D]."""
         pool = self.pool
-        pool.write(layer, key, value, self.slots, self.fresh)
         k_pool, v_pool = pool.keys[layer], pool.values[layer]
+        if k_pool.dtype != query.dtype:  # the pool has the dtype the probe saw; never copy it, cast the query
+            cast = k_pool.dtype
+            return self.attend(layer, query.to(cast), key.to(cast), value.to(cast), scaling).to(query.dtype)
+        pool.write(layer, key, value, self.slots, self.fresh)
         out = torch.empty((self.num_tokens, query.shape[1], query.shape[3]), dtype=query.dtype, device=query.device)
         o = out.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D] view of out
-        dt = query.dtype
         for start, n in self.own:
             s = slice(start, start + n)
             o[:, :, s] = _sdpa(query[:, :, s], key[:, :, s], value[:, :, s], None, True, scaling)
         for start, n, slot, ctx_len, mask in self.views:
             s = slice(start, start + n)
             kv = slice(slot, slot + ctx_len)
-            k = k_pool[kv].transpose(0, 1).unsqueeze(0).to(dt)  # [1, Hkv, L, D], a view of the pool
-            v = v_pool[kv].transpose(0, 1).unsqueeze(0).to(dt)
+            k = k_pool[kv].transpose(0, 1).unsqueeze(0)  # [1, Hkv, L, D], a view of the pool
+            v = v_pool[kv].transpose(0, 1).unsqueeze(0)
             o[:, :, s] = _sdpa(query[:, :, s], k, v, mask, False, scaling)
         for start, n, ctx_len, blocks, mask in self.gathers:
             s = slice(start, start + n)
-            k = pool.gather(k_pool, blocks[None])[:, :, :ctx_len].to(dt)
-            v = pool.gather(v_pool, blocks[None])[:, :, :ctx_len].to(dt)
+            k = pool.gather(k_pool, blocks[None])[:, :, :ctx_len]
+            v = pool.gather(v_pool, blocks[None])[:, :, :ctx_len]
             o[:, :, s] = _sdpa(query[:, :, s], k, v, mask, False, scaling)
         if self.decode_q is not None:
             qd = query[0].transpose(0, 1)[self.decode_q].unsqueeze(2)  # [B, Hq, 1, D]
-            kd = pool.gather(k_pool, self.decode_tables).to(dt)  # [B, Hkv, W * bs, D]
-            vd = pool.gather(v_pool, self.decode_tables).to(dt)
+            kd = pool.gather(k_pool, self.decode_tables)  # [B, Hkv, W * bs, D]
+            vd = pool.gather(v_pool, self.decode_tables)
             out[self.decode_q] = _sdpa(qd, kd, vd, self.decode_mask, False, scaling).squeeze(2)
         return out.unsqueeze(0)
 

@@ -62,7 +62,11 @@ class LLMServer:
         self.metrics = ServerMetrics(config.served_model_name, config.max_num_seqs)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=config.trust_remote_code)
         self.engine: EngineClient = (engine_factory or default_engine_factory)(config, self.tokenizer, self.metrics)
-        await self.engine.start()
+        try:
+            await self.engine.start()
+        except ConfigError as e:  # e.g. a KV budget too small for one block: known only once the ranks loaded
+            logger.error("raytp: %s", e)
+            raise
         self.metrics.loaded(self.engine.load_reports)
         self.metrics.gang(True)
         self.startup_s = time.perf_counter() - started
