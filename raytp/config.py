@@ -295,8 +295,24 @@ def _check_model(cfg: RaytpConfig, model_path: str) -> int:
     if cfg.max_model_len is None:
         if limit is None:
             raise ConfigError("max_model_len", "the model config has no max_position_embeddings; set max_model_len.")
-        return int(limit)
-    if limit is not None and cfg.max_model_len > limit:
+        max_model_len = int(limit)
+    elif limit is not None and cfg.max_model_len > limit:
         raise ConfigError("max_model_len",
                           f"{cfg.max_model_len} exceeds the model's max_position_embeddings ({limit}).")
-    return cfg.max_model_len
+    else:
+        max_model_len = cfg.max_model_len
+    _check_attention(hf, max_model_len)
+    return max_model_len
+
+
+def _check_attention(hf, max_model_len: int) -> None:
+    """raytp's paged attention (``raytp.gang.paged_attention``) is plain causal attention over the whole context:
+    refuse models whose attention is something else, rather than answer wrongly."""
+    window = getattr(hf, "sliding_window", None)
+    if window and getattr(hf, "use_sliding_window", True) and max_model_len > window:
+        raise ConfigError("max_model_len", f"{max_model_len} exceeds the model's sliding attention window ({window}); "
+                          "raytp's paged attention attends to the whole context, which equals sliding-window "
+                          f"attention only up to the window: set max_model_len <= {window}.")
+    if getattr(hf, "attn_logit_softcapping", None):
+        raise ConfigError("model", "attention logit soft-capping (e.g. Gemma 2) is not supported by raytp's paged "
+                          "attention.")

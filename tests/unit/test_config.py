@@ -163,3 +163,20 @@ def test_kv_cache_and_step_budget_fields(model_dir):
     assert (r.block_size, r.kv_cache_memory_bytes, r.enable_prefix_caching) == (32, 1 << 20, False)
     assert accelerator.get("cpu").kv_cache_budget(None, 0.9) == 4 << 30
     assert accelerator.get("cuda").kv_cache_budget(123, 0.9) == 123, "an explicit budget needs no device"
+
+
+def test_attention_the_paged_kernel_cannot_compute_is_refused(tmp_path):
+    from raytp.config import _check_attention
+
+    class HF:
+        sliding_window = 4096
+        use_sliding_window = True
+
+    with pytest.raises(ConfigError, match="max_model_len <= 4096"):
+        _check_attention(HF(), 8192)
+    _check_attention(HF(), 4096)  # within the window, full attention is exact
+    HF.use_sliding_window = False  # Qwen2's switch: configured but off
+    _check_attention(HF(), 32768)
+    HF.attn_logit_softcapping = 50.0
+    with pytest.raises(ConfigError, match="soft-capping"):
+        _check_attention(HF(), 1024)
