@@ -1,7 +1,7 @@
 """Typed messages across the engine ⇄ gang seam: plain, picklable dataclasses, no torch, no Ray.
 
 The engine sends every rank the same ``StepInput``; rank 0 answers with a ``StepOutput``.
-Ranks keep no per-request state but rank 0's sampling generators: every step says, for
+Ranks keep no per-request state: every step says, for
 each row, which tokens to compute, at which positions, and in which KV blocks (the
 driver's scheduler owns the paged KV cache; ranks never allocate).
 """
@@ -47,7 +47,8 @@ class RowInput:
 @dataclass(frozen=True)
 class StepInput:
     """One engine step, identical for every rank: one flat, unpadded forward over every row's tokens.
-    ``finished_ids``: sequences that ended since the last step (rank 0 drops their sampling state).
+    ``finished_ids``: sequences that ended since the last step (ranks hold nothing for them; an executor that
+    keeps per-request bookkeeping, like the scripted one, drops it).
     A step with no rows only releases."""
 
     rows: tuple[RowInput, ...] = ()

@@ -2,9 +2,9 @@
 rank's paged KV cache (``raytp.gang.paged_attention``), rank 0 samples.
 
 Every rank of a gang runs the same ``StepInput`` (DeepSpeed AutoTP all-reduces inside the forward) and
-holds the same KV blocks for its own heads. Ranks keep no request state beyond rank 0's per-request
-sampling generators: tokens, positions and block tables come with each step, so the driver alone decides
-what runs and where it is stored, and preemption or prefix sharing needs nothing from the ranks.
+holds the same KV blocks for its own heads. Ranks keep no request state: tokens, positions and block
+tables come with each step (and sampling draws are a function of seed and position), so the driver alone
+decides what runs and where it is stored, and preemption or prefix sharing needs nothing from the ranks.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import torch
 
 from raytp.gang import paged_attention as pa
-from raytp.gang.sampler import make_generator, sample
+from raytp.gang.sampler import sample
 from raytp.messages import StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,6 @@ class ModelRunner:
             self._legacy_cache = pa.legacy_cache_cls()
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in inspect.signature(model.forward).parameters \
             else None
-        self.generators: dict[str, torch.Generator | None] = {}
         # Decoder layers run so far; read from another thread by the worker's liveness ping, so the executor can
         # tell a slow step (the count moves) from a hung one (it does not).
         self.progress = 0
@@ -94,8 +93,6 @@ class ModelRunner:
     def step(self, step: StepInput) -> StepOutput:
         """Compute every row's tokens (writing their KV into their blocks), then sample one token per row with
         ``sample`` set. Only rank 0's output carries tokens."""
-        for seq_id in step.finished_ids:
-            self.generators.pop(seq_id, None)
         for r in step.rows:
             if len(r.token_ids) > 1:  # prompt chunks (never their text): which request, how much, from where
                 logger.info("rank %d: prefill %d tokens from position %d", self.rank, len(r.token_ids), r.start_pos,
@@ -117,10 +114,7 @@ class ModelRunner:
         if self.rank != 0:
             return StepOutput()
         rows = [r for r in step.rows if r.sample]
-        for r in rows:
-            if r.seq_id not in self.generators:
-                self.generators[r.seq_id] = make_generator(r.params, self.device)
-        tokens = sample(logits, [r.params for r in rows], [self.generators[r.seq_id] for r in rows])
+        tokens = sample(logits, [r.params for r in rows], [r.start_pos + len(r.token_ids) for r in rows])
         return StepOutput(tuple(tokens.tolist()))
 
     def _forward(self, batch: pa.PagedBatch, layout, ids, keep, probe: dict | None = None):
