@@ -160,7 +160,7 @@ class Engine:
                 self.scheduler.abort(request_id)
             reason = seq.finish_reason or "abort"
             self.finished_counts[reason] += 1
-            self.stats.on_finished(reason, time.monotonic() - seq.arrival_s, len(seq.prompt_ids), len(seq.output_ids))
+            self.stats.on_finished(reason, time.monotonic() - seq.arrival_s, len(seq.prompt_ids), seq.num_output_tokens)
             self._streams.pop(request_id, None)
 
     # ---- the loop --------------------------------------------------------------------------
@@ -228,14 +228,14 @@ class Engine:
             delta, hit_stop = ("", False) if hit_eos else stream.detok.add(token)
             if hit_eos or hit_stop:
                 seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens:
+            elif seq.num_output_tokens >= seq.params.max_tokens:
                 seq.finish_reason = "length"
             if seq.finish_reason and not hit_stop:
                 delta += stream.detok.flush()
             if delta or seq.finish_reason:
                 stream.queue.put_nowait(RequestOutput(
                     request_id=seq.seq_id, text=delta, token_ids=stream.pending_ids,
-                    num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=len(seq.output_ids),
+                    num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=seq.num_output_tokens,
                     finish_reason=seq.finish_reason,
                 ))
                 stream.pending_ids = []

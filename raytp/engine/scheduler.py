@@ -38,7 +38,6 @@ class Sequence:
     seq_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
-    output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     arrival_s: float = field(default_factory=time.monotonic)
     last_token_s: float | None = None
@@ -57,12 +56,19 @@ class Sequence:
         return self.finish_reason is not None
 
     @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_ids):]
+
+    @property
     def num_pending(self) -> int:
         """Tokens known but not yet computed: the rest of the prompt, or the one token sampled last step."""
         return len(self.token_ids) - self.num_computed
 
     def append_token(self, token: int) -> None:
-        self.output_ids.append(token)
         self.token_ids.append(token)
 
 

@@ -83,7 +83,7 @@ class ModelRunner:
         shards included: what the layers really produce, not what the config says)."""
         shapes: dict = {}
         batch = pa.PagedBatch([(1, 0, (0,))], None, self.device)
-        self._forward(batch, [(1, 0, (0,))], torch.zeros((1, 1), dtype=torch.long, device=self.device),
+        self._forward(batch, torch.zeros((1, 1), dtype=torch.long, device=self.device),
                       torch.zeros(1, dtype=torch.long, device=self.device), probe=shapes)
         if not shapes:
             raise RuntimeError("the model's attention never reached raytp's paged attention (unsupported model)")
@@ -108,16 +108,16 @@ class ModelRunner:
             if r.sample:
                 last.append(ends - 1)
         if not last:  # only prompt chunks that do not finish their prompts: fill the cache, sample nothing
-            self._forward(batch, layout, ids, None)
+            self._forward(batch, ids, None)
             return StepOutput()
-        logits = self._forward(batch, layout, ids, torch.tensor(last, dtype=torch.long, device=self.device))
+        logits = self._forward(batch, ids, torch.tensor(last, dtype=torch.long, device=self.device))
         if self.rank != 0:
             return StepOutput()
         rows = [r for r in step.rows if r.sample]
         tokens = sample(logits, [r.params for r in rows], [r.start_pos + len(r.token_ids) for r in rows])
         return StepOutput(tuple(tokens.tolist()))
 
-    def _forward(self, batch: pa.PagedBatch, layout, ids, keep, probe: dict | None = None):
+    def _forward(self, batch: pa.PagedBatch, ids, keep, probe: dict | None = None):
         """Logits [len(keep), V] of the positions ``keep`` (None: run for the cache only)."""
         if self._interface:
             extra = {"raytp_batch": batch}
@@ -130,7 +130,7 @@ class ModelRunner:
             hidden = self.model.get_decoder()(input_ids=ids, position_ids=batch.positions, use_cache=False, **extra)
         else:
             cache = self._legacy_cache(batch, probe)
-            mask = batch.legacy_mask(layout, self.model.dtype)
+            mask = batch.legacy_mask(self.model.dtype)
             hidden = self.model.get_decoder()(input_ids=ids, position_ids=batch.positions, attention_mask=mask,
                                               past_key_values=cache, use_cache=True)
         if keep is None:

@@ -53,7 +53,7 @@ class KVPool:
 
     @staticmethod
     def block_bytes(shapes: dict[int, tuple[int, int, torch.dtype]], block_size: int) -> int:
-        return sum(2 * block_size * h * d * torch.empty((), dtype=t).element_size() for h, d, t in shapes.values())
+        return sum(2 * block_size * h * d * dtype.itemsize for h, d, dtype in shapes.values())
 
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
               fresh: torch.Tensor | None) -> None:
@@ -90,6 +90,8 @@ class PagedBatch:
     def __init__(self, rows: list[tuple[int, int, tuple[int, ...]]], pool: KVPool | None, device):
         self.pool = pool
         self.device = device
+        self.rows = rows
+        self._packed_slots: torch.Tensor | None = None  # transformers 4.x: every row's context slots, in row order
         bs = pool.block_size if pool is not None else 1
         positions, slots, fresh = [], [], []
         # (q start, q len, slot range start, ctx len, mask or None); (q start, q len, ctx len, blocks, mask)
@@ -163,25 +165,25 @@ class PagedBatch:
 
     # ---- transformers 4.47: keys packed row after row, block-diagonal causal mask ------------------------
     def legacy_gather(self, layer: int, key, value):
+        """Write the step's keys/values, return every row's whole context packed row after row [1, Hkv, K, D]."""
         self.pool.write(layer, key, value, self.slots, self.fresh)
-        idx = self._legacy_slots
-        k = self.pool.keys[layer][idx].transpose(0, 1).unsqueeze(0).to(key.dtype)
-        v = self.pool.values[layer][idx].transpose(0, 1).unsqueeze(0).to(value.dtype)
-        return k, v
+        if self._packed_slots is None:  # the same for every layer of the step
+            bs = self.pool.block_size
+            self._packed_slots = torch.cat([_slots(torch.tensor(table, device=self.device), start + n, bs)
+                                            for n, start, table in self.rows])
+        k = self.pool.keys[layer].index_select(0, self._packed_slots).transpose(0, 1).unsqueeze(0)
+        v = self.pool.values[layer].index_select(0, self._packed_slots).transpose(0, 1).unsqueeze(0)
+        return k.to(key.dtype), v.to(value.dtype)
 
-    def legacy_mask(self, rows, dtype) -> torch.Tensor:
-        """[1, 1, T, K] additive mask: token i of a row sees that row's positions <= its own, nothing else."""
-        bs = self.pool.block_size if self.pool is not None else 1
-        slots, q_row, q_pos, k_row, k_pos = [], [], [], [], []
-        for i, (n, start, table) in enumerate(rows):
-            length = start + n
-            if self.pool is not None:
-                slots.append(_slots(torch.tensor(table, device=self.device), length, bs))
+    def legacy_mask(self, dtype) -> torch.Tensor:
+        """[1, 1, T, K] additive mask over ``legacy_gather``'s packed keys: token i of a row sees that row's
+        positions <= its own, nothing else."""
+        q_row, q_pos, k_row, k_pos = [], [], [], []
+        for i, (n, start, _) in enumerate(self.rows):
             q_row += [i] * n
-            q_pos += range(start, length)
-            k_row += [i] * length
-            k_pos += range(length)
-        self._legacy_slots = torch.cat(slots) if slots else None
+            q_pos += range(start, start + n)
+            k_row += [i] * (start + n)
+            k_pos += range(start + n)
         t = lambda x: torch.tensor(x, device=self.device)  # noqa: E731
         allowed = (t(q_row)[:, None] == t(k_row)[None, :]) & (t(k_pos)[None, :] <= t(q_pos)[:, None])
         mask = torch.zeros(allowed.shape, dtype=dtype, device=self.device)
