@@ -3,10 +3,13 @@ prefix caching) against transformers' own continuous batching (paged attention) 
 
     python benchmarks/engine.py --device cpu --model raytp-llama-0.5b --concurrency 16
     python benchmarks/engine.py --device cuda --dtype bfloat16          # an 8B-shaped random Llama, built on the GPU
+    python benchmarks/engine.py --device cuda --targets decode --quantization int4 --enforce-eager
 
 Each target runs in its own subprocess (clean peak memory, no shared state):
-  decode1     one request, batch-1 decode tok/s against the memory-bandwidth roofline (measured device copy
-              bandwidth / weight bytes, ``raytp bench --roofline``'s convention);
+  decode      --decode-batches requests at once (32-token prompts, --decode-tokens each): decode tok/s per batch
+              size (batch / TPOT p50), batch 1 against the memory-bandwidth roofline (measured device copy
+              bandwidth / weight bytes as stored, ``raytp bench --roofline``'s convention), engine start-up
+              seconds (CUDA graph capture included) and weight bytes;
   raytp / hf  ``--concurrency`` requests at once, prompts 128–512 random tokens, outputs 128–256 (ignore_eos):
               output tok/s, TTFT and TPOT p50/p99, peak memory; hf = transformers' ContinuousBatchingManager (what
               ``generate_batch`` runs), each request with its own max_new_tokens;
@@ -42,13 +45,19 @@ def build_model(args):
     dtype = getattr(torch, args.dtype)
     if args.model:
         path = tiny_model.ensure(args.model) if args.model in tiny_model.PRESETS else args.model
-        return AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype)).to(args.device).eval()
-    cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
-                      max_position_embeddings=4096, initializer_range=0.02)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(cfg, **dtype_kwarg(dtype))
-    return model.eval()
+        model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(dtype)).to(args.device).eval()
+    else:
+        cfg = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                          num_key_value_heads=args.kv_heads, vocab_size=args.vocab, max_position_embeddings=4096,
+                          initializer_range=0.02)
+        with torch.device(args.device):
+            model = AutoModelForCausalLM.from_config(cfg, **dtype_kwarg(dtype)).eval()
+    if args.quantization:  # what a rank's loader does after moving its shard to the device
+        from raytp.gang.loader import quantize_shard
+
+        quantize_shard(model, args.quantization, args.device)
+    return model
 
 
 def sync(device: str) -> None:
@@ -128,7 +137,8 @@ def raytp_engine(args, model, **overrides):
     from raytp.gang.local import LocalExecutor
 
     base = RaytpConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       kv_cache_memory_bytes=args.kv_cache_gb << 30 if args.kv_cache_gb else None, **overrides)
+                       kv_cache_memory_bytes=args.kv_cache_gb << 30 if args.kv_cache_gb else None,
+                       enforce_eager=args.enforce_eager, **overrides)
     fields = {f: getattr(base, f) for f in ResolvedConfig.__dataclass_fields__ if hasattr(base, f)}
     cfg = ResolvedConfig(**{**fields, "model_path": args.model or "random", "served_model_name": "bench",
                             "tensor_parallel_size": 1, "device": args.device.split(":")[0], "dtype": args.dtype,
@@ -169,18 +179,31 @@ def target(args) -> dict:
         return run_hf(args, model, concurrent_workload(args.concurrency, vocab, args.seed))
 
     async def main():
-        if args.target == "decode1":
+        if args.target == "decode":
+            from raytp.gang.report import weight_bytes
+
             engine = raytp_engine(args, model)
+            t = time.perf_counter()
             await engine.start()
-            res = await run_raytp(engine, [([5] * 32, args.decode_tokens)], args.device)
+            name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+            report = engine.load_reports[0]
+            out = {"device_name": name, "start_s": round(time.perf_counter() - t, 2), "decode_mode": report.decode_mode,
+                   "decode_warm_up_s": round(report.decode_warm_up_s, 2)}
+            await run_raytp(engine, [([5] * 32, 8)], args.device)  # warm-up
+            for b in map(int, args.decode_batches.split(",")):
+                rng = random.Random(b)
+                work = [([rng.randrange(10, vocab - 1) for _ in range(32)], args.decode_tokens) for _ in range(b)]
+                res = await run_raytp(engine, work, args.device)
+                out[f"tok_s_b{b}"] = round(b * 1e3 / res["tpot_p50_ms"], 2)
             engine.shutdown()
-            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            weights = weight_bytes(model)
             bw = bandwidth(args.device)
-            tok_s = 1e3 / res["tpot_p50_ms"]
             # the convention of raytp.bench.roofline (and `raytp bench --roofline`): copy bandwidth, read + write
-            return {"decode_tok_s": round(tok_s, 2), "weight_bytes": weights, "bandwidth_gb_s": round(bw / 1e9, 1),
-                    "roofline_tok_s": round(bw / weights, 2), "roofline_efficiency": round(efficiency(tok_s, weights,
-                                                                                                      bw), 3)}
+            out.update({"weight_bytes": weights, "bandwidth_gb_s": round(bw / 1e9, 1),
+                        "roofline_tok_s": round(bw / weights, 2), "peak_memory_mb": round(peak_memory_mb(args.device))})
+            if "tok_s_b1" in out:
+                out["roofline_efficiency_b1"] = round(efficiency(out["tok_s_b1"], weights, bw), 3)
+            return out
         if args.target == "raytp":
             engine = raytp_engine(args, model)
             await engine.start()
@@ -246,10 +269,14 @@ def main() -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--kv-cache-gb", type=int, default=None)
     ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--decode-batches", default="1,8,16", help="batch sizes of the decode target")
+    ap.add_argument("--quantization", default=None, help="torchao format (int4, int8, fp8), as the config field")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the config field)")
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--targets", default="decode1,raytp,hf,prefix_on,prefix_off")
+    ap.add_argument("--output", default=None, help="results file name (default engine_<device>)")
+    ap.add_argument("--targets", default="decode,raytp,hf,prefix_on,prefix_off")
     ap.add_argument("--repeat", type=int, default=1, help="run the raytp / hf pair this many times, alternating "
                     "(this host's speed drifts: each pair's ratio is reported, and their median)")
     ap.add_argument("--target", default=None, help=argparse.SUPPRESS)  # internal: run one target, print JSON
@@ -263,13 +290,14 @@ def main() -> int:
         print("RESULT " + json.dumps(target(args)))
         return 0
 
-    results: dict = {"device": args.device, "dtype": args.dtype, "model": args.model or (
+    results: dict = {"device": args.device, "dtype": args.dtype, "quantization": args.quantization,
+                     "enforce_eager": args.enforce_eager, "model": args.model or (
         f"random Llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
         f"vocab={args.vocab}"), "concurrency": args.concurrency, "argv": sys.argv[1:]}
     names = args.targets.split(",")
     order = [n for n in names if n not in ("raytp", "hf")]
     pair = [n for n in ("raytp", "hf") if n in names]
-    order[1:1] = pair * args.repeat  # after decode1, alternating
+    order[1:1] = pair * args.repeat  # after decode, alternating
     runs: dict[str, list] = {}
     for name in order:
         argv = [sys.executable, __file__, *sys.argv[1:], "--target", name]
@@ -300,10 +328,10 @@ def main() -> int:
     sys.path.insert(0, HERE)
     import _results  # noqa: E402 - benchmarks/ helper
 
-    name = f"engine_{args.device.split(':')[0]}"
+    name = args.output or f"engine_{args.device.split(':')[0]}"
     lines = [f"# Engine benchmark ({args.device}, {args.dtype}, {results['model']})", "",
              f"Command: `python benchmarks/engine.py {' '.join(sys.argv[1:])}`", ""]
-    for key in ("decode1", "raytp", "hf", "prefix_on", "prefix_off"):
+    for key in ("decode", "raytp", "hf", "prefix_on", "prefix_off"):
         if key in results:
             fields = ", ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in results[key].items())
             lines.append(f"- **{key}**{' (last run)' if key in pair and args.repeat > 1 else ''}: {fields}")

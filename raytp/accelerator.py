@@ -172,6 +172,18 @@ class Accelerator:
         free = int(total * utilization) - mod.memory_reserved()
         return max(0, int(free * 0.9))
 
+    def decode_mode(self, enforce_eager: bool, world_size: int) -> str | None:
+        """How decode steps run (``raytp.gang.static_decode``): 'cuda_graphs' on one CUDA device (captured at
+        start-up, replayed per step); None (eager, any shape) with ``enforce_eager``, on CPU (measured: bucketed
+        fixed shapes and torch.compile did not pay there, docs/performance.md), on XPU (XPU graphs are not
+        generally available in torch; torch.compile on XPU is, but unmeasured here), and for CUDA TP > 1
+        (NCCL all-reduce inside captured graphs is unverified here)."""
+        if enforce_eager:
+            return None
+        if self.name == "cuda" and world_size == 1:
+            return "cuda_graphs"
+        return None
+
     def check_available(self, *, has=_torch_has) -> None:
         """Run in a rank (the process Ray gave the device to): fail if torch cannot use this device kind here."""
         if self.name == "cpu" or has(self.name):

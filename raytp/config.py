@@ -67,6 +67,17 @@ class RaytpConfig(BaseModel):
         None, description="IPEX-LLM low-bit weight format applied to each shard after AutoTP, e.g. 'sym_int4', "
         "'sym_int8', 'fp8'. Needs the 'ipex-llm' extra. null = no quantization.",
     )
+    quantization: Literal["int4", "int8", "fp8"] | None = Field(
+        None, description="torchao weight quantization of each rank's shard after AutoTP (linears only; lm_head and "
+        "embeddings stay in dtype): 'int4' (weight-only, groupwise; the fastest decode, ~4x fewer weight bytes), "
+        "'int8' (weight-only, per row; closest to bf16), 'fp8' (fp8 weights and activations; CUDA compute "
+        "capability >= 8.9 only). Needs the 'torchao' extra; exclusive with low_bit. null = none.",
+    )
+    quantization_group_size: Literal[32, 64, 128, 256] | None = Field(
+        None, description="int4 group size. null: the largest of 128/64/32 that divides every quantized linear's "
+        "input width on a rank (a row-parallel shard has 1/tensor_parallel_size of it). Set it to compare TP sizes "
+        "with identical quantization.",
+    )
     max_model_len: int | None = Field(
         None, ge=8, description="Longest prompt + completion in tokens. Defaults to the model's "
         "max_position_embeddings.",
@@ -90,6 +101,11 @@ class RaytpConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         True, description="Reuse the KV blocks of a cached identical prefix (system prompt, earlier chat turns): "
         "only the rest of a prompt is computed.",
+    )
+    enforce_eager: bool = Field(
+        False, description="Run every step eagerly. Otherwise (the default) decode steps on one CUDA device are "
+        "captured as CUDA graphs at start-up, one per batch-size and context-width bucket, and replayed (the "
+        "capture time is part of start-up and reported by /health); elsewhere steps are eager anyway.",
     )
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="'continuous': iteration-level batching (requests join and leave every step). "
@@ -136,6 +152,10 @@ class RaytpConfig(BaseModel):
         if self.low_bit is not None and self.low_bit not in LOW_BIT_FORMATS:
             raise ConfigError("low_bit", f"unknown format {self.low_bit!r}; choose one of "
                               f"{', '.join(LOW_BIT_FORMATS)} or null.")
+        if self.quantization and self.low_bit:
+            raise ConfigError("quantization", "and low_bit are both set: pick one weight format (torchao's "
+                              "quantization, or IPEX-LLM's low_bit).")
+        check_quantization_on(self.device, self.quantization)
         return self
 
     def for_server(self) -> RaytpConfig:
@@ -168,6 +188,9 @@ class ResolvedConfig:
     worker_start_timeout_s: float
     step_timeout_s: float
     seed: int = 0
+    quantization: str | None = None
+    quantization_group_size: int | None = None
+    enforce_eager: bool = False
 
 
 def bundle_device(device: str, *, local=None, cluster_resources=None) -> str:
@@ -201,7 +224,17 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         cfg = RaytpConfig(**cfg)
     cfg.check_static()
     device = device or bundle_device(cfg.device)
+    check_quantization_on(device, cfg.quantization)  # again: an 'auto' device is known now
     dtype = _resolve_dtype(cfg.dtype, device, cpu_bf16 or accelerator.cpu_has_native_bf16)
+    if cfg.quantization == "int4" and device == "cuda":
+        if cfg.dtype == "auto":
+            dtype = "bfloat16"  # tinygemm's int4 kernel computes in bf16 only
+        elif dtype != "bfloat16":
+            raise ConfigError("dtype", f"{dtype} with quantization int4 on cuda: torchao's int4 CUDA kernel "
+                              "(tinygemm) computes in bfloat16 only; set dtype bfloat16 or auto.")
+    if cfg.quantization and importlib.util.find_spec("torchao") is None:
+        raise ConfigError("quantization", "is set but torchao is not installed; `pip install 'raytp[torchao]'` "
+                          "or set quantization: null.")
     if cfg.low_bit is not None and importlib.util.find_spec("ipex_llm") is None:
         raise ConfigError("low_bit", "is set but ipex-llm is not installed; `pip install 'raytp[ipex-llm]'` "
                           "or set low_bit: null.")
@@ -229,6 +262,9 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         worker_start_timeout_s=cfg.worker_start_timeout_s,
         step_timeout_s=cfg.step_timeout_s,
         seed=cfg.seed,
+        quantization=cfg.quantization,
+        quantization_group_size=cfg.quantization_group_size,
+        enforce_eager=cfg.enforce_eager,
     )
 
 
@@ -237,6 +273,14 @@ def check_dtype_on(device: str, dtype: str) -> None:
     if device == "cpu" and dtype == "float16":
         raise ConfigError("dtype", "float16 is not supported on cpu by DeepSpeed's CPU accelerator; "
                           "use bfloat16 or float32.")
+
+
+def check_quantization_on(device: str, quantization: str | None) -> None:
+    """``ConfigError`` for a torchao format the device kind has no kernel for ('auto' passes: checked again once
+    the device is known)."""
+    if quantization == "fp8" and device in ("cpu", "xpu"):
+        raise ConfigError("quantization", f"fp8 has no torchao kernel on {device} (fp8 matmuls need a CUDA GPU of "
+                          "compute capability >= 8.9); use int4 or int8.")
 
 
 def cpu_auto_dtype(native_bf16: bool | None = None) -> str:

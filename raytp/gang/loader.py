@@ -1,9 +1,15 @@
-"""The only importer of deepspeed and ipex_llm: process group → load on CPU → AutoTP → low-bit → device.
+"""The only importer of deepspeed, ipex_llm and torchao: process group → load on CPU → AutoTP → low-bit → device.
 
 The order is upstream DeepSpeed/IPEX-LLM examples' own, and the only one that works: quantizing
 before AutoTP fails because low-bit weights are flat uint8 tensors DeepSpeed cannot
 split, and ``lm_head`` must stay unconverted because IPEX-LLM converts DeepSpeed's
 sharded ``LmHeadLinearAllreduce`` wrongly.
+
+torchao (``quantization``) runs after the move to the device, because its packed int4 layouts are made by
+the device's own packing op (tinygemm's on CUDA, oneDNN's on XPU, the CPU's ``_weight_int4pack_mm_for_cpu``).
+DeepSpeed's AutoTP layers compute ``matmul(x, weight.T)``, which torchao's weight tensors do not implement, so
+each is first turned into a plain ``nn.Linear`` over the same shard (row-parallel ones all-reduce after it,
+as DeepSpeed's do): torchao then quantizes them like any linear.
 """
 
 from __future__ import annotations
@@ -79,4 +85,102 @@ def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
     # 4. To the rank's device.
     if device != "cpu":
         model = model.to(device)
+    # 5. torchao weight-only quantization of this rank's shard, by the device's kernels.
+    if cfg.quantization:
+        quantize_shard(model, cfg.quantization, device, cfg.quantization_group_size)
     return model
+
+
+class RowParallelLinear(torch.nn.Linear):
+    """A DeepSpeed ``LinearAllreduce`` as an ``nn.Linear``: this rank's input slice times its weight shard,
+    all-reduced over the group, then the (replicated) bias — DeepSpeed's own order."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
+        super().__init__(1, 1, bias=False, device="meta")
+        self.weight = torch.nn.Parameter(weight.data, requires_grad=False)
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.row_bias = bias
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from deepspeed import comm
+
+        out = super().forward(x)
+        comm.inference_all_reduce(out, group=self.group)
+        return out if self.row_bias is None else out + self.row_bias
+
+
+def _plain_linears(model: torch.nn.Module) -> None:
+    """Replace DeepSpeed's AutoTP linears (not the sharded lm_head) by ``nn.Linear`` over the same shards."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, LmHeadLinearAllreduce
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, LmHeadLinearAllreduce) or type(child) not in (LinearAllreduce, LinearLayer)
+                    or getattr(child, "gather_output", False)):
+                continue
+            w, b = child.weight, child.bias
+            if isinstance(child, LinearAllreduce):
+                new = RowParallelLinear(w, b, child.mp_group)
+            else:
+                new = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+                new.weight = torch.nn.Parameter(w.data, requires_grad=False)
+                if b is not None:
+                    new.bias = torch.nn.Parameter(b.data, requires_grad=False)
+            setattr(parent, name, new)
+
+
+def group_size_for(in_features: list[int], requested: int | None) -> int:
+    """torchao's quantization group: ``requested``, else the largest of 128/64/32 dividing every linear's input
+    width on this shard (a row-parallel shard has 1/tp of it). ``ConfigError`` if none does."""
+    choices = (requested,) if requested else (128, 64, 32)
+    for g in choices:
+        if all(n % g == 0 for n in in_features):
+            return g
+    from raytp.errors import ConfigError
+
+    raise ConfigError("quantization_group_size", f"no group size in {choices} divides every linear's input width on "
+                      f"this shard ({sorted(set(in_features))}); set quantization_group_size to one that does.")
+
+
+def torchao_config(fmt: str, device: str, group_size: int):
+    """The torchao config for raytp's ``quantization`` value on ``device`` (cpu, cuda, xpu): weight-only int4 in
+    each device's packed layout, weight-only int8, fp8 weights with fp8 activations (CUDA SM >= 8.9)."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+    )
+
+    kind = torch.device(device).type
+    if fmt == "int8":
+        return Int8WeightOnlyConfig()
+    if fmt == "fp8":
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    if kind == "cpu":
+        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+        return PrototypeInt4WeightOnlyConfig(group_size=group_size)  # oneDNN/AVX-512 int4 GEMM
+    packing = "plain_int32" if kind == "xpu" else "tile_packed_to_4d"  # xpu: oneDNN; cuda: tinygemm
+    return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=packing)
+
+
+def quantize_shard(model: torch.nn.Module, fmt: str, device: str, group_size: int | None = None) -> None:
+    """torchao ``fmt`` on every linear of this rank's shard except ``lm_head`` (and embeddings, not linears)."""
+    from torchao.quantization import quantize_
+
+    kind = torch.device(device).type
+    if fmt == "fp8" and kind == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        from raytp.errors import ConfigError
+
+        raise ConfigError("quantization", f"fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                          f"this one is {torch.cuda.get_device_capability(device)}: use int8 or int4.")
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        _plain_linears(model)
+    out_head = model.get_output_embeddings()
+    chosen = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not out_head]
+    g = group_size_for([m.in_features for m in chosen], group_size) if fmt == "int4" else 0
+    logger.info("torchao %s on %d linears of this shard%s", fmt, len(chosen), f" (group size {g})" if g else "")
+    ids = {id(m) for m in chosen}
+    quantize_(model, torchao_config(fmt, device, g), filter_fn=lambda m, _fqn: id(m) in ids)

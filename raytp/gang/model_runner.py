@@ -16,6 +16,7 @@ import torch
 
 from raytp.gang import paged_attention as pa
 from raytp.gang.sampler import sample
+from raytp.gang.static_decode import StaticDecoder
 from raytp.messages import StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class ModelRunner:
     used). The pool is sized by a one-token probe forward that records every layer's key shape on this rank."""
 
     def __init__(self, model, device: str, rank: int, world_size: int, *, block_size: int = 16,
-                 kv_cache_bytes: int = 1 << 30, max_blocks: int | None = None):
+                 kv_cache_bytes: int = 1 << 30, max_blocks: int | None = None, decode_mode: str | None = None,
+                 max_batch: int = 8, max_model_len: int = 2048):
         self.model = model
         self.device = device
         self.rank = rank
@@ -60,6 +62,12 @@ class ModelRunner:
             num_blocks = min(num_blocks, max_blocks)
         self.pool = pa.KVPool(shapes, num_blocks, block_size, device) if num_blocks >= 2 else None
         self.num_blocks = num_blocks
+        # decode steps on bucketed fixed shapes (compiled or graph-captured); None: every step eager
+        self.decoder = None
+        if decode_mode and self.pool is not None and self._interface and self._keep_kwarg:
+            self.decoder = StaticDecoder(model, self.pool, device, max_batch=max_batch,
+                                         max_blocks=-(-max_model_len // block_size), mode=decode_mode)
+            self.decoder.warm_up()
 
     @classmethod
     def for_config(cls, model, config, rank: int, device: str) -> ModelRunner:
@@ -71,8 +79,10 @@ class ModelRunner:
         budget = accelerator.get(config.device).kv_cache_budget(config.kv_cache_memory_bytes,
                                                                config.gpu_memory_utilization)
         per_seq = -(-config.max_model_len // config.block_size)
+        mode = accelerator.get(config.device).decode_mode(config.enforce_eager, config.tensor_parallel_size)
         return cls(model, device, rank, config.tensor_parallel_size, block_size=config.block_size,
-                   kv_cache_bytes=budget, max_blocks=2 * config.max_num_seqs * per_seq + 1)
+                   kv_cache_bytes=budget, max_blocks=2 * config.max_num_seqs * per_seq + 1, decode_mode=mode,
+                   max_batch=config.max_num_seqs, max_model_len=config.max_model_len)
 
     def _count_layer(self, *_args) -> None:
         self.progress += 1
@@ -99,6 +109,11 @@ class ModelRunner:
                             extra={"request_id": r.seq_id})
         if not step.rows:
             return StepOutput()
+        bucket = self.decoder.accepts(step.rows) if self.decoder is not None else None
+        if bucket is not None:
+            logits = self.decoder.run(step.rows, bucket)
+            self.progress += 1  # a replayed graph runs no layer hooks
+            return self._sample(logits, step.rows)
         layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in step.rows]
         batch = pa.PagedBatch(layout, self.pool, self.device)
         ids = torch.tensor([[t for r in step.rows for t in r.token_ids]], dtype=torch.long, device=self.device)
@@ -111,9 +126,12 @@ class ModelRunner:
             self._forward(batch, ids, None)
             return StepOutput()
         logits = self._forward(batch, ids, torch.tensor(last, dtype=torch.long, device=self.device))
+        return self._sample(logits, [r for r in step.rows if r.sample])
+
+    def _sample(self, logits, rows) -> StepOutput:
+        """Rank 0 samples one token per row from its logits row; the other ranks return nothing."""
         if self.rank != 0:
             return StepOutput()
-        rows = [r for r in step.rows if r.sample]
         tokens = sample(logits, [r.params for r in rows], [r.start_pos + len(r.token_ids) for r in rows])
         return StepOutput(tuple(tokens.tolist()))
 

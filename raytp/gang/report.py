@@ -25,6 +25,24 @@ def memory_stats(rank: int) -> dict:
             "peak_rss_mb": peak_rss_mb()}
 
 
+def weight_bytes(model) -> int:
+    """Bytes of a model's parameters and buffers as stored: a quantized tensor subclass (torchao) counts its
+    packed inner tensors, not its logical shape."""
+
+    def nbytes(t) -> int:
+        if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Tensor", "Parameter"):
+            names, _ = t.__tensor_flatten__()
+            return sum(nbytes(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:  # tied weights once
+            seen.add(id(t))
+            total += nbytes(t)
+    return total
+
+
 def load_report(rank: int, start: float, model, runner) -> LoadReport:
     """The ``LoadReport`` of a rank that started loading at ``start`` (``time.perf_counter``) and built ``runner``."""
     import psutil
@@ -33,7 +51,9 @@ def load_report(rank: int, start: float, model, runner) -> LoadReport:
         rank=rank, load_s=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(),
         rss_mb=psutil.Process().memory_info().rss / 2**20,
         num_params=sum(p.numel() for p in model.parameters()), num_kv_blocks=runner.num_blocks,
-        kv_block_bytes=runner.block_bytes, kv_block_size=runner.block_size,
+        kv_block_bytes=runner.block_bytes, kv_block_size=runner.block_size, weight_bytes=weight_bytes(model),
+        decode_mode=runner.decoder.mode if runner.decoder is not None else "eager",
+        decode_warm_up_s=runner.decoder.warm_up_s if runner.decoder is not None else 0.0,
     )
     logger.info("rank %d: model loaded in %.1fs, peak RSS %.0f MB, KV cache %d blocks of %d tokens (%.0f MB)", rank,
                 report.load_s, report.peak_rss_mb, runner.num_blocks, runner.block_size,

@@ -56,6 +56,27 @@ async def generate(engine, rid, prompt, max_tokens, delay=0.0):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_any_schedule_equals_plain_transformers(model, tiny_tokenizer, seed):
+    check_random_schedule(model, tiny_tokenizer, seed)
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_fixed_shape_decode_steps_equal_plain_transformers(model, tiny_tokenizer, seed, monkeypatch):
+    """Decode steps padded to batch and width buckets (the shapes CUDA graphs replay; here run eagerly, so on CPU):
+    padding rows, padded tables and null-block writes never change a token."""
+    from raytp import accelerator
+    from raytp.gang import static_decode
+
+    monkeypatch.setattr(accelerator.Accelerator, "decode_mode", lambda self, eager, tp: "eager")
+    runs = []
+    real_run = static_decode.StaticDecoder.run
+    monkeypatch.setattr(static_decode.StaticDecoder, "run",
+                        lambda self, rows, bucket: runs.append((len(rows), bucket)) or real_run(self, rows, bucket))
+    check_random_schedule(model, tiny_tokenizer, seed)
+    assert any(n < b for n, (b, _) in runs), "some decode steps were padded to a larger batch bucket"
+    assert len({w for _, (_, w) in runs}) > 1, "decode steps used several width buckets"
+
+
+def check_random_schedule(model, tiny_tokenizer, seed):
     rng = random.Random(seed)
     shared = [rng.randrange(10, 400) for _ in range(11)]  # a "system prompt" of 2 full blocks + 3 tokens
     requests = []

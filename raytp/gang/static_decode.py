@@ -1,0 +1,169 @@
+"""Decode steps on fixed shapes, so they can be compiled once and, on CUDA, captured as graphs and replayed.
+
+A decode step is one token per row with every row sampled. Its shapes change every step (rows join and
+leave, contexts grow), and a captured CUDA graph or a compiled graph replays only the shapes it was made
+for. So a decode step is padded up to a *batch bucket* (1, 2, 4, 8, ... max_num_seqs rows) and its block
+tables up to a *width bucket* (1, 2, 4, ... blocks of the longest context): never the sequence itself —
+each row still attends exactly its own context (padded table entries point at the null block and are
+masked). Padding rows are token 0 at position 0 writing slot 0 of the null block: that slot then holds
+finite garbage, which is harmless because every read of the null block is masked.
+
+Every bucket keeps one ``StaticBatch`` over views of persistent buffers, so the tensors a graph was
+captured with (and the objects torch.compile guards on) are the same at every replay; a step copies its
+rows into the buffers and replays. Prefill and mixed steps, and anything beyond the largest bucket, take
+the eager path (``raytp.gang.paged_attention.PagedBatch``).
+
+The attention here is the gather-then-SDPA of the eager path's batched decode rows, on fixed shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from raytp.gang.paged_attention import KVPool, _sdpa
+
+logger = logging.getLogger(__name__)
+
+
+def buckets(limit: int) -> list[int]:
+    """Powers of two below ``limit``, then ``limit``: the padded sizes a value up to ``limit`` is rounded to."""
+    out, b = [], 1
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket_for(n: int, sizes: list[int]) -> int | None:
+    return next((s for s in sizes if s >= n), None)
+
+
+class StaticBatch:
+    """``PagedBatch``'s interface (``pool``, ``attend``) for a decode bucket: ``slots`` / ``fresh`` [B], ``tables``
+    [B, W], ``ctx_lens`` [B], all views of the decoder's persistent buffers."""
+
+    def __init__(self, pool: KVPool, slots, fresh, tables, ctx_lens):
+        self.pool = pool
+        self.slots, self.fresh, self.tables, self.ctx_lens = slots, fresh, tables, ctx_lens
+        self.cols = torch.arange(tables.shape[1] * pool.block_size, device=tables.device)
+
+    def attend(self, layer: int, query, key, value, scaling) -> torch.Tensor:
+        """query [1, Hq, B, D], key/value [1, Hkv, B, D] (one token per row) → [1, B, Hq, D]."""
+        pool = self.pool
+        k_pool, v_pool = pool.keys[layer], pool.values[layer]
+        if k_pool.dtype != query.dtype:
+            cast = k_pool.dtype
+            return self.attend(layer, query.to(cast), key.to(cast), value.to(cast), scaling).to(query.dtype)
+        pool.write(layer, key, value, self.slots, self.fresh)
+        kd = pool.gather(k_pool, self.tables)  # [B, Hkv, W * bs, D]
+        vd = pool.gather(v_pool, self.tables)
+        mask = (self.cols[None, :] < self.ctx_lens[:, None])[:, None, None, :]
+        q = query[0].transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
+        return _sdpa(q, kd, vd, mask, False, scaling).squeeze(2).unsqueeze(0)
+
+
+class StaticDecoder:
+    """Runs decode steps of up to ``max_batch`` rows and ``max_blocks`` blocks per row on bucketed fixed shapes.
+
+    ``mode``: 'eager' (fixed shapes, no capture: the reference the others must equal), 'compile'
+    (``torch.compile`` of the model, one graph per bucket, compiled at start-up by ``warm_up``), 'cuda_graphs'
+    (each bucket captured as a CUDA graph at start-up and replayed)."""
+
+    def __init__(self, model, pool: KVPool, device: str, *, max_batch: int, max_blocks: int, mode: str):
+        self.model = model
+        self.pool = pool
+        self.device = device
+        self.mode = mode
+        self.batch_sizes = buckets(max_batch)
+        self.widths = buckets(max_blocks)
+        long = dict(dtype=torch.long, device=device)
+        self.ids = torch.zeros((1, max_batch), **long)
+        self.positions = torch.zeros((1, max_batch), **long)
+        self.slots = torch.zeros(max_batch, **long)
+        self.fresh = torch.zeros(max_batch, **long)
+        self.tables = torch.zeros((max_batch, max_blocks), **long)
+        self.ctx_lens = torch.zeros(max_batch, **long)
+        self._batches = {(b, w): StaticBatch(pool, self.slots[:b], self.fresh[:b], self.tables[:b, :w],
+                                             self.ctx_lens[:b])
+                         for b in self.batch_sizes for w in self.widths}
+        self._forward = torch.compile(self._model_forward, dynamic=False) if mode == "compile" else \
+            self._model_forward
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.warm_up_s = 0.0
+
+    def accepts(self, rows) -> tuple[int, int] | None:
+        """The (batch, width) bucket of a step's rows, or None if the step is not a decode step that fits."""
+        if not all(len(r.token_ids) == 1 and r.sample for r in rows):
+            return None
+        bs = self.pool.block_size
+        b = bucket_for(len(rows), self.batch_sizes)
+        w = bucket_for(max(-(-(r.start_pos + 1) // bs) for r in rows), self.widths)
+        return None if b is None or w is None else (b, w)
+
+    @torch.inference_mode()
+    def run(self, rows, bucket: tuple[int, int]) -> torch.Tensor:
+        """Logits [len(rows), V] of a decode step (writing each row's new KV into its blocks)."""
+        b, w = bucket
+        bs = self.pool.block_size
+        n = len(rows)
+        ids = [r.token_ids[0] for r in rows] + [0] * (b - n)
+        pos = [r.start_pos for r in rows] + [0] * (b - n)
+        slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, pos)] + [0] * (b - n)
+        fresh = [r.block_table[p // bs] if p % bs == 0 else 0 for r, p in zip(rows, pos)] + [0] * (b - n)
+        # only the blocks a row has written: the rest of its table may be unwritten memory (NaN × a masked 0 = NaN)
+        used = [-(-(p + 1) // bs) for p in pos[:n]]
+        tables = [list(r.block_table[:u]) + [0] * (w - u) for r, u in zip(rows, used)] + [[0] * w] * (b - n)
+        ctx = [p + 1 for p in pos[:n]] + [1] * (b - n)
+        host = torch.tensor([ids, pos, slots, fresh, ctx], dtype=torch.long)
+        self.ids[0, :b].copy_(host[0], non_blocking=True)
+        self.positions[0, :b].copy_(host[1], non_blocking=True)
+        self.slots[:b].copy_(host[2], non_blocking=True)
+        self.fresh[:b].copy_(host[3], non_blocking=True)
+        self.ctx_lens[:b].copy_(host[4], non_blocking=True)
+        self.tables[:b, :w].copy_(torch.tensor(tables, dtype=torch.long), non_blocking=True)
+        if bucket in self._graphs:
+            graph, logits = self._graphs[bucket]
+            graph.replay()
+        else:
+            logits = self._forward(b, w)
+        return logits[:n]
+
+    def _model_forward(self, b: int, w: int) -> torch.Tensor:
+        out = self.model(input_ids=self.ids[:, :b], position_ids=self.positions[:, :b], use_cache=False,
+                         logits_to_keep=0, raytp_batch=self._batches[(b, w)])
+        return out.logits[0]
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Compile or capture every bucket now (start-up), so no user request pays for it; returns the seconds."""
+        if self.mode == "eager":
+            return 0.0
+        start = time.perf_counter()
+        self.ctx_lens.fill_(1)  # the buffers hold a valid dummy step: token 0 at position 0, null block
+        if self.mode == "compile":
+            for b in self.batch_sizes:
+                for w in self.widths:
+                    self._forward(b, w)
+        else:
+            pool = torch.cuda.graph_pool_handle()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up outside capture (lazy inits, cuBLAS workspaces)
+                    self._model_forward(self.batch_sizes[-1], self.widths[-1])
+            torch.cuda.current_stream().wait_stream(stream)
+            # largest first: smaller graphs reuse the memory of larger ones from the shared pool
+            for b in reversed(self.batch_sizes):
+                for w in reversed(self.widths):
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._model_forward(b, w)
+                    self._graphs[(b, w)] = (graph, logits)
+            torch.cuda.synchronize()
+        self.warm_up_s = time.perf_counter() - start
+        logger.info("decode %s: %d batch x %d width buckets ready in %.1f s", self.mode, len(self.batch_sizes),
+                    len(self.widths), self.warm_up_s)
+        return self.warm_up_s

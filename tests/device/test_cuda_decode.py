@@ -1,0 +1,65 @@
+"""One CUDA device, in process, no Ray (runs on a machine with torch and CUDA only): decode steps replayed from
+CUDA graphs give exactly the tokens of eager steps, and torchao int4 runs on CUDA's kernel. Skipped without CUDA."""
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.cuda
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+
+def generate_all(overrides: dict, requests) -> tuple[list[list[int]], object]:
+    from transformers import AutoTokenizer
+
+    from raytp.config import resolve
+    from raytp.engine.engine import make_engine
+    from raytp.gang.local import LocalExecutor
+    from raytp.messages import SamplingParams
+
+    cfg = resolve({"model": "raytp-tiny-llama", "tensor_parallel_size": 1, "device": "cuda", "max_num_seqs": 8,
+                   "max_model_len": 256, **overrides})
+    engine = make_engine(cfg, LocalExecutor(cfg), AutoTokenizer.from_pretrained(cfg.model_path))
+
+    async def one(rid, prompt, n, delay):
+        await asyncio.sleep(delay)
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        return [t async for out in engine.generate(rid, tuple(prompt), params) for t in out.token_ids]
+
+    async def main():
+        await engine.start()
+        try:
+            return list(await asyncio.gather(*(one(f"r{i}", *r) for i, r in enumerate(requests)))), \
+                engine.load_reports[0]
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(main())
+
+
+def workload(seed: int, n: int = 7):
+    rng = random.Random(seed)
+    return [([rng.randrange(10, 400) for _ in range(rng.randint(1, 40))], rng.randint(4, 60), rng.uniform(0, 0.05))
+            for _ in range(n)]
+
+
+def test_cuda_graph_decode_equals_eager_float32():
+    work = workload(0)
+    eager, eager_report = generate_all({"dtype": "float32", "enforce_eager": True}, work)
+    graphs, report = generate_all({"dtype": "float32"}, work)
+    assert eager_report.decode_mode == "eager" and report.decode_mode == "cuda_graphs"
+    assert report.decode_warm_up_s > 0
+    assert graphs == eager
+    assert [len(t) for t in graphs] == [n for _, n, _ in work]
+
+
+def test_torchao_int4_on_cuda_with_graphs_equals_eager_int4():
+    work = workload(1)
+    eager, eager_report = generate_all({"quantization": "int4", "enforce_eager": True}, work)
+    graphs, report = generate_all({"quantization": "int4"}, work)
+    _, bf16 = generate_all({"dtype": "bfloat16", "enforce_eager": True}, work[:1])
+    assert graphs == eager
+    assert report.weight_bytes < 0.8 * bf16.weight_bytes  # the tiny model's embeddings stay bf16
