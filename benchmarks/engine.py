@@ -229,7 +229,8 @@ def run_hf(args, model, workload) -> dict:
 
     gen = GenerationConfig(max_new_tokens=max(n for _, n in workload), do_sample=False, eos_token_id=-1,
                            pad_token_id=0)
-    with torch.inference_mode(), model.continuous_batching_context_manager(generation_config=gen, block=True,
+    # no_grad, not inference_mode: the manager's thread updates cache tensors created here (transformers 5.17 fails)
+    with torch.no_grad(), model.continuous_batching_context_manager(generation_config=gen, block=True,
                                                                                timeout=5) as manager:
         warm = manager.add_request([5] * 16, request_id="warm", max_new_tokens=4)
         while (r := manager.get_result(timeout=60)) is None or r.request_id != warm or not r.is_finished():
@@ -305,7 +306,9 @@ def main() -> int:
         proc = subprocess.run(argv, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
-            result = {"error": (proc.stderr or proc.stdout)[-2000:]}
+            text = proc.stderr or proc.stdout
+            causes = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln][:20]
+            result = {"error": text[-2000:], "error_lines": causes}
         else:
             result = json.loads(lines[-1][len("RESULT "):])
         runs.setdefault(name, []).append(result)

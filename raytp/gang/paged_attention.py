@@ -61,9 +61,9 @@ class KVPool:
         whose first slot is written now; they are zeroed first, so the unwritten tail of a sequence's last block
         (read, masked, when whole blocks are gathered) is never stale memory that could hold NaN."""
         k, v = self.keys[layer], self.values[layer]
-        if fresh is not None:
-            self.blocks(k)[fresh] = 0
-            self.blocks(v)[fresh] = 0
+        if fresh is not None:  # index_fill_, not blocks[fresh] = 0: no host scalar copied (CUDA graph capture)
+            self.blocks(k).index_fill_(0, fresh, 0)
+            self.blocks(v).index_fill_(0, fresh, 0)
         k.index_copy_(0, slots, key[0].transpose(0, 1).to(k.dtype))
         v.index_copy_(0, slots, value[0].transpose(0, 1).to(v.dtype))
 

@@ -180,3 +180,37 @@ def test_attention_the_paged_kernel_cannot_compute_is_refused(tmp_path):
     HF.attn_logit_softcapping = 50.0
     with pytest.raises(ConfigError, match="soft-capping"):
         _check_attention(HF(), 1024)
+
+
+def test_quantization_formats_the_device_cannot_run_are_refused(model_dir):
+    with pytest.raises(ConfigError, match="quantization.*fp8 has no torchao kernel on cpu"):
+        RaytpConfig(device="cpu", quantization="fp8").check_static()
+    with pytest.raises(ConfigError, match="quantization.*fp8 has no torchao kernel on xpu"):
+        resolve({"model": model_dir, "device": "auto", "quantization": "fp8"}, "xpu")  # auto became xpu
+    with pytest.raises(ConfigError, match="pick one weight format"):
+        RaytpConfig(quantization="int4", low_bit="sym_int4").check_static()
+    with pytest.raises(ConfigError, match="dtype.*tinygemm.*bfloat16 only"):
+        resolve({"model": model_dir, "device": "cuda", "quantization": "int4", "dtype": "float16"})
+    cuda = resolve({"model": model_dir, "device": "cuda", "quantization": "int4"})
+    assert cuda.dtype == "bfloat16" and cuda.quantization == "int4"  # auto picks the kernel's dtype
+    cpu = resolve({"model": model_dir, "device": "cpu", "quantization": "int8", "enforce_eager": True},
+                  cpu_bf16=NATIVE_BF16)
+    assert cpu.quantization == "int8" and cpu.enforce_eager
+
+
+def test_int4_group_size_divides_every_shard_width():
+    from raytp.gang.loader import group_size_for
+
+    assert group_size_for([1024, 4096], None) == 128
+    assert group_size_for([128, 64], None) == 64  # a TP=2 row-parallel shard of the tiny model
+    assert group_size_for([128, 64], 32) == 32
+    with pytest.raises(ConfigError, match="quantization_group_size.*no group size in \\(128,\\) divides"):
+        group_size_for([128, 64], 128)
+
+
+def test_decode_graphs_only_where_they_are_verified():
+    assert accelerator.get("cuda").decode_mode(False, 1) == "cuda_graphs"
+    assert accelerator.get("cuda").decode_mode(True, 1) is None  # enforce_eager
+    assert accelerator.get("cuda").decode_mode(False, 2) is None
+    assert accelerator.get("cpu").decode_mode(False, 1) is None
+    assert accelerator.get("xpu").decode_mode(False, 1) is None

@@ -1,0 +1,24 @@
+"""torchao weight quantization on real TP=2 gangs (AutoTP shards → plain linears → torchao → gloo + shm
+all-reduce): greedy tokens equal the same quantization at TP=1, for every format this CPU runs."""
+
+import pytest
+
+from tests.conftest import run_gang
+
+pytest.importorskip("torchao")
+MAX_TOKENS = 24
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_tp2_quantized_equals_tp1_quantized(ray_session, tiny_tokenizer, fmt):
+    prompts = [tiny_tokenizer.encode(t) for t in ("the model serves tokens", "requests arrive and stream on xpu")]
+    # group 32 at both sizes: a TP=2 row-parallel shard is 64 wide on the tiny model, so the automatic choice
+    # would differ between TP=1 (128) and TP=2 (64) and so would the quantized weights
+    cfg = {"model": "raytp-tiny-llama", "device": "cpu", "dtype": "float32", "quantization": fmt,
+           "quantization_group_size": 32}
+    tp1 = run_gang({**cfg, "tensor_parallel_size": 1}, [prompts], MAX_TOKENS)
+    tp2 = run_gang({**cfg, "tensor_parallel_size": 2}, [prompts], MAX_TOKENS)
+    plain = run_gang({"model": "raytp-tiny-llama", "device": "cpu", "dtype": "float32", "tensor_parallel_size": 1},
+                     [prompts], MAX_TOKENS)
+    assert tp2 == tp1
+    assert tp1 != plain, "quantization changed the weights (the comparison can fail)"
