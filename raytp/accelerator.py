@@ -172,12 +172,23 @@ class Accelerator:
         free = int(total * utilization) - mod.memory_reserved()
         return max(0, int(free * 0.9))
 
+    @staticmethod
+    def rank_cpus(rank: int, world_size: int, threads: int, allowed: list[int]) -> list[int]:
+        """CPU ranks: the cores rank ``rank`` pins its threads to — its own slice of the node's ``allowed`` cores —
+        when the gang's threads fill the node exactly (so no other gang shares it); else [] (left to the OS,
+        which cannot know which cores another gang's ranks would pin to). Without it, the OS moves a rank's
+        OpenMP threads across cores and the two ranks' threads compete, while each step waits for the slower."""
+        if world_size * threads != len(allowed):
+            return []
+        return allowed[rank * threads:(rank + 1) * threads]
+
     def decode_mode(self, enforce_eager: bool, world_size: int) -> str | None:
         """How decode steps run (``raytp.gang.static_decode``): 'cuda_graphs' on one CUDA device (captured at
-        start-up, replayed per step); None (eager, any shape) with ``enforce_eager``, on CPU (measured: bucketed
-        fixed shapes and torch.compile did not pay there, docs/performance.md), on XPU (XPU graphs are not
-        generally available in torch; torch.compile on XPU is, but unmeasured here), and for CUDA TP > 1
-        (NCCL all-reduce inside captured graphs is unverified here)."""
+        start-up, replayed per step); None (eager, any shape) with ``enforce_eager``, on CPU (measured on 2 cores:
+        torch.compile of the fixed-shape decode step took ~45 s per bucket to compile and then ran slower than
+        eager; there is no launch overhead for graphs to remove), on XPU (XPU graphs are not generally available
+        in torch; torch.compile on XPU is, but unmeasured here), and for CUDA TP > 1 (NCCL all-reduce inside
+        captured graphs is unverified here)."""
         if enforce_eager:
             return None
         if self.name == "cuda" and world_size == 1:

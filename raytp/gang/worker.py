@@ -62,6 +62,11 @@ class Worker:
         ))
         import torch
 
+        if self.accel.name == "cpu" and os.environ.get("RAYTP_CPU_AFFINITY", "1") != "0":
+            cores = self.accel.rank_cpus(self.rank, self.config.tensor_parallel_size, threads,
+                                         sorted(os.sched_getaffinity(0)))
+            if cores:  # before torch starts its OpenMP threads: they inherit this thread's mask
+                os.sched_setaffinity(0, cores)
         torch.set_num_threads(threads)
         if self.accel.name != "cpu":
             getattr(torch, self.accel.name).set_device(self.accel.torch_device())

@@ -88,3 +88,11 @@ def test_a_rank_without_its_device_fails_with_the_field_name():
 def test_unknown_device():
     with pytest.raises(ConfigError, match="unknown device"):
         accelerator.get("tpu")
+
+
+def test_cpu_ranks_pin_to_their_own_cores_only_when_the_gang_fills_the_node():
+    from raytp.accelerator import Accelerator
+
+    assert Accelerator.rank_cpus(0, 2, 1, [0, 1]) == [0] and Accelerator.rank_cpus(1, 2, 1, [0, 1]) == [1]
+    assert Accelerator.rank_cpus(1, 2, 2, [4, 5, 6, 7]) == [6, 7]  # the allowed set, not 0..n
+    assert Accelerator.rank_cpus(0, 2, 1, [0, 1, 2, 3]) == []  # another gang may share the node: not pinned
