@@ -43,6 +43,7 @@ class ModelRunner:
         self.rank = rank
         self.world_size = world_size
         self.block_size = block_size
+        self.batch_decode = torch.device(device).type != "cpu"  # see PagedBatch
         self._interface = pa.register()
         if self._interface:
             model.set_attn_implementation(pa.ATTN_NAME)
@@ -115,7 +116,7 @@ class ModelRunner:
             self.progress += 1  # a replayed graph runs no layer hooks
             return self._sample(logits, step.rows)
         layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in step.rows]
-        batch = pa.PagedBatch(layout, self.pool, self.device)
+        batch = pa.PagedBatch(layout, self.pool, self.device, batch_decode=self.batch_decode)
         ids = torch.tensor([[t for r in step.rows for t in r.token_ids]], dtype=torch.long, device=self.device)
         last, ends = [], 0
         for r in step.rows:

@@ -85,9 +85,13 @@ class PagedBatch:
 
     Rows are attended in three ways, cheapest first: a prompt's first chunk attends to its own keys (causal);
     a row whose blocks are consecutive in the pool (the block manager places sequences so they usually are)
-    attends to a view of the pool, no copy; other rows gather their blocks (decode rows together, padded)."""
+    attends to a view of the pool, no copy; other rows gather their blocks (decode rows together, padded).
+    ``batch_decode``: every decode row goes to the one batched gather + SDPA, consecutive or not — on a GPU one
+    call per layer for all decode rows costs less than one small kernel launch per row per layer (the view path
+    is for the CPU, where the copy costs more than the call)."""
 
-    def __init__(self, rows: list[tuple[int, int, tuple[int, ...]]], pool: KVPool | None, device):
+    def __init__(self, rows: list[tuple[int, int, tuple[int, ...]]], pool: KVPool | None, device,
+                 batch_decode: bool = False):
         self.pool = pool
         self.device = device
         self.rows = rows
@@ -110,7 +114,8 @@ class PagedBatch:
             mask = None if n == 1 else _offset_causal(start, n, device)
             if start == 0 and n > 1:
                 self.own.append((offset, n))
-            elif used[-1] - used[0] == len(used) - 1 and all(b - a == 1 for a, b in zip(used, used[1:])):
+            elif not (batch_decode and n == 1) and used[-1] - used[0] == len(used) - 1 and \
+                    all(b - a == 1 for a, b in zip(used, used[1:])):
                 self.views.append((offset, n, used[0] * bs, ctx_len, mask))
             elif n == 1:
                 decode_q.append(offset)

@@ -43,7 +43,19 @@ def test_serve_configs(path):
 
 def test_manifests_and_images_exist():
     assert {p.name for p in RAYSERVICES} == {"rayservice-xpu.yaml", "rayservice-cpu.yaml"}
-    assert {p.name for p in DOCKERFILES} == {"Dockerfile.xpu", "Dockerfile.cpu"}
+    assert {p.name for p in DOCKERFILES} == {"Dockerfile.xpu", "Dockerfile.xpu-native", "Dockerfile.cpu"}
+
+
+def test_native_xpu_image_has_no_archived_intel_packages():
+    """The upstream-current Intel stack: torch's own XPU wheel (xccl) and torchao, nothing IPEX-based."""
+    text = (DEPLOY / "Dockerfile.xpu-native").read_text()
+    installs = " ".join(ln for ln in text.splitlines() if "pip install" in ln)
+    assert re.search(r"torch==2\.(\d+)\.\d+ --index-url https://download\.pytorch\.org/whl/xpu", installs)
+    assert int(re.search(r"torch==2\.(\d+)", installs).group(1)) >= 8  # xccl ships with torch >= 2.8 XPU builds
+    assert not re.search(r"ipex|intel[-_]extension|oneccl", installs, re.I)
+    assert '".[torchao]"' in installs
+    args = yaml.safe_load((DEPLOY / "serve_config.xpu_native.yaml").read_text())["applications"][0]["args"]
+    assert args["device"] == "xpu" and args["quantization"] == "int4" and "low_bit" not in args
 
 
 def k8s_unknown_fields(model, data, path="") -> list[str]:
