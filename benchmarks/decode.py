@@ -18,6 +18,7 @@ import asyncio
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -97,6 +98,8 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8,16")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--repeat", type=int, default=1, help="run every configuration this many times, round-robin "
+                    "(this host's speed drifts by tens of percent within minutes): each metric is the median")
     ap.add_argument("--ipex-python", default=None, help="interpreter of the ipex-llm environment (for sym_int4)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -108,28 +111,43 @@ def main() -> int:
 
     dtype = args.dtype or cpu_auto_dtype()
     results = {"model": args.model, "dtype": dtype, "cpus": args.cpus, "argv": sys.argv[1:], "runs": {}}
-    for fmt in args.formats.split(","):
-        fields = {} if fmt == "none" else {"quantization": fmt} if fmt in ("int4", "int8", "fp8") else \
-            {"low_bit": fmt}
-        python = args.ipex_python if "low_bit" in fields else sys.executable
-        if python is None:
-            print(f"{fmt}: skipped (needs --ipex-python)", file=sys.stderr)
+    every: dict[str, list[dict]] = {}
+    for _ in range(args.repeat):
+        for fmt in args.formats.split(","):
+            fields = {} if fmt == "none" else {"quantization": fmt} if fmt in ("int4", "int8", "fp8") else \
+                {"low_bit": fmt}
+            python = args.ipex_python if "low_bit" in fields else sys.executable
+            if python is None:
+                print(f"{fmt}: skipped (needs --ipex-python)", file=sys.stderr)
+                continue
+            for tp in map(int, args.tp.split(",")):
+                spec = {"model": args.model, "tp": tp, "dtype": dtype, "cpus": args.cpus, "format": fields,
+                        "batches": [int(b) for b in args.batches.split(",")], "new_tokens": args.new_tokens}
+                t = time.perf_counter()
+                proc = subprocess.run([python, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                res = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-1500:]}
+                every.setdefault(f"{fmt}/tp{tp}", []).append(res)
+                print(f"{fmt} TP={tp}: {res} ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
+    for key, runs in every.items():
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            results["runs"][key] = runs[-1]
             continue
-        for tp in map(int, args.tp.split(",")):
-            spec = {"model": args.model, "tp": tp, "dtype": dtype, "cpus": args.cpus, "format": fields,
-                    "batches": [int(b) for b in args.batches.split(",")], "new_tokens": args.new_tokens}
-            t = time.perf_counter()
-            proc = subprocess.run([python, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            res = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-1500:]}
-            results["runs"][f"{fmt}/tp{tp}"] = res
-            print(f"{fmt} TP={tp}: {res} ({time.perf_counter() - t:.0f}s)", file=sys.stderr, flush=True)
+        merged = dict(ok[-1])
+        for metric in [k for k in ok[-1] if k.startswith("tok_s_") or k == "start_s"]:
+            merged[metric] = statistics.median(r[metric] for r in ok)
+            if len(ok) > 1:
+                merged[metric + "_runs"] = [r[metric] for r in ok]
+        results["runs"][key] = merged
     bw = aggregate_bandwidth(args.cpus)
     results["bandwidth_gb_s"] = round(bw / 1e9, 2)
     runs = results["runs"]
     base = runs.get("none/tp1", {})
     lines = [f"# Decode per weight format ({args.model}, {dtype}, {args.cpus} CPUs, {args.new_tokens} greedy tokens)",
              "", f"Command: `python benchmarks/decode.py {' '.join(sys.argv[1:])}`", "",
+             f"Each number is the median of {args.repeat} run(s) of every configuration, round-robin; every run is "
+             "in decode.json.", "",
              f"Aggregate copy bandwidth: {bw / 1e9:.1f} GB/s (read + write).", "",
              "| format | TP | start (s) | weights per rank (MB) | peak RSS per rank (MB) | "
              + " | ".join(f"tok/s b={b}" for b in args.batches.split(",")) + " | b=1 vs dtype TP=1 | b=1 roofline | "
