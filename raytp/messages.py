@@ -22,10 +22,32 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # OpenAI penalties (vLLM's semantics): presence / frequency over the output so far, repetition over prompt +
+    # output (logit / p if positive, * p if negative); logit_bias: (token id, bias) added to the logits
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # no EOS / stop token (and no stop-string check) before this many output tokens
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the sequence (their text is not returned)
+    eos_token_ids: tuple[int, ...] = ()  # filled in by the engine: what min_tokens suppresses besides stop_token_ids
+    # log-probabilities of each sampled token and of this many most likely alternatives (None: none), from the
+    # distribution the token was drawn from: after logit_bias, penalties and temperature, before top-k / top-p
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def needs_history(self) -> bool:
+        """Sampling this request reads its earlier tokens (penalties), so its rows carry them."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +64,8 @@ class RowInput:
     block_table: tuple[int, ...]
     sample: bool
     params: SamplingParams
+    num_prompt_tokens: int = 0  # of the sequence (rank 0's sampler counts outputs for min_tokens)
+    history: tuple[int, ...] = ()  # prompt + output before this row's tokens, only if params.needs_history
 
 
 @dataclass(frozen=True)
@@ -59,11 +83,17 @@ class StepInput:
         return sum(len(r.token_ids) for r in self.rows)
 
 
+# (log-probability of the sampled token, ((token id, log-probability), ...) of the most likely alternatives)
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+
+
 @dataclass(frozen=True)
 class StepOutput:
-    """Rank 0's answer: one sampled token per row with ``sample`` set, in row order. Other ranks return ()."""
+    """Rank 0's answer: one sampled token per row with ``sample`` set, in row order. Other ranks return ().
+    ``logprobs``: empty unless a row asked; then one entry per sampled row (None for rows that did not ask)."""
 
     tokens: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 @dataclass

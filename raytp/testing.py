@@ -73,7 +73,7 @@ class ScriptedExecutor:
             raise EngineDeadError(f"TP gang is dead: {self._dead}")
         for seq_id in step.finished_ids:
             self.sampled.pop(seq_id, None)
-        tokens = []
+        tokens, logprobs = [], []
         for r in step.rows:
             bs = self.block_size
             slot = lambda p: r.block_table[p // bs] * bs + p % bs  # noqa: E731
@@ -85,7 +85,18 @@ class ScriptedExecutor:
             if self.fail_prompt and context[:len(self.fail_prompt)] == self.fail_prompt and self._fuse is None:
                 self._fuse = self.fail_prompt_after
             tokens.append(self._next_token(r, context))
-        return StepOutput(tuple(tokens))
+            logprobs.append(self._logprob(r, tokens[-1]))
+        return StepOutput(tuple(tokens), tuple(logprobs) if any(logprobs) else ())
+
+    def _logprob(self, row, token: int):
+        """A scripted distribution for logprobs requests: the sampled token at -0.5, then the next vocabulary
+        entries of ``token_ids`` at -1, -2, ..."""
+        n = row.params.logprobs
+        if n is None:
+            return None
+        i = self.token_ids.index(token) if token in self.token_ids else 0
+        alternatives = [token] + [self.token_ids[(i + k) % len(self.token_ids)] for k in range(1, n)]
+        return -0.5, tuple((t, -0.5 if k == 0 else -float(k)) for k, t in enumerate(alternatives[:n]))
 
     def _next_token(self, row, context: tuple[int, ...]) -> int:
         i = self.sampled.get(row.seq_id, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 
 from pydantic import ValidationError
 
@@ -35,7 +36,17 @@ def parse(model_cls, body):
         raise invalid_request(e.errors()) from None
 
 
-def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int) -> SamplingParams:
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, vocab_size: int) -> SamplingParams:
+    """The engine's params for ``req`` (choice 0); ``InvalidRequestError`` for token ids outside the vocabulary or
+    a min_tokens above max_tokens."""
+    bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
+    stop_ids = tuple(req.stop_token_ids or ())
+    for param, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", stop_ids)):
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab_size})", param=param)
+    if req.min_tokens > max_tokens:
+        raise InvalidRequestError(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
+                                  param="min_tokens")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=req.temperature,
@@ -44,47 +55,80 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
         seed=req.seed,
         stop=tuple(req.stop or ()),
         ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty,
+        logit_bias=bias,
+        min_tokens=req.min_tokens,
+        stop_token_ids=stop_ids,
+        logprobs=req.num_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs,
     )
 
 
-def usage(out: RequestOutput) -> dict:
-    return {
-        "prompt_tokens": out.num_prompt_tokens,
-        "completion_tokens": out.num_output_tokens,
-        "total_tokens": out.num_prompt_tokens + out.num_output_tokens,
-    }
+def for_choice(params: SamplingParams, j: int) -> SamplingParams:
+    """Choice j of n: its own seed stream (seed + j), so choices differ and each is reproducible."""
+    return params if j == 0 or params.seed is None else replace(params, seed=params.seed + j)
 
 
-def completion_body(request_id: str, model: str, text: str, last: RequestOutput, chat: bool) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def choice_body(index: int, text: str, finish_reason: str | None, chat: bool, logprobs: dict | None = None) -> dict:
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": last.finish_reason,
-                  "logprobs": None}
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": last.finish_reason, "logprobs": None}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+                "logprobs": logprobs}
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def logprobs_body(token_text, token_ids: list[int], entries: list, chat: bool, text_offset: int = 0) -> dict | None:
+    """OpenAI's logprobs object for these tokens: completions' ``tokens`` / ``token_logprobs`` / ``top_logprobs``
+    / ``text_offset`` (from ``text_offset`` on), or chat's ``content`` list. ``token_text(id)``: a token's text."""
+    if not entries:
+        return None
+    if chat:
+        def item(t, lp):
+            text = token_text(t)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**item(t, e[0]), "top_logprobs": [item(a, lp) for a, lp in e[1]]}
+                            for t, e in zip(token_ids, entries)]}
+    texts = [token_text(t) for t in token_ids]
+    offsets = []
+    for text in texts:
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {"tokens": texts, "token_logprobs": [e[0] for e in entries],
+            "top_logprobs": [{token_text(a): lp for a, lp in e[1]} for e in entries], "text_offset": offsets}
+
+
+def completion_body(request_id: str, model: str, choices: list[dict], usage_: dict, chat: bool) -> dict:
     return {
         "id": request_id,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
-        "usage": usage(last),
+        "choices": choices,
+        "usage": usage_,
     }
 
 
-def stream_chunk(request_id: str, model: str, out: RequestOutput, chat: bool, *, first: bool = False) -> dict:
-    """One SSE chunk carrying ``out``'s new text (the first chat chunk also carries the role)."""
+def stream_chunk(request_id: str, model: str, index: int, out: RequestOutput, chat: bool, *,
+                 first: bool = False, logprobs: dict | None = None) -> dict:
+    """One SSE chunk carrying choice ``index``'s new text (a choice's first chat chunk also carries the role)."""
     if chat:
         delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
-        choice = {"index": 0, "delta": delta, "finish_reason": out.finish_reason, "logprobs": None}
+        choice = {"index": index, "delta": delta, "finish_reason": out.finish_reason, "logprobs": logprobs}
     else:
-        choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
+        choice = {"index": index, "text": out.text, "finish_reason": out.finish_reason, "logprobs": logprobs}
     return _chunk(request_id, model, chat, [choice])
 
 
-def usage_chunk(request_id: str, model: str, last: RequestOutput, chat: bool) -> dict:
+def usage_chunk(request_id: str, model: str, usage_: dict, chat: bool) -> dict:
     """The final chunk of ``stream_options.include_usage``: no choices, the request's usage."""
     chunk = _chunk(request_id, model, chat, [])
-    chunk["usage"] = usage(last)
+    chunk["usage"] = usage_
     return chunk
 
 

@@ -1,14 +1,17 @@
 """OpenAI request schemas, validated with pydantic at the ingress (and again for handle callers).
 
-Fields raytp cannot honour are rejected with a message, never silently ignored:
-unknown fields, ``n`` > 1, ``logprobs``, non-zero penalties.
+Fields raytp cannot honour are rejected with a message, never silently ignored (unknown fields, logprobs,
+best_of > 1, tools, response_format). Fields that only describe the caller (``user``, ``metadata``, ``store``,
+``service_tier``, ``prompt_cache_key``, ``safety_identifier``) are accepted and ignored by design: they change no
+output. The extensions vLLM has (``top_k``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
+``ignore_eos``, ``stream_options.continuous_usage_stats``) are accepted with vLLM's meaning.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Sampling(BaseModel):
@@ -22,28 +25,50 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = Field(
         None, validate_default=True, description="Up to 4 strings that end the completion (not included)."
     )
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="Choice j of a request samples with seed + j.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, description="Only 1 is supported.")
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    n: int = Field(1, ge=1, le=64, description="Choices per prompt; they share the prompt's KV blocks.")
+    best_of: int | None = Field(None, description="Only 1 (= n=1): best_of > 1 is not supported (vLLM removed it).")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Extension (vLLM): >1 discourages any "
+                                      "token of the prompt or output so far.")
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) → bias in [-100, 100].")
+    min_tokens: int = Field(0, ge=0, description="Extension (vLLM): no EOS, stop token or stop string before this "
+                            "many tokens.")
+    stop_token_ids: list[int] | None = Field(None, description="Extension (vLLM): token ids that end the completion.")
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): keep generating past EOS.")
+    # Describe the caller only; accepted and ignored by design (they change no output).
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
-    @field_validator("n")
+    @field_validator("best_of")
     @classmethod
-    def _only_one(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
+    def _no_best_of(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError("best_of > 1 is not supported (vLLM removed it too); use n")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalty(cls, v: float) -> float:
-        if v != 0.0:
-            raise ValueError("penalties are not supported; omit the field or send 0")
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias of token {key} must be in [-100, 100]")
         return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -57,31 +82,92 @@ class _Sampling(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="Extension (vLLM): usage so far in every chunk.")
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] = Field(description="Text, or token ids.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Text, token ids, or a list of either: one choice (n choices) per prompt, in order.")
     max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI's default: 16).")
-    echo: Literal[False] = False
-    logprobs: None = Field(None, description="Not supported.")
+    echo: Literal[False] = Field(False, description="echo: true is not supported yet (prompt logprobs).")
+    logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of each token and of this many "
+                                 "alternatives (see docs: after temperature and penalties, before top-k/top-p).")
     suffix: None = Field(None, description="Not supported.")
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"] = Field(description="Only text parts: this server serves text-only models.")
+    text: str
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
+    content: str | list[TextPart]
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"only text content parts are supported (got {kind!r}): this server serves "
+                                     "text-only models")
+        return v
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined, as chat templates expect)."""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens.")
-    logprobs: Literal[False] | None = Field(None, description="Not supported.")
+    logprobs: bool | None = Field(None, description="Log-probabilities of each output token.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Alternatives per token; needs logprobs.")
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize``: a prompt or chat messages → token ids (what a request would compute)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize``: token ids → text."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    tokens: list[int]
 
 
 _Sampling.model_rebuild()

@@ -19,12 +19,13 @@ class IncrementalDetokenizer:
         self.text = ""  # all decoded text so far (before any stop cut)
         self._emitted = 0  # chars of self.text already returned
 
-    def add(self, token_id: int) -> tuple[str, bool]:
-        """Add one generated token; return (new stable text, stop string hit)."""
+    def add(self, token_id: int, check_stop: bool = True) -> tuple[str, bool]:
+        """Add one generated token; return (new stable text, stop string hit). ``check_stop`` False (before
+        min_tokens): no stop string ends the sequence yet, text is still held back as usual."""
         self._ids.append(token_id)
         self._read_new_tokens(final=False)
         # The holdback guarantees any new stop match starts at or after the emitted text.
-        hits = [at for at in (self.text.find(s, self._emitted) for s in self.stop) if at != -1]
+        hits = [at for at in (self.text.find(s, self._emitted) for s in self.stop) if at != -1] if check_stop else []
         if hits:
             at = min(hits)
             delta = self.text[self._emitted:at]

@@ -33,6 +33,7 @@ class _Stream:
         self.detok = detok
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending_ids: list[int] = []  # tokens whose text is still held back
+        self.pending_logprobs: list = []  # their TokenLogprob entries, if the request asked for logprobs
 
 
 def make_engine(config, executor: Executor, tokenizer, stats: EngineStats | None = None) -> Engine:
@@ -125,7 +126,8 @@ class Engine:
             return EngineStatus(0, 0, dict(self.finished_counts))
         return EngineStatus(s.num_running, s.num_waiting, dict(self.finished_counts), kv_cache_usage=s.kv.usage,
                             kv_cache_tokens=s.kv.capacity_tokens, num_preemptions=s.num_preemptions,
-                            prefix_cache_hit_rate=s.kv.prefix_hit_rate)
+                            prefix_cache_hit_rate=s.kv.prefix_hit_rate,
+                            prefix_cache_hit_tokens=s.kv.prefix_hit_tokens)
 
     async def worker_pids(self) -> list[int]:
         return await self.executor.pids()
@@ -143,6 +145,8 @@ class Engine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use (X-Request-Id must be unique)")
         if not params.greedy and params.seed is None:
             params = replace(params, seed=self._seeds.getrandbits(63))
+        if params.min_tokens and self.eos_token_id is not None and not params.ignore_eos:
+            params = replace(params, eos_token_ids=(self.eos_token_id,))
         seq = Sequence(request_id, tuple(prompt_ids), params)
         self.scheduler.add(seq)
         stream = self._streams[request_id] = _Stream(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
@@ -196,8 +200,10 @@ class Engine:
                 seq.scheduled_s = now
                 self.stats.on_scheduled(now - seq.arrival_s)
             start = seq.num_computed
+            sample = start + n == len(seq.token_ids)
+            history = tuple(seq.token_ids[:start]) if sample and seq.params.needs_history else ()
             rows.append(RowInput(seq.seq_id, tuple(seq.token_ids[start:start + n]), start, tuple(seq.kv.table),
-                                 start + n == len(seq.token_ids), seq.params))
+                                 sample, seq.params, len(seq.prompt_ids), history))
         if out.num_preempted:
             self.stats.on_preempted(out.num_preempted)
         if kv.prefix_queried_tokens != queried:
@@ -207,12 +213,12 @@ class Engine:
         self.scheduler.update(out)  # 3. update: tokens computed, then the sampled ones appended
         sampled = [seq for (seq, _), row in zip(out.rows, rows) if row.sample]
         assert len(result.tokens) == len(sampled), "workers and scheduler disagree on the rows"
-        self._update(sampled, result.tokens)
+        self._update(sampled, result.tokens, result.logprobs or (None,) * len(sampled))
         self.stats.on_step(self.scheduler.num_running, self.scheduler.num_waiting, kv.usage)
         return True
 
-    def _update(self, seqs: list[Sequence], tokens: tuple[int, ...]) -> None:
-        for seq, token in zip(seqs, tokens):
+    def _update(self, seqs: list[Sequence], tokens: tuple[int, ...], logprobs: tuple) -> None:
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
             if seq.finished:
                 continue
             stream = self._streams.get(seq.seq_id)
@@ -224,8 +230,13 @@ class Engine:
             self.stats.on_token(now - (seq.last_token_s or seq.arrival_s), first=seq.last_token_s is None)
             seq.last_token_s = now
             stream.pending_ids.append(token)
-            hit_eos = token == self.eos_token_id and not seq.params.ignore_eos
-            delta, hit_stop = ("", False) if hit_eos else stream.detok.add(token)
+            if seq.params.logprobs is not None:
+                stream.pending_logprobs.append(logprob)
+            params = seq.params
+            # the sampler never picks EOS or a stop token before min_tokens; stop strings are not looked for then
+            hit_eos = (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
+            check_stop = seq.num_output_tokens >= params.min_tokens
+            delta, hit_stop = ("", False) if hit_eos else stream.detok.add(token, check_stop)
             if hit_eos or hit_stop:
                 seq.finish_reason = "stop"
             elif seq.num_output_tokens >= seq.params.max_tokens:
@@ -237,8 +248,9 @@ class Engine:
                     request_id=seq.seq_id, text=delta, token_ids=stream.pending_ids,
                     num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=seq.num_output_tokens,
                     finish_reason=seq.finish_reason,
+                    logprobs=stream.pending_logprobs if seq.params.logprobs is not None else None,
                 ))
-                stream.pending_ids = []
+                stream.pending_ids, stream.pending_logprobs = [], []
 
     def _fail_all(self, error: EngineDeadError) -> None:
         if self.scheduler is not None:

@@ -22,6 +22,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    logprobs: list | None = None  # one TokenLogprob per token_ids entry, when the request asked for logprobs
 
     @property
     def finished(self) -> bool:
@@ -39,6 +40,7 @@ class EngineStatus:
     kv_cache_tokens: int = 0  # tokens the whole KV cache holds
     num_preemptions: int = 0  # requests preempted since start (KV blocks ran out; recomputed later)
     prefix_cache_hit_rate: float = 0.0  # prompt tokens found in the prefix cache / prompt tokens looked up
+    prefix_cache_hit_tokens: int = 0  # prompt tokens found in the prefix cache so far
 
 
 class Executor(Protocol):

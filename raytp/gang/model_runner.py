@@ -15,7 +15,7 @@ import logging
 import torch
 
 from raytp.gang import paged_attention as pa
-from raytp.gang.sampler import sample
+from raytp.gang.sampler import sample, token_logprobs
 from raytp.gang.static_decode import StaticDecoder
 from raytp.messages import StepInput, StepOutput
 
@@ -133,8 +133,13 @@ class ModelRunner:
         """Rank 0 samples one token per row from its logits row; the other ranks return nothing."""
         if self.rank != 0:
             return StepOutput()
-        tokens = sample(logits, [r.params for r in rows], [r.start_pos + len(r.token_ids) for r in rows])
-        return StepOutput(tuple(tokens.tolist()))
+        params, positions = [r.params for r in rows], [r.start_pos + len(r.token_ids) for r in rows]
+        contexts = [(r.history + r.token_ids, r.num_prompt_tokens) for r in rows]
+        tokens = sample(logits, params, positions, contexts)
+        logprobs = ()
+        if any(p.logprobs is not None for p in params):
+            logprobs = tuple(token_logprobs(logits, params, positions, contexts, tokens))
+        return StepOutput(tuple(tokens.tolist()), logprobs)
 
     def _forward(self, batch: pa.PagedBatch, ids, keep, probe: dict | None = None):
         """Logits [len(keep), V] of the positions ``keep`` (None: run for the cache only)."""

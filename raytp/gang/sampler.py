@@ -14,7 +14,48 @@ import random
 
 import torch
 
-from raytp.messages import SamplingParams
+from raytp.messages import SamplingParams, TokenLogprob
+
+
+def adjusted(params: list[SamplingParams], logits: torch.Tensor, contexts: list[tuple[tuple[int, ...], int]],
+             positions: list[int]) -> torch.Tensor:
+    """vLLM's order, every step one batched pass over these rows: logit_bias, min_tokens (EOS and stop tokens
+    masked while fewer outputs than that exist), repetition penalty over prompt + output, frequency and presence
+    penalties over the output. A context's token ids are only needed (and only sent) for penalties."""
+    rows, vocab = logits.shape
+    dev = logits.device
+
+    def padded(seqs: list) -> torch.Tensor:  # ragged id lists → [rows, width], padding with the dummy id ``vocab``
+        width = max((len(x) for x in seqs), default=0)
+        return torch.tensor([list(x) + [vocab] * (width - len(x)) for x in seqs], dtype=torch.long,
+                            device=dev).view(rows, width)
+
+    def scattered(ids: torch.Tensor, values: torch.Tensor) -> torch.Tensor:  # sum of values per (row, id)
+        out = torch.zeros((rows, vocab + 1), dtype=values.dtype, device=dev)
+        return out.scatter_add_(1, ids, values)[:, :vocab]
+
+    if any(p.logit_bias for p in params):
+        ids = padded([[t for t, _ in p.logit_bias] for p in params])
+        bias = torch.tensor([[b for _, b in p.logit_bias] + [0.0] * (ids.shape[1] - len(p.logit_bias))
+                             for p in params], device=dev).view(ids.shape)
+        logits = logits + scattered(ids, bias)
+    outputs = [ctx[n:] for ctx, n in contexts]
+    if any(p.min_tokens for p in params):
+        blocked = padded([p.eos_token_ids + p.stop_token_ids if pos - n < p.min_tokens else ()
+                          for p, pos, (_, n) in zip(params, positions, contexts)])
+        mask = scattered(blocked, torch.ones(blocked.shape, device=dev)) > 0
+        logits = logits.masked_fill(mask, float("-inf"))
+    if any(p.needs_history for p in params):
+        rep = torch.tensor([p.repetition_penalty for p in params], device=dev)[:, None]
+        seen = scattered(padded([ctx for ctx, _ in contexts]), torch.ones(rows, max(
+            (len(c) for c, _ in contexts), default=0), device=dev)) > 0
+        logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+        out_ids = padded(outputs)
+        counts = scattered(out_ids, torch.ones(out_ids.shape, device=dev))
+        freq = torch.tensor([p.frequency_penalty for p in params], device=dev)[:, None]
+        pres = torch.tensor([p.presence_penalty for p in params], device=dev)[:, None]
+        logits = logits - freq * counts - pres * (counts > 0)
+    return logits
 
 
 def uniform(seed: int | None, position: int) -> float:
@@ -25,9 +66,17 @@ def uniform(seed: int | None, position: int) -> float:
     return int.from_bytes(digest, "little") / 2.0**64
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
-    """``logits`` [B, V] → token ids [B]. ``positions[i]``: the sequence position row i's token will take."""
+def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+           contexts: list[tuple[tuple[int, ...], int]] | None = None) -> torch.Tensor:
+    """``logits`` [B, V] → token ids [B]. ``positions[i]``: the sequence position row i's token will take.
+    ``contexts[i]``: (every token of row i's sequence before that position, its prompt length) — read only for
+    rows whose params adjust logits (penalties, logit_bias, min_tokens)."""
     logits = logits.float()
+    adjust = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if adjust:
+        logits = logits.clone()
+        logits[adjust] = adjusted([params[i] for i in adjust], logits[adjust], [contexts[i] for i in adjust],
+                                  [positions[i] for i in adjust])
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -49,3 +98,29 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
     choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=vocab - 1)
     tokens[idx] = order.gather(1, choice).squeeze(1)
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
+                   contexts: list[tuple[tuple[int, ...], int]], tokens: torch.Tensor) -> list[TokenLogprob | None]:
+    """For rows whose params ask for logprobs: the sampled token's log-probability and the ``logprobs`` most likely
+    tokens', under the distribution it was drawn from (logit_bias, penalties, temperature applied; greedy rows at
+    temperature 1; top-k / top-p cuts not applied). One batched pass over those rows."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not rows:
+        return [None] * len(params)
+    lg = logits[rows].float()
+    adjust = [j for j, i in enumerate(rows) if params[i].adjusts_logits]
+    if adjust:
+        lg[adjust] = adjusted([params[rows[j]] for j in adjust], lg[adjust], [contexts[rows[j]] for j in adjust],
+                              [positions[rows[j]] for j in adjust])
+    temperature = torch.tensor([params[i].temperature or 1.0 for i in rows], device=lg.device)
+    lp = torch.log_softmax(lg / temperature[:, None], dim=-1)
+    chosen = lp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
+    k = max(params[i].logprobs for i in rows)
+    top_lp, top_id = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_lp, top_id = top_lp.tolist(), top_id.tolist()
+    out: list[TokenLogprob | None] = [None] * len(params)
+    for j, i in enumerate(rows):
+        n = params[i].logprobs
+        out[i] = (chosen[j], tuple(zip(top_id[j][:n], top_lp[j][:n])))
+    return out

@@ -1,14 +1,15 @@
 """The ingress deployment: FastAPI routes of the OpenAI API, auth, SSE, errors, and the Python handle API.
 
-HTTP: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``. Every error is an OpenAI-style body ``{"error": {message, type,
-param, code}}``. A streaming client that disconnects cancels its server-side
+HTTP: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /tokenize``, ``POST /detokenize`` (vLLM's extensions), ``GET /health``. Every error is an OpenAI-style
+body ``{"error": {message, type, param, code}}``. A streaming client that disconnects cancels its server-side
 generator, which aborts the request in the engine.
 
 Python (``serve.get_app_handle(app_name)`` returns a handle to this deployment):
 ``generate(prompt, **sampling) -> str``, ``generate_stream(prompt, **sampling)``
 (with ``handle.options(stream=True)``; yields text deltas), ``completions(body)`` /
-``chat_completions(body)`` (OpenAI bodies in and out), ``models()``, ``health()``.
+``chat_completions(body)`` (OpenAI bodies in and out), ``models()``, ``model(id)``, ``tokenize(body)``,
+``detokenize(body)``, ``health()``.
 """
 
 
@@ -29,7 +30,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytp.api.openai import invalid_request
-from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
+from raytp.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from raytp.errors import (
     AuthenticationError,
     EngineDeadError,
@@ -229,6 +230,21 @@ class OpenAIIngress:
         started = time.perf_counter()
         return await self._unary(request, started, lambda: self.server.models.remote())
 
+    @app.get("/v1/models/{model_id:path}")
+    async def http_model(self, model_id: str, request: Request):
+        started = time.perf_counter()
+        return await self._unary(request, started, lambda: self.server.model.remote(model_id))
+
+    @app.post("/tokenize")
+    async def http_tokenize(self, body: TokenizeRequest, request: Request):
+        started = time.perf_counter()
+        return await self._unary(request, started, lambda: self.server.tokenize.remote(body))
+
+    @app.post("/detokenize")
+    async def http_detokenize(self, body: DetokenizeRequest, request: Request):
+        started = time.perf_counter()
+        return await self._unary(request, started, lambda: self.server.detokenize.remote(body))
+
     @app.post("/v1/completions")
     async def http_completions(self, body: CompletionRequest, request: Request):
         started, rid = time.perf_counter(), _http_request_id()
@@ -304,6 +320,15 @@ class OpenAIIngress:
 
     async def models(self) -> dict:
         return await self.server.models.remote()
+
+    async def model(self, model_id: str) -> dict:
+        return await self.server.model.remote(model_id)
+
+    async def tokenize(self, body: dict) -> dict:
+        return await self.server.tokenize.remote(body)
+
+    async def detokenize(self, body: dict) -> dict:
+        return await self.server.detokenize.remote(body)
 
     async def health(self) -> dict:
         return await self.server.health.remote()

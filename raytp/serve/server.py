@@ -20,10 +20,11 @@ import time
 from ray import serve
 
 from raytp.api import openai as oai
-from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
+from raytp.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from raytp.config import RaytpConfig, ResolvedConfig, resolve
 from raytp.engine.protocol import EngineClient, RequestOutput
 from raytp.errors import ConfigError, InvalidRequestError, ModelNotFoundError
+from raytp.serve.fanout import Choice, Fanout
 
 logger = logging.getLogger("ray.serve")
 EXIT_GRACE_S = 0.25  # after its gang fails, a replica lives this long so error events reach clients, then exits
@@ -112,7 +113,8 @@ class LLMServer:
             "num_finished": status.num_finished,
             "kv_cache": {"usage": round(status.kv_cache_usage, 4), "capacity_tokens": status.kv_cache_tokens,
                          "num_preemptions": status.num_preemptions,
-                         "prefix_cache_hit_rate": round(status.prefix_cache_hit_rate, 4)},
+                         "prefix_cache_hit_rate": round(status.prefix_cache_hit_rate, 4),
+                         "prefix_cache_hit_tokens": status.prefix_cache_hit_tokens},
             "ranks": [vars(r) for r in self.engine.load_reports],
         }
 
@@ -121,10 +123,13 @@ class LLMServer:
         return await self.engine.worker_pids()
 
     async def models(self) -> dict:
-        return {"object": "list", "data": [{
-            "id": self.config.served_model_name, "object": "model", "created": 0, "owned_by": "raytp",
-            "root": self.config.model_path, "max_model_len": self.config.max_model_len,
-        }]}
+        return {"object": "list", "data": [await self.model(self.config.served_model_name)]}
+
+    async def model(self, model_id: str) -> dict:
+        """``GET /v1/models/{id}``: the model object, or ``ModelNotFoundError`` (404)."""
+        self._check_model(model_id)
+        return {"id": self.config.served_model_name, "object": "model", "created": 0, "owned_by": "raytp",
+                "root": self.config.model_path, "max_model_len": self.config.max_model_len}
 
     # ---- OpenAI ----------------------------------------------------------------------------
     # ``request_id``: the HTTP request's id (X-Request-Id), passed on by the ingress; else Serve's or a new one.
@@ -156,65 +161,111 @@ class LLMServer:
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 yield chunk["choices"][0]["text"]
 
-    # ---- shared path -----------------------------------------------------------------------
-    def _prepare(self, body, chat: bool, request_id: str | None = None):
-        req = oai.parse(ChatCompletionRequest if chat else CompletionRequest, body)
-        if req.model != self.config.served_model_name:
-            raise ModelNotFoundError(f"model {req.model!r} is not served here; "
-                                     f"available: {self.config.served_model_name!r}")
-        prompt_ids = self._prompt_ids(req, chat)
-        room = self.config.max_model_len - len(prompt_ids)
-        max_tokens = req.max_new_tokens if chat else req.max_tokens
-        if room < 1:
-            raise InvalidRequestError(
-                f"the prompt ({len(prompt_ids)} tokens) leaves no room for a completion within max_model_len "
-                f"({self.config.max_model_len}); shorten the prompt", param="messages" if chat else "prompt",
-                code="context_length_exceeded")
-        if max_tokens is not None and max_tokens > room:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds max_model_len "
-                f"({self.config.max_model_len}); shorten the prompt or lower max_tokens to at most {room}",
-                param="max_tokens", code="context_length_exceeded")
-        params = oai.sampling_params(req, max_tokens if max_tokens is not None else room)
-        request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
-        logger.info("raytp: request %s: %d prompt tokens, max_tokens %d", request_id, len(prompt_ids),
-                    params.max_tokens)
-        return req, request_id, prompt_ids, params, chat
-
-    def _prompt_ids(self, req, chat: bool) -> tuple[int, ...]:
-        if chat:
-            if not self.tokenizer.chat_template:
-                raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-            messages = [m.model_dump(exclude_none=True) for m in req.messages]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        elif isinstance(req.prompt, str):
-            ids = self.tokenizer.encode(req.prompt)
+    # ---- tokenizer extensions (vLLM's /tokenize and /detokenize) ------------------------------
+    async def tokenize(self, body) -> dict:
+        req = oai.parse(TokenizeRequest, body)
+        self._check_model(req.model)
+        if req.messages is not None:
+            ids = self._chat_ids(req.messages, req.add_generation_prompt)
         else:
-            vocab = len(self.tokenizer)
-            if any(not 0 <= t < vocab for t in req.prompt):
-                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-            ids = req.prompt
-        if not ids:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": list(ids)}
+
+    async def detokenize(self, body) -> dict:
+        req = oai.parse(DetokenizeRequest, body)
+        self._check_model(req.model)
+        self._check_ids(req.tokens, "tokens")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+    # ---- shared path -----------------------------------------------------------------------
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.config.served_model_name:
+            raise ModelNotFoundError(f"model {model!r} is not served here; "
+                                     f"available: {self.config.served_model_name!r}")
+
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _check_ids(self, ids, param: str) -> None:
+        vocab = len(self.tokenizer)
+        if any(not 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab})", param=param)
+
+    def _prepare(self, body, chat: bool, request_id: str | None = None):
+        """Validate a request; return it with its id and its choices (prompts × n), each with engine params."""
+        req = oai.parse(ChatCompletionRequest if chat else CompletionRequest, body)
+        self._check_model(req.model)
+        param = "messages" if chat else "prompt"
+        requested = req.max_new_tokens if chat else req.max_tokens
+        choices = []
+        for i, prompt_ids in enumerate(self._prompts(req, chat)):
+            room = self.config.max_model_len - len(prompt_ids)
+            if room < 1:
+                raise InvalidRequestError(
+                    f"the prompt ({len(prompt_ids)} tokens) leaves no room for a completion within max_model_len "
+                    f"({self.config.max_model_len}); shorten the prompt", param=param, code="context_length_exceeded")
+            if requested is not None and requested > room:
+                raise InvalidRequestError(
+                    f"prompt ({len(prompt_ids)} tokens) + max_tokens ({requested}) exceeds max_model_len "
+                    f"({self.config.max_model_len}); shorten the prompt or lower max_tokens to at most {room}",
+                    param="max_tokens", code="context_length_exceeded")
+            params = oai.sampling_params(req, requested if requested is not None else room, len(self.tokenizer))
+            choices += [Choice(i * req.n + j, prompt_ids, oai.for_choice(params, j), i * req.n) for j in range(req.n)]
+        request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
+        logger.info("raytp: request %s: %d choices, %d prompt tokens, max_tokens %d", request_id, len(choices),
+                    sum(len(c.prompt_ids) for c in choices if c.index == c.leader), choices[0].params.max_tokens)
+        return req, Fanout(self.engine, request_id, choices, self.config.enable_prefix_caching), chat
+
+    def _prompts(self, req, chat: bool) -> list[tuple[int, ...]]:
+        """Token ids of each prompt: the chat rendered by the model's template, or each completion prompt."""
+        if chat:
+            prompts = [self._chat_ids(req.messages, True)]
+        else:
+            p = req.prompt
+            many = isinstance(p, list) and bool(p) and not isinstance(p[0], int)
+            items = p if many else [p]
+            prompts = [self.tokenizer.encode(x) if isinstance(x, str) else x for x in items]
+            for ids in prompts:
+                self._check_ids(ids, "prompt")
+        if not prompts or any(not ids for ids in prompts):
             raise InvalidRequestError("prompt is empty", param="messages" if chat else "prompt")
-        return tuple(ids)
+        return [tuple(ids) for ids in prompts]
 
-    async def _collect(self, req, request_id, prompt_ids, params, chat) -> dict:
-        text, last = [], None
-        async for out in self.engine.generate(request_id, prompt_ids, params):
-            text.append(out.text)
-            last = out
-        _log_finished(request_id, last)
-        return oai.completion_body(request_id, req.model, "".join(text), last, chat)
+    def _chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
+        rendered = [{**m.model_dump(exclude_none=True), "content": m.text} for m in messages]
+        text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
-    async def _stream(self, req, request_id, prompt_ids, params, chat):
-        last: RequestOutput | None = None
-        async for out in self.engine.generate(request_id, prompt_ids, params):
-            yield oai.stream_chunk(request_id, req.model, out, chat, first=last is None)
-            last = out
-        _log_finished(request_id, last)
-        if req.stream_options and req.stream_options.include_usage:
-            yield oai.usage_chunk(request_id, req.model, last, chat)
+    async def _collect(self, req, fanout: Fanout, chat: bool) -> dict:
+        choices = await fanout.collect()
+        for c in choices:
+            _log_finished(fanout.engine_id(c), c.last)
+        body = [oai.choice_body(c.index, "".join(c.text), c.last.finish_reason, chat,
+                                oai.logprobs_body(self._token_text, c.token_ids, c.logprobs, chat))
+                for c in choices]
+        return oai.completion_body(fanout.request_id, req.model, body, oai.usage(*fanout.usage()), chat)
+
+    async def _stream(self, req, fanout: Fanout, chat: bool):
+        options = req.stream_options
+        started: set[int] = set()
+        offsets: dict[int, int] = {}  # per choice: characters of token text before this chunk's tokens
+        async for c, out in fanout.stream():
+            logprobs = oai.logprobs_body(self._token_text, out.token_ids, out.logprobs, chat, offsets.get(c.index, 0))
+            if logprobs and not chat:
+                offsets[c.index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+            chunk = oai.stream_chunk(fanout.request_id, req.model, c.index, out, chat, first=c.index not in started,
+                                     logprobs=logprobs)
+            started.add(c.index)
+            if options and options.continuous_usage_stats:
+                chunk["usage"] = oai.usage(*fanout.usage())
+            yield chunk
+            if out.finished:
+                _log_finished(fanout.engine_id(c), out)
+        if options and options.include_usage:
+            yield oai.usage_chunk(fanout.request_id, req.model, oai.usage(*fanout.usage()), chat)
 
 
 def _request_id(prefix: str, rid: str | None) -> str:

@@ -64,8 +64,10 @@ def test_fixed_shape_decode_steps_equal_plain_transformers(model, tiny_tokenizer
     """Decode steps padded to batch and width buckets (the shapes CUDA graphs replay; here run eagerly, so on CPU):
     padding rows, padded tables and null-block writes never change a token."""
     from raytp import accelerator
-    from raytp.gang import static_decode
+    from raytp.gang import paged_attention, static_decode
 
+    if not paged_attention.register():
+        pytest.skip("fixed-shape decode needs transformers' attention interface (transformers >= 5)")
     monkeypatch.setattr(accelerator.Accelerator, "decode_mode", lambda self, eager, tp: "eager")
     runs = []
     real_run = static_decode.StaticDecoder.run
@@ -148,3 +150,56 @@ def test_consecutive_and_scattered_blocks_give_the_same_tokens(model, layout):
                 outs[i].append(token)
                 tokens[i].append(token)
     assert outs == [alone(model, p, 8) for p in prompts]
+
+
+def test_repetition_penalty_equals_transformers(model, tiny_tokenizer):
+    """The batched sampler's repetition penalty, greedy, through the paged engine == transformers' own
+    RepetitionPenaltyLogitsProcessor in generate (same definition: prompt + output tokens)."""
+    prompts = [list(range(5, 14)), [30, 31, 30, 31, 30]]
+    want = []
+    with torch.inference_mode():
+        for p in prompts:
+            out = model.generate(torch.tensor([p]), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                 repetition_penalty=1.3)
+            want.append(out[0, len(p):].tolist())
+
+    async def main():
+        engine = make_engine(model, tiny_tokenizer)
+        await engine.start()
+        try:
+            params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
+
+            async def one(i, p):
+                return [t async for out in engine.generate(f"r{i}", tuple(p), params) for t in out.token_ids]
+
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        finally:
+            engine.shutdown()
+
+    got = asyncio.run(main())
+    assert got == want
+    assert want != [alone(model, p, 12) for p in prompts], "the penalty changed the tokens (the check can fail)"
+
+
+def test_logprobs_are_the_models_log_softmax(model, tiny_tokenizer):
+    """Greedy with logprobs through the paged engine: each token's logprob and its top alternatives equal
+    log_softmax of plain transformers' logits at that position (temperature 1, nothing else applied)."""
+    prompt = list(range(5, 14))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=3)
+
+    async def main():
+        engine = make_engine(model, tiny_tokenizer)
+        await engine.start()
+        try:
+            outs = [o async for o in engine.generate("lp", tuple(prompt), params)]
+            return [t for o in outs for t in o.token_ids], [e for o in outs for e in o.logprobs]
+        finally:
+            engine.shutdown()
+
+    tokens, entries = asyncio.run(main())
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
+    for i, (token, (chosen, top)) in enumerate(zip(tokens, entries)):
+        row = lp[len(prompt) - 1 + i]
+        assert chosen == pytest.approx(row[token].item(), abs=1e-4)
+        assert [t for t, _ in top] == row.topk(3).indices.tolist() and top[0][0] == token

@@ -68,3 +68,66 @@ def test_seeded_sampling_is_batch_invariant(trial):
         params[where] = p
         got = [sample(batch, params, [pos] * (others + 1))[where].item() for pos in range(20)]
         assert got == alone
+
+
+def _reference_adjust(p: SamplingParams, row: torch.Tensor, context: list[int], num_prompt: int, position: int):
+    """One row, one token at a time, straight from the definitions (vLLM's order)."""
+    row = row.clone()
+    for t, b in p.logit_bias:
+        row[t] += b
+    if position - num_prompt < p.min_tokens:
+        for t in p.eos_token_ids + p.stop_token_ids:
+            row[t] = float("-inf")
+    for t in set(context):
+        row[t] = row[t] / p.repetition_penalty if row[t] > 0 else row[t] * p.repetition_penalty
+    output = context[num_prompt:]
+    for t in set(output):
+        row[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return row
+
+
+def test_penalties_bias_and_min_tokens_equal_their_definitions_row_by_row():
+    from raytp.gang.sampler import adjusted
+
+    rng = random.Random(0)
+    vocab, rows = 30, 6
+    logits = _logits(rows, vocab, seed=3)
+    params, contexts, positions = [], [], []
+    for i in range(rows):
+        num_prompt = rng.randint(1, 6)
+        context = [rng.randrange(vocab) for _ in range(num_prompt + rng.randint(0, 8))]
+        params.append(SamplingParams(
+            max_tokens=20, temperature=0.0, presence_penalty=rng.uniform(-2, 2), frequency_penalty=rng.uniform(-2, 2),
+            repetition_penalty=rng.choice([1.0, 0.7, 1.5]), min_tokens=rng.choice([0, 3, 30]),
+            logit_bias=tuple((rng.randrange(vocab), rng.uniform(-100, 100)) for _ in range(rng.randint(0, 3))),
+            stop_token_ids=(rng.randrange(vocab),), eos_token_ids=(0,)))
+        contexts.append((tuple(context), num_prompt))
+        positions.append(len(context))
+    got = adjusted(params, logits, contexts, positions)
+    want = torch.stack([_reference_adjust(p, logits[i], list(c), n, pos)
+                        for i, (p, (c, n), pos) in enumerate(zip(params, contexts, positions))])
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.isinf(got).any(), "min_tokens masked something (the check can fail)"
+
+
+def test_logit_bias_and_min_tokens_decide_greedy_tokens():
+    logits = _logits(1, 20, seed=1)
+    best = int(logits.argmax())
+    forced = SamplingParams(max_tokens=4, temperature=0.0, logit_bias=((7, 100.0),))
+    banned = SamplingParams(max_tokens=4, temperature=0.0, logit_bias=((best, -100.0),))
+    assert sample(logits, [forced], [5], [((1, 2, 3, 4, 5), 5)]).item() == 7
+    assert sample(logits, [banned], [5], [((1, 2, 3, 4, 5), 5)]).item() != best
+    eos = SamplingParams(max_tokens=4, temperature=0.0, min_tokens=2, eos_token_ids=(best,))
+    assert sample(logits, [eos], [6], [((1, 2, 3, 4, 5, 9), 5)]).item() != best  # 1 output < min_tokens
+    assert sample(logits, [eos], [7], [((1, 2, 3, 4, 5, 9, 9), 5)]).item() == best  # 2 outputs: allowed
+
+
+def test_penalized_seeded_rows_are_batch_invariant():
+    logits = _logits(3, 40, seed=5)
+    p = SamplingParams(max_tokens=8, temperature=0.8, seed=11, frequency_penalty=1.0, repetition_penalty=1.2)
+    ctx = ((3, 4, 5, 5, 6), 3)
+    alone = sample(logits[1:2], [p], [5], [ctx]).item()
+    other = SamplingParams(max_tokens=8, temperature=1.0, seed=2)
+    batched = sample(logits, [other, p, SamplingParams(max_tokens=8, temperature=0.0)], [9, 5, 4],
+                     [((1,), 1), ctx, ((2,), 1)])
+    assert batched[1].item() == alone

@@ -1,0 +1,181 @@
+"""OpenAI parameters beyond one prompt → one choice, over HTTP through the real ingress, server and engine (a
+scripted gang): batched prompts, n, stream options, sampling controls, the models / tokenize routes, and the
+fields that only describe the caller."""
+
+import json
+
+import pytest
+import requests
+
+from tests.conftest import URL
+from tests.serve.conftest import MODEL
+
+
+def post(path, body):
+    return requests.post(URL + path, json=body, timeout=60)
+
+
+def completion(**body):
+    r = post("/v1/completions", {"model": MODEL, "max_tokens": 6, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse(path, body) -> list[dict]:
+    r = requests.post(URL + path, json={**body, "stream": True}, stream=True, timeout=60)
+    assert r.status_code == 200, r.text
+    lines = [ln[6:] for ln in r.iter_lines(decode_unicode=True) if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def test_a_list_of_prompts_gives_one_choice_per_prompt_in_order(app, tiny_tokenizer):
+    prompts = ["the model serves", "tokens", "requests arrive and stream"]
+    solo = [completion(prompt=p)["choices"][0]["text"] for p in prompts]
+    body = completion(prompt=prompts)
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in body["choices"]] == solo
+    assert body["usage"]["prompt_tokens"] == sum(len(tiny_tokenizer.encode(p)) for p in prompts)
+    ids = [tiny_tokenizer.encode(p) for p in prompts]
+    assert [c["text"] for c in completion(prompt=ids)["choices"]] == solo  # token-id lists too
+    assert completion(prompt=ids[0])["choices"][0]["text"] == solo[0]
+
+
+def test_n_choices_share_the_prompt_and_count_it_once(app, tiny_tokenizer):
+    def hit_tokens():
+        return requests.get(URL + "/health", timeout=30).json()["kv_cache"]["prefix_cache_hit_tokens"]
+
+    before = hit_tokens()
+    prompt = "n choices of one prompt share its blocks " * 3  # several full KV blocks, not sent before
+    body = completion(prompt=prompt, n=3, temperature=1.0, seed=7, max_tokens=8)
+    full_blocks = (len(tiny_tokenizer.encode(prompt)) - 1) // 16 * 16  # at least one token is recomputed
+    assert hit_tokens() - before == 2 * full_blocks > 0, "choices 1 and 2 reused choice 0's full prompt blocks"
+    texts = [c["text"] for c in body["choices"]]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2] and len(set(texts)) == 3  # own seed streams
+    assert texts == [c["text"] for c in completion(prompt=prompt, n=3, temperature=1.0, seed=7,
+                                                    max_tokens=8)["choices"]]  # reproducible
+    assert texts[0] == completion(prompt=prompt, temperature=1.0, seed=7, max_tokens=8)["choices"][0]["text"]
+    assert body["usage"]["prompt_tokens"] == len(tiny_tokenizer.encode(prompt))
+    assert body["usage"]["completion_tokens"] == 24
+    two = completion(prompt=["a b", "c d"], n=2)
+    assert [c["index"] for c in two["choices"]] == [0, 1, 2, 3]
+    assert two["choices"][0]["text"] == two["choices"][1]["text"]  # greedy choices agree
+
+
+def test_streamed_choices_carry_their_index_and_usage(app):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0,
+            "n": 2, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    chunks = sse("/v1/chat/completions", body)
+    by_index: dict[int, list] = {0: [], 1: []}
+    for ch in chunks[:-1]:
+        (choice,) = ch["choices"]
+        by_index[choice["index"]].append(choice)
+        assert ch["usage"]["prompt_tokens"] > 0  # continuous usage stats
+    for choices in by_index.values():
+        assert choices[0]["delta"]["role"] == "assistant"
+        assert choices[-1]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 10
+    whole = post("/v1/chat/completions", {**body, "stream_options": None}).json()
+    assert ["".join(c["delta"].get("content", "") for c in by_index[i]) for i in (0, 1)] == \
+        [c["message"]["content"] for c in whole["choices"]]
+
+
+def test_stream_options_without_stream_is_refused(app):
+    r = post("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
+
+
+def test_fields_that_only_describe_the_caller_are_accepted(app):
+    plain = completion(prompt="the model")["choices"][0]["text"]
+    body = completion(prompt="the model", user="u1", metadata={"team": "a"}, store=False, service_tier="auto",
+                      prompt_cache_key="k", safety_identifier="s", best_of=1)
+    assert body["choices"][0]["text"] == plain
+
+
+def test_chat_content_as_text_parts_equals_a_string(app):
+    def chat(content):
+        r = post("/v1/chat/completions", {"model": MODEL, "max_tokens": 6, "temperature": 0,
+                                          "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    assert chat([{"type": "text", "text": "the model "}, {"type": "text", "text": "serves"}]) == \
+        chat("the model serves")
+
+
+def test_sampling_controls_reach_the_engine(app, tiny_tokenizer):
+    plain = completion(prompt="the model", max_tokens=8, logprobs=0)
+    (first,) = tiny_tokenizer.encode(plain["choices"][0]["logprobs"]["tokens"][0], add_special_tokens=False)
+    # stop at the first generated token: it ends the completion and its text is not returned
+    stopped = completion(prompt="the model", max_tokens=8, stop_token_ids=[first])
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == 1
+    assert stopped["choices"][0]["text"] == ""
+    # min_tokens keeps a stop string from ending the completion early
+    first_word = plain["choices"][0]["text"][:2]
+    assert completion(prompt="the model", max_tokens=8, stop=[first_word])["usage"]["completion_tokens"] < 8
+    assert completion(prompt="the model", max_tokens=8, stop=[first_word], min_tokens=8)["usage"][
+        "completion_tokens"] == 8
+
+
+def test_model_card_tokenize_detokenize(app, tiny_tokenizer):
+    r = requests.get(URL + f"/v1/models/{MODEL}", timeout=30)
+    assert r.status_code == 200 and r.json()["id"] == MODEL
+    r = requests.get(URL + "/v1/models/gpt-4", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    tok = post("/tokenize", {"model": MODEL, "prompt": "the model serves"}).json()
+    assert tok["tokens"] == tiny_tokenizer.encode("the model serves") and tok["count"] == len(tok["tokens"])
+    assert tok["max_model_len"] == 256
+    assert post("/detokenize", {"model": MODEL, "tokens": tok["tokens"]}).json()["prompt"] == "the model serves"
+    chat = post("/tokenize", {"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > 1
+    assert post("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "hi"}]}).status_code == 400
+    assert post("/detokenize", {"tokens": [10**9]}).status_code == 400
+
+
+def test_openai_sdk_n_and_prompt_lists(app):
+    import openai
+
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="unused")
+    c = client.completions.create(model=MODEL, prompt=["the model", "tokens"], max_tokens=4, temperature=0, n=2)
+    assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
+    assert client.models.retrieve(MODEL).id == MODEL
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          n=2, temperature=0.9, seed=3, frequency_penalty=0.5, presence_penalty=0.5,
+                                          logit_bias={"5": 1.0}, user="someone")
+    assert len(chat.choices) == 2
+
+
+@pytest.mark.parametrize("method", ["tokenize", "model"])
+def test_handle_api_has_the_new_calls(app, method):
+    if method == "tokenize":
+        assert app.tokenize.remote({"prompt": "the model"}).result()["count"] > 0
+    else:
+        assert app.model.remote(MODEL).result()["id"] == MODEL
+
+
+def test_completion_logprobs_in_openai_shape_streamed_or_not(app, tiny_tokenizer):
+    body = completion(prompt="the model", max_tokens=5, logprobs=2)
+    lp = body["choices"][0]["logprobs"]
+    n = body["usage"]["completion_tokens"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert lp["token_logprobs"] == [-0.5] * n  # the scripted executor's distribution
+    assert all(len(top) == 2 and top[tok] == -0.5 for top, tok in zip(lp["top_logprobs"], lp["tokens"]))
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n)]
+    chunks = sse("/v1/completions", {"model": MODEL, "prompt": "the model", "max_tokens": 5, "temperature": 0,
+                                     "logprobs": 2})
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert [t for x in streamed for t in x["tokens"]] == lp["tokens"]
+    assert [o for x in streamed for o in x["text_offset"]] == lp["text_offset"]
+    assert completion(prompt="the model")["choices"][0]["logprobs"] is None
+
+
+def test_chat_logprobs_with_the_openai_sdk(app):
+    import openai
+
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="unused")
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(item.logprob == -0.5 and len(item.top_logprobs) == 3 and bytes(item.bytes).decode() == item.token
+               for item in content)
