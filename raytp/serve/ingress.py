@@ -154,6 +154,13 @@ async def _sse(gen, first, route: str, started: float):
     yield "data: [DONE]\n\n"
 
 
+def _route(request: Request) -> str:
+    """The matched route's template (``/v1/models/{model_id:path}``), not the raw path: a metric tag must not
+    take one value per model id a client makes up (nor its non-ASCII characters, which Ray's tags refuse)."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
 def _http_request_id() -> str:
     """The id Serve's proxy gave this HTTP request: the client's X-Request-Id if it sent one, else Serve's own,
     which Serve echoes in the response header and puts on its log lines. Serve exposes it only through its
@@ -269,7 +276,7 @@ class OpenAIIngress:
                 result = await call()
             except Exception as e:  # noqa: BLE001
                 result = error_response(to_raytp_error(e))
-        _metrics().request_s.observe(time.perf_counter() - started, tags={"route": request.url.path})
+        _metrics().request_s.observe(time.perf_counter() - started, tags={"route": _route(request)})
         return result
 
     async def _stream(self, request: Request, started: float, call):
@@ -285,9 +292,9 @@ class OpenAIIngress:
             except Exception as e:  # noqa: BLE001
                 refused = error_response(to_raytp_error(e))
         if refused is not None:
-            _metrics().request_s.observe(time.perf_counter() - started, tags={"route": request.url.path})
+            _metrics().request_s.observe(time.perf_counter() - started, tags={"route": _route(request)})
             return refused
-        return StreamingResponse(_sse(gen, first, request.url.path, started), media_type="text/event-stream")
+        return StreamingResponse(_sse(gen, first, _route(request), started), media_type="text/event-stream")
 
     def _authorized(self, request: Request) -> bool:
         if not self.api_key:

@@ -235,8 +235,12 @@ class LLMServer:
         if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
         rendered = [{**m.model_dump(exclude_none=True), "content": m.text} for m in messages]
-        text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
+        except Exception as e:  # noqa: BLE001 - a template that refuses these messages (roles, order): the caller's
+            raise InvalidRequestError(f"the model's chat template cannot render these messages: {e}",
+                                      param="messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     async def _collect(self, req, fanout: Fanout, chat: bool) -> dict:
