@@ -35,6 +35,7 @@ class SamplingParams:
     # log-probabilities of each sampled token and of this many most likely alternatives (None: none), from the
     # distribution the token was drawn from: after logit_bias, penalties and temperature, before top-k / top-p
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); no prefix reuse
 
     @property
     def greedy(self) -> bool:
@@ -66,6 +67,7 @@ class RowInput:
     params: SamplingParams
     num_prompt_tokens: int = 0  # of the sequence (rank 0's sampler counts outputs for min_tokens)
     history: tuple[int, ...] = ()  # prompt + output before this row's tokens, only if params.needs_history
+    prompt_next: int | None = None  # prompt logprobs: the prompt token after this chunk, if the prompt goes on
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class StepOutput:
 
     tokens: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob | None, ...] = ()
+    # per row asking for prompt logprobs: (seq_id, position of its first entry, an entry per prompt token from there)
+    prompt_logprobs: tuple[tuple[str, int, tuple[TokenLogprob, ...]], ...] = ()
 
 
 @dataclass

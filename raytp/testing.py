@@ -86,7 +86,16 @@ class ScriptedExecutor:
                 self._fuse = self.fail_prompt_after
             tokens.append(self._next_token(r, context))
             logprobs.append(self._logprob(r, tokens[-1]))
-        return StepOutput(tuple(tokens), tuple(logprobs) if any(logprobs) else ())
+        prompt = tuple(self._prompt_logprobs(r) for r in step.rows
+                       if r.params.prompt_logprobs is not None and r.start_pos + 1 < r.num_prompt_tokens)
+        return StepOutput(tuple(tokens), tuple(logprobs) if any(logprobs) else (), prompt)
+
+    @staticmethod
+    def _prompt_logprobs(row):
+        """Scripted prompt logprobs (echo): -1 for every prompt token this chunk scores, no alternatives."""
+        count = min(len(row.token_ids), row.num_prompt_tokens - 1 - row.start_pos)
+        targets = (row.token_ids[1:] + (row.prompt_next,))[:count]
+        return row.seq_id, row.start_pos + 1, tuple((-1.0, ((t, -1.0),)[:row.params.prompt_logprobs]) for t in targets)
 
     def _logprob(self, row, token: int):
         """A scripted distribution for logprobs requests: the sampled token at -0.5, then the next vocabulary

@@ -75,7 +75,8 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice_body(index: int, text: str, finish_reason: str | None, chat: bool, logprobs: dict | None = None) -> dict:
+def choice_body(index: int, text: str, logprobs: dict | None, *, chat: bool,
+                finish_reason: str | None) -> dict:
     if chat:
         return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
                 "logprobs": logprobs}
@@ -87,6 +88,7 @@ def logprobs_body(token_text, token_ids: list[int], entries: list, chat: bool, t
     / ``text_offset`` (from ``text_offset`` on), or chat's ``content`` list. ``token_text(id)``: a token's text."""
     if not entries:
         return None
+    entries = [e if e is not None else (None, ()) for e in entries]  # echo: the first prompt token has none
     if chat:
         def item(t, lp):
             text = token_text(t)
@@ -100,7 +102,13 @@ def logprobs_body(token_text, token_ids: list[int], entries: list, chat: bool, t
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": texts, "token_logprobs": [e[0] for e in entries],
-            "top_logprobs": [{token_text(a): lp for a, lp in e[1]} for e in entries], "text_offset": offsets}
+            "top_logprobs": [{token_text(a): lp for a, lp in e[1]} if e[0] is not None else None for e in entries],
+            "text_offset": offsets}
+
+
+def merge_logprobs(first: dict, then: dict | None) -> dict:
+    """Completions logprobs of the prompt (echo) followed by those of the output."""
+    return first if then is None else {k: first[k] + then[k] for k in first}
 
 
 def completion_body(request_id: str, model: str, choices: list[dict], usage_: dict, chat: bool) -> dict:

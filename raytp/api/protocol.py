@@ -88,8 +88,10 @@ class StreamOptions(BaseModel):
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text, token ids, or a list of either: one choice (n choices) per prompt, in order.")
-    max_tokens: int | None = Field(16, ge=1, description="Most tokens to generate (OpenAI's default: 16).")
-    echo: Literal[False] = Field(False, description="echo: true is not supported yet (prompt logprobs).")
+    max_tokens: int | None = Field(16, ge=0, description="Most tokens to generate (OpenAI's default: 16); 0 only "
+                                   "with echo (score the prompt, generate nothing).")
+    echo: bool = Field(False, description="Return the prompt before the completion (and, with logprobs, the prompt "
+                       "tokens' log-probabilities, the first one null).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of each token and of this many "
                                  "alternatives (see docs: after temperature and penalties, before top-k/top-p).")
     suffix: None = Field(None, description="Not supported.")

@@ -34,6 +34,8 @@ class _Stream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.pending_ids: list[int] = []  # tokens whose text is still held back
         self.pending_logprobs: list = []  # their TokenLogprob entries, if the request asked for logprobs
+        self.prompt_logprobs: dict[int, object] = {}  # prompt position -> TokenLogprob (echo), until sent
+        self.sent_first = False
 
 
 def make_engine(config, executor: Executor, tokenizer, stats: EngineStats | None = None) -> Engine:
@@ -202,8 +204,9 @@ class Engine:
             start = seq.num_computed
             sample = start + n == len(seq.token_ids)
             history = tuple(seq.token_ids[:start]) if sample and seq.params.needs_history else ()
+            prompt_next = seq.prompt_ids[start + n] if start + n < len(seq.prompt_ids) else None
             rows.append(RowInput(seq.seq_id, tuple(seq.token_ids[start:start + n]), start, tuple(seq.kv.table),
-                                 sample, seq.params, len(seq.prompt_ids), history))
+                                 sample, seq.params, len(seq.prompt_ids), history, prompt_next))
         if out.num_preempted:
             self.stats.on_preempted(out.num_preempted)
         if kv.prefix_queried_tokens != queried:
@@ -211,6 +214,11 @@ class Engine:
         # 2. execute: the same step to every rank, one round trip
         result = await self.executor.step(StepInput(tuple(rows), out.finished_ids))
         self.scheduler.update(out)  # 3. update: tokens computed, then the sampled ones appended
+        for seq_id, first, entries in result.prompt_logprobs:  # echo: kept until the request's first output
+            stream = self._streams.get(seq_id)
+            if stream is not None:
+                for i, entry in enumerate(entries):  # a recomputation after preemption changes nothing
+                    stream.prompt_logprobs.setdefault(first + i, entry)
         sampled = [seq for (seq, _), row in zip(out.rows, rows) if row.sample]
         assert len(result.tokens) == len(sampled), "workers and scheduler disagree on the rows"
         self._update(sampled, result.tokens, result.logprobs or (None,) * len(sampled))
@@ -249,8 +257,17 @@ class Engine:
                     num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=seq.num_output_tokens,
                     finish_reason=seq.finish_reason,
                     logprobs=stream.pending_logprobs if seq.params.logprobs is not None else None,
+                    prompt_logprobs=self._prompt_logprobs(stream),
                 ))
+                stream.sent_first = True
                 stream.pending_ids, stream.pending_logprobs = [], []
+
+    @staticmethod
+    def _prompt_logprobs(stream: _Stream) -> list | None:
+        """On a request's first output, if it asked: an entry per prompt token after the first, in order."""
+        if stream.sent_first or stream.seq.params.prompt_logprobs is None:
+            return None
+        return [stream.prompt_logprobs.get(p) for p in range(1, len(stream.seq.prompt_ids))]
 
     def _fail_all(self, error: EngineDeadError) -> None:
         if self.scheduler is not None:

@@ -23,6 +23,7 @@ class RequestOutput:
     num_output_tokens: int
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     logprobs: list | None = None  # one TokenLogprob per token_ids entry, when the request asked for logprobs
+    prompt_logprobs: list | None = None  # first output only, if asked: a TokenLogprob per prompt token but the first
 
     @property
     def finished(self) -> bool:

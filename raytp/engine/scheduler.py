@@ -147,7 +147,7 @@ class _Scheduler:
     def _admit(self, seq: Sequence, num_tokens) -> int | None:
         """Take ``seq``'s cached prefix and blocks for its first chunk (at most ``num_tokens`` tokens, or all
         of them if None) plus ``reserve`` more tokens; return the chunk's length, or None (nothing held)."""
-        if not seq.kv.table:
+        if not seq.kv.table and seq.params.prompt_logprobs is None:  # prompt logprobs need every position computed
             seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.token_ids)
         n = seq.num_pending if num_tokens is None else min(seq.num_pending, num_tokens)
         if self.kv.allocate(seq.kv, seq.num_computed + n + self._reserve(seq)):

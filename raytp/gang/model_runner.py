@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import replace
 
 import torch
 
 from raytp.gang import paged_attention as pa
-from raytp.gang.sampler import sample, token_logprobs
+from raytp.gang.sampler import prompt_token_logprobs, sample, token_logprobs
 from raytp.gang.static_decode import StaticDecoder
 from raytp.messages import StepInput, StepOutput
 
@@ -118,16 +119,28 @@ class ModelRunner:
         layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in step.rows]
         batch = pa.PagedBatch(layout, self.pool, self.device, batch_decode=self.batch_decode)
         ids = torch.tensor([[t for r in step.rows for t in r.token_ids]], dtype=torch.long, device=self.device)
-        last, ends = [], 0
+        # positions whose logits are needed: each sampled row's last one, and for rows asking for prompt logprobs
+        # every position whose next token is a prompt token (logits at p score the token at p + 1)
+        keep, sampled_at, prompt_rows, offset = [], [], [], 0
         for r in step.rows:
-            ends += len(r.token_ids)
+            n = len(r.token_ids)
+            if r.params.prompt_logprobs is not None and r.start_pos + 1 < r.num_prompt_tokens:
+                count = min(n, r.num_prompt_tokens - 1 - r.start_pos)
+                targets = (r.token_ids[1:] + (r.prompt_next,))[:count]
+                prompt_rows.append((r, len(keep), targets))
+                keep.extend(range(offset, offset + count))
             if r.sample:
-                last.append(ends - 1)
-        if not last:  # only prompt chunks that do not finish their prompts: fill the cache, sample nothing
+                sampled_at.append(len(keep))
+                keep.append(offset + n - 1)
+            offset += n
+        if not keep:  # only prompt chunks that do not finish their prompts: fill the cache, sample nothing
             self._forward(batch, ids, None)
             return StepOutput()
-        logits = self._forward(batch, ids, torch.tensor(last, dtype=torch.long, device=self.device))
-        return self._sample(logits, [r for r in step.rows if r.sample])
+        logits = self._forward(batch, ids, torch.tensor(keep, dtype=torch.long, device=self.device))
+        out = self._sample(logits[sampled_at], [r for r in step.rows if r.sample]) if sampled_at else StepOutput()
+        if prompt_rows and self.rank == 0:
+            out = replace(out, prompt_logprobs=prompt_token_logprobs(logits, prompt_rows))
+        return out
 
     def _sample(self, logits, rows) -> StepOutput:
         """Rank 0 samples one token per row from its logits row; the other ranks return nothing."""

@@ -124,3 +124,23 @@ def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], positions
         n = params[i].logprobs
         out[i] = (chosen[j], tuple(zip(top_id[j][:n], top_lp[j][:n])))
     return out
+
+
+def prompt_token_logprobs(logits: torch.Tensor, rows) -> tuple:
+    """Prompt logprobs (echo) of a step: ``rows`` = (row, index of its first logits row, target prompt tokens);
+    the logits at position p score the prompt token at p + 1, at temperature 1 with nothing applied (the prompt
+    was not sampled). Returns StepOutput.prompt_logprobs' entries."""
+    index = torch.cat([torch.arange(first, first + len(targets)) for _, first, targets in rows]).to(logits.device)
+    lp = torch.log_softmax(logits[index].float(), dim=-1)
+    targets = torch.tensor([t for _, _, ts in rows for t in ts], device=logits.device)
+    chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+    k = max(r.params.prompt_logprobs for r, _, _ in rows)
+    top_lp, top_id = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_lp, top_id = top_lp.tolist(), top_id.tolist()
+    out, at = [], 0
+    for r, _, ts in rows:
+        n, k_row = len(ts), r.params.prompt_logprobs
+        entries = tuple((chosen[at + i], tuple(zip(top_id[at + i][:k_row], top_lp[at + i][:k_row]))) for i in range(n))
+        out.append((r.seq_id, r.start_pos + 1, entries))
+        at += n
+    return tuple(out)

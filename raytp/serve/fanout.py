@@ -27,10 +27,13 @@ class Choice:
     last: RequestOutput | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # TokenLogprob per token, when asked
+    echo_text: str | None = None  # echo: the prompt's text, returned before the completion
+    prompt_logprobs: list | None = None  # echo with logprobs: the engine's entries for prompt tokens 1..
+    drop_output: bool = False  # max_tokens 0 with echo: one token is generated (the engine always samples) and hidden
 
     @property
     def num_output_tokens(self) -> int:
-        return self.last.num_output_tokens if self.last is not None else 0
+        return 0 if self.drop_output or self.last is None else self.last.num_output_tokens
 
 
 class Fanout:
@@ -61,6 +64,8 @@ class Fanout:
                     c.last = item
                     c.token_ids += item.token_ids
                     c.logprobs += item.logprobs or []
+                    if item.prompt_logprobs is not None:
+                        c.prompt_logprobs = item.prompt_logprobs
                     yield c, item
         finally:
             for t in tasks:

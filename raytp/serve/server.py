@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import time
+from dataclasses import replace
 
 from ray import serve
 
@@ -183,6 +184,23 @@ class LLMServer:
             raise ModelNotFoundError(f"model {model!r} is not served here; "
                                      f"available: {self.config.served_model_name!r}")
 
+    def _choice_text_logprobs(self, c: Choice, texts: list[str], token_ids: list[int], entries: list, first: bool,
+                              offset: int, chat: bool) -> tuple[str, dict | None]:
+        """A choice's text and logprobs object for these output tokens (the whole choice, or one stream delta):
+        echo puts the prompt (and its logprobs, the first one null) before the first piece; max_tokens 0 hides
+        the output."""
+        if c.drop_output:
+            texts, token_ids, entries = [], [], []
+        text = "".join(texts)
+        if c.echo_text is not None and first:
+            text = c.echo_text + text
+            if c.prompt_logprobs is not None:
+                prompt = oai.logprobs_body(self._token_text, list(c.prompt_ids), [None] + c.prompt_logprobs, chat, 0)
+                rest = oai.logprobs_body(self._token_text, token_ids, entries, chat,
+                                         len("".join(prompt["tokens"]))) if entries else None
+                return text, oai.merge_logprobs(prompt, rest)
+        return text, oai.logprobs_body(self._token_text, token_ids, entries, chat, offset)
+
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
@@ -197,6 +215,9 @@ class LLMServer:
         self._check_model(req.model)
         param = "messages" if chat else "prompt"
         requested = req.max_new_tokens if chat else req.max_tokens
+        echo = not chat and req.echo
+        if requested == 0 and not echo:
+            raise InvalidRequestError("max_tokens: must be at least 1 (0 only with echo: true)", param="max_tokens")
         choices = []
         for i, prompt_ids in enumerate(self._prompts(req, chat)):
             room = self.config.max_model_len - len(prompt_ids)
@@ -209,12 +230,23 @@ class LLMServer:
                     f"prompt ({len(prompt_ids)} tokens) + max_tokens ({requested}) exceeds max_model_len "
                     f"({self.config.max_model_len}); shorten the prompt or lower max_tokens to at most {room}",
                     param="max_tokens", code="context_length_exceeded")
-            params = oai.sampling_params(req, requested if requested is not None else room, len(self.tokenizer))
-            choices += [Choice(i * req.n + j, prompt_ids, oai.for_choice(params, j), i * req.n) for j in range(req.n)]
+            # max_tokens 0 (echo: score the prompt only): the engine samples once after a prompt; that token is hidden
+            params = oai.sampling_params(req, requested or room, len(self.tokenizer))
+            if echo and req.logprobs is not None:
+                params = replace(params, prompt_logprobs=req.logprobs)
+            text = (self._prompt_text(req, i) if echo else None)
+            choices += [Choice(i * req.n + j, prompt_ids, oai.for_choice(params, j), i * req.n, echo_text=text,
+                               drop_output=requested == 0) for j in range(req.n)]
         request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
         logger.info("raytp: request %s: %d choices, %d prompt tokens, max_tokens %d", request_id, len(choices),
                     sum(len(c.prompt_ids) for c in choices if c.index == c.leader), choices[0].params.max_tokens)
         return req, Fanout(self.engine, request_id, choices, self.config.enable_prefix_caching), chat
+
+    def _prompt_text(self, req, i: int) -> str:
+        """Completion prompt i as text, for echo: as sent if it was text, else its tokens decoded."""
+        p = req.prompt
+        item = p if isinstance(p, str) or (p and isinstance(p[0], int)) else p[i]
+        return item if isinstance(item, str) else self.tokenizer.decode(item)
 
     def _prompts(self, req, chat: bool) -> list[tuple[int, ...]]:
         """Token ids of each prompt: the chat rendered by the model's template, or each completion prompt."""
@@ -247,9 +279,10 @@ class LLMServer:
         choices = await fanout.collect()
         for c in choices:
             _log_finished(fanout.engine_id(c), c.last)
-        body = [oai.choice_body(c.index, "".join(c.text), c.last.finish_reason, chat,
-                                oai.logprobs_body(self._token_text, c.token_ids, c.logprobs, chat))
-                for c in choices]
+        body = []
+        for c in choices:
+            text, logprobs = self._choice_text_logprobs(c, c.text, c.token_ids, c.logprobs, True, 0, chat)
+            body.append(oai.choice_body(c.index, text, logprobs, chat=chat, finish_reason=c.last.finish_reason))
         return oai.completion_body(fanout.request_id, req.model, body, oai.usage(*fanout.usage()), chat)
 
     async def _stream(self, req, fanout: Fanout, chat: bool):
@@ -257,11 +290,13 @@ class LLMServer:
         started: set[int] = set()
         offsets: dict[int, int] = {}  # per choice: characters of token text before this chunk's tokens
         async for c, out in fanout.stream():
-            logprobs = oai.logprobs_body(self._token_text, out.token_ids, out.logprobs, chat, offsets.get(c.index, 0))
+            first = c.index not in started
+            text, logprobs = self._choice_text_logprobs(c, [out.text], out.token_ids, out.logprobs or [], first,
+                                                        offsets.get(c.index, 0), chat)
             if logprobs and not chat:
                 offsets[c.index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-            chunk = oai.stream_chunk(fanout.request_id, req.model, c.index, out, chat, first=c.index not in started,
-                                     logprobs=logprobs)
+            chunk = oai.stream_chunk(fanout.request_id, req.model, c.index, replace(out, text=text), chat,
+                                     first=first, logprobs=logprobs)
             started.add(c.index)
             if options and options.continuous_usage_stats:
                 chunk["usage"] = oai.usage(*fanout.usage())

@@ -179,3 +179,25 @@ def test_chat_logprobs_with_the_openai_sdk(app):
     assert len(content) == chat.usage.completion_tokens
     assert all(item.logprob == -0.5 and len(item.top_logprobs) == 3 and bytes(item.bytes).decode() == item.token
                for item in content)
+
+
+def test_echo_scores_the_prompt_as_lm_eval_asks(app, tiny_tokenizer):
+    """lm-evaluation-harness' log-likelihood request: token-id prompts, echo, logprobs, max_tokens 0."""
+    prompts = [tiny_tokenizer.encode("the model serves tokens"), tiny_tokenizer.encode("requests arrive")]
+    body = completion(prompt=prompts, echo=True, logprobs=1, max_tokens=0)
+    for choice, ids in zip(body["choices"], prompts):
+        lp = choice["logprobs"]
+        assert choice["text"] == tiny_tokenizer.decode(ids)
+        assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["token_logprobs"][1:] == [-1.0] * (len(ids) - 1)  # the scripted executor's prompt logprobs
+    assert body["usage"]["completion_tokens"] == 0
+    echoed = completion(prompt="the model", echo=True, max_tokens=3)
+    assert echoed["choices"][0]["text"] == "the model" + completion(prompt="the model", max_tokens=3)["choices"][0][
+        "text"]
+    chunks = sse("/v1/completions", {"model": MODEL, "prompt": "the model", "max_tokens": 3, "temperature": 0,
+                                     "echo": True})
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == echoed["choices"][0]["text"]
+    with_lp = completion(prompt="the model", echo=True, max_tokens=2, logprobs=0)["choices"][0]["logprobs"]
+    n_prompt = len(tiny_tokenizer.encode("the model"))
+    assert len(with_lp["tokens"]) == n_prompt + 2 and with_lp["token_logprobs"][n_prompt:] == [-0.5, -0.5]
+    assert with_lp["text_offset"] == [sum(len(t) for t in with_lp["tokens"][:i]) for i in range(n_prompt + 2)]

@@ -203,3 +203,31 @@ def test_logprobs_are_the_models_log_softmax(model, tiny_tokenizer):
         row = lp[len(prompt) - 1 + i]
         assert chosen == pytest.approx(row[token].item(), abs=1e-4)
         assert [t for t, _ in top] == row.topk(3).indices.tolist() and top[0][0] == token
+
+
+def test_echo_prompt_logprobs_are_the_models_across_chunks_and_cached_prefixes(model, tiny_tokenizer):
+    """Prompt logprobs (echo) through the paged engine, the prompt prefilled in 5-token chunks, the same prompt
+    twice (no prefix reuse for them: every position must be computed): each prompt token's logprob == log_softmax
+    of plain transformers' logits at the position before it."""
+    prompt = list(range(40, 63))
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+
+    async def main():
+        engine = make_engine(model, tiny_tokenizer, max_num_batched_tokens=5, max_num_seqs=2)
+        await engine.start()
+        try:
+            async def one(rid):
+                return [o async for o in engine.generate(rid, tuple(prompt), params)][0].prompt_logprobs
+
+            return [await one("a"), await one("b")]
+        finally:
+            engine.shutdown()
+
+    runs = asyncio.run(main())
+    with torch.inference_mode():
+        lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    for entries in runs:
+        assert len(entries) == len(prompt) - 1
+        for p, (chosen, top) in enumerate(entries, start=1):
+            assert chosen == pytest.approx(lp[p - 1, prompt[p]].item(), abs=1e-4)
+            assert [t for t, _ in top] == lp[p - 1].topk(2).indices.tolist()
