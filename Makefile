@@ -19,7 +19,7 @@ define make_venv
 endef
 
 $(VENV)/.installed: pyproject.toml
-	$(call make_venv,$(VENV),dev)
+	$(call make_venv,$(VENV),dev$(comma)eval)
 
 $(IPEX_VENV)/.installed: pyproject.toml
 	$(call make_venv,$(IPEX_VENV),dev$(comma)ipex-llm)
