@@ -36,6 +36,7 @@ class SamplingParams:
     # distribution the token was drawn from: after logit_bias, penalties and temperature, before top-k / top-p
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); no prefix reuse
+    grammar: str | None = None  # structured output: an llguidance grammar the engine's matcher enforces
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +69,7 @@ class RowInput:
     num_prompt_tokens: int = 0  # of the sequence (rank 0's sampler counts outputs for min_tokens)
     history: tuple[int, ...] = ()  # prompt + output before this row's tokens, only if params.needs_history
     prompt_next: int | None = None  # prompt logprobs: the prompt token after this chunk, if the prompt goes on
+    allowed: bytes | None = None  # structured output: packed int32 bitmask of the tokens allowed next (bit i = id i)
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,14 @@ class ScriptedExecutor:
             return script[min(i, len(script) - 1)]
         seed = 0 if row.params.greedy else row.params.seed
         digest = hashlib.blake2b(repr((context, seed)).encode(), digest_size=8).digest()
-        return self.token_ids[int.from_bytes(digest, "little") % len(self.token_ids)]
+        start = int.from_bytes(digest, "little") % len(self.token_ids)
+        if row.allowed is None:
+            return self.token_ids[start]
+        # structured output: the first allowed token from the hashed place on, as a masked sampler would pick
+        words = [int.from_bytes(row.allowed[i:i + 4], "little") for i in range(0, len(row.allowed), 4)]
+        ok = [t for t in range(32 * len(words)) if words[t // 32] >> (t % 32) & 1]
+        order = self.token_ids[start:] + self.token_ids[:start]
+        return next((t for t in order if t < 32 * len(words) and words[t // 32] >> (t % 32) & 1), ok[0])
 
     async def pids(self) -> list[int]:
         return [os.getpid()] * self.world_size

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
 from raytp.engine.protocol import RequestOutput
+from raytp.engine.structured import grammar_for
 from raytp.errors import InvalidRequestError
 from raytp.messages import SamplingParams
 
@@ -62,6 +63,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
         min_tokens=req.min_tokens,
         stop_token_ids=stop_ids,
         logprobs=req.num_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs,
+        grammar=grammar_for(req.response_format.model_dump(by_alias=True) if req.response_format else None),
     )
 
 

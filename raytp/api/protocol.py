@@ -1,7 +1,7 @@
 """OpenAI request schemas, validated with pydantic at the ingress (and again for handle callers).
 
 Fields raytp cannot honour are rejected with a message, never silently ignored (unknown fields, logprobs,
-best_of > 1, tools, response_format). Fields that only describe the caller (``user``, ``metadata``, ``store``,
+best_of > 1, tools). Fields that only describe the caller (``user``, ``metadata``, ``store``,
 ``service_tier``, ``prompt_cache_key``, ``safety_identifier``) are accepted and ignored by design: they change no
 output. The extensions vLLM has (``top_k``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
 ``ignore_eos``, ``stream_options.continuous_usage_stats``) are accepted with vLLM's meaning.
@@ -39,6 +39,8 @@ class _Sampling(BaseModel):
                             "many tokens.")
     stop_token_ids: list[int] | None = Field(None, description="Extension (vLLM): token ids that end the completion.")
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): keep generating past EOS.")
+    response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema: the output "
+                                                   "is constrained to it token by token (compact JSON).")
     # Describe the caller only; accepted and ignored by design (they change no output).
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -77,6 +79,26 @@ class _Sampling(BaseModel):
         if len(stops) > 4:
             raise ValueError("at most 4 stop strings")
         return stops
+
+
+class JsonSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchema | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only with it")
+        return self
 
 
 class StreamOptions(BaseModel):

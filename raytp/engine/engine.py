@@ -21,6 +21,7 @@ from raytp.engine.detokenizer import IncrementalDetokenizer
 from raytp.engine.protocol import EngineStatus, Executor, RequestOutput
 from raytp.engine.scheduler import SchedulerConfig, Sequence
 from raytp.engine.stats import EngineStats
+from raytp.engine.structured import Grammars
 from raytp.errors import ConfigError, EngineDeadError, InvalidRequestError
 from raytp.messages import RowInput, SamplingParams, StepInput
 
@@ -56,6 +57,7 @@ class Engine:
         self.scheduling = scheduling or SchedulerConfig()
         self.scheduler = None
         self.eos_token_id = tokenizer.eos_token_id
+        self.grammars = Grammars(tokenizer)  # structured output: a matcher per constrained request
         self._streams: dict[str, _Stream] = {}
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task | None = None
@@ -150,7 +152,13 @@ class Engine:
         if params.min_tokens and self.eos_token_id is not None and not params.ignore_eos:
             params = replace(params, eos_token_ids=(self.eos_token_id,))
         seq = Sequence(request_id, tuple(prompt_ids), params)
-        self.scheduler.add(seq)
+        if params.grammar:
+            self.grammars.add(request_id, params.grammar)
+        try:
+            self.scheduler.add(seq)
+        except BaseException:
+            self.grammars.drop(request_id)
+            raise
         stream = self._streams[request_id] = _Stream(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
         self._wake.set()
         try:
@@ -168,6 +176,7 @@ class Engine:
             self.finished_counts[reason] += 1
             self.stats.on_finished(reason, time.monotonic() - seq.arrival_s, len(seq.prompt_ids), seq.num_output_tokens)
             self._streams.pop(request_id, None)
+            self.grammars.drop(request_id)
 
     # ---- the loop --------------------------------------------------------------------------
     async def _run_loop(self) -> None:
@@ -205,8 +214,9 @@ class Engine:
             sample = start + n == len(seq.token_ids)
             history = tuple(seq.token_ids[:start]) if sample and seq.params.needs_history else ()
             prompt_next = seq.prompt_ids[start + n] if start + n < len(seq.prompt_ids) else None
+            allowed = self.grammars.allowed(seq.seq_id) if sample and seq.params.grammar else None
             rows.append(RowInput(seq.seq_id, tuple(seq.token_ids[start:start + n]), start, tuple(seq.kv.table),
-                                 sample, seq.params, len(seq.prompt_ids), history, prompt_next))
+                                 sample, seq.params, len(seq.prompt_ids), history, prompt_next, allowed))
         if out.num_preempted:
             self.stats.on_preempted(out.num_preempted)
         if kv.prefix_queried_tokens != queried:
@@ -245,7 +255,8 @@ class Engine:
             hit_eos = (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
             check_stop = seq.num_output_tokens >= params.min_tokens
             delta, hit_stop = ("", False) if hit_eos else stream.detok.add(token, check_stop)
-            if hit_eos or hit_stop:
+            complete = bool(params.grammar) and self.grammars.accept(seq.seq_id, token)  # structured output done
+            if hit_eos or hit_stop or complete:
                 seq.finish_reason = "stop"
             elif seq.num_output_tokens >= seq.params.max_tokens:
                 seq.finish_reason = "length"

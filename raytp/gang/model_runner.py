@@ -148,10 +148,11 @@ class ModelRunner:
             return StepOutput()
         params, positions = [r.params for r in rows], [r.start_pos + len(r.token_ids) for r in rows]
         contexts = [(r.history + r.token_ids, r.num_prompt_tokens) for r in rows]
-        tokens = sample(logits, params, positions, contexts)
+        allowed = [r.allowed for r in rows]
+        tokens = sample(logits, params, positions, contexts, allowed)
         logprobs = ()
         if any(p.logprobs is not None for p in params):
-            logprobs = tuple(token_logprobs(logits, params, positions, contexts, tokens))
+            logprobs = tuple(token_logprobs(logits, params, positions, contexts, tokens, allowed))
         return StepOutput(tuple(tokens.tolist()), logprobs)
 
     def _forward(self, batch: pa.PagedBatch, ids, keep, probe: dict | None = None):

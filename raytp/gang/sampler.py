@@ -17,6 +17,26 @@ import torch
 from raytp.messages import SamplingParams, TokenLogprob
 
 
+def processed(logits: torch.Tensor, params: list[SamplingParams], positions: list[int], contexts, allowed):
+    """Float logits with every row's processing applied: grammar masks, then ``adjusted``'s (never in place)."""
+    logits = logits.float()
+    masked = [i for i, a in enumerate(allowed or ()) if a is not None]
+    adjust = [i for i, p in enumerate(params) if p.adjusts_logits]
+    if masked or adjust:
+        logits = logits.clone()
+    if masked:
+        words = torch.stack([torch.frombuffer(bytearray(allowed[i]), dtype=torch.int32) for i in masked])
+        bits = (words.to(logits.device)[:, :, None] >> torch.arange(32, device=logits.device)) & 1
+        bits = bits.view(len(masked), -1).bool()[:, :logits.shape[1]]
+        ok = torch.zeros((len(masked), logits.shape[1]), dtype=torch.bool, device=logits.device)
+        ok[:, :bits.shape[1]] = bits  # ids past the tokenizer's vocabulary (padded embeddings): never
+        logits[masked] = logits[masked].masked_fill(~ok, float("-inf"))
+    if adjust:
+        logits[adjust] = adjusted([params[i] for i in adjust], logits[adjust], [contexts[i] for i in adjust],
+                                  [positions[i] for i in adjust])
+    return logits
+
+
 def adjusted(params: list[SamplingParams], logits: torch.Tensor, contexts: list[tuple[tuple[int, ...], int]],
              positions: list[int]) -> torch.Tensor:
     """vLLM's order, every step one batched pass over these rows: logit_bias, min_tokens (EOS and stop tokens
@@ -67,16 +87,13 @@ def uniform(seed: int | None, position: int) -> float:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-           contexts: list[tuple[tuple[int, ...], int]] | None = None) -> torch.Tensor:
+           contexts: list[tuple[tuple[int, ...], int]] | None = None,
+           allowed: list[bytes | None] | None = None) -> torch.Tensor:
     """``logits`` [B, V] → token ids [B]. ``positions[i]``: the sequence position row i's token will take.
     ``contexts[i]``: (every token of row i's sequence before that position, its prompt length) — read only for
-    rows whose params adjust logits (penalties, logit_bias, min_tokens)."""
-    logits = logits.float()
-    adjust = [i for i, p in enumerate(params) if p.adjusts_logits]
-    if adjust:
-        logits = logits.clone()
-        logits[adjust] = adjusted([params[i] for i in adjust], logits[adjust], [contexts[i] for i in adjust],
-                                  [positions[i] for i in adjust])
+    rows whose params adjust logits (penalties, logit_bias, min_tokens). ``allowed[i]``: a structured-output
+    row's packed bitmask of allowed tokens (None: unconstrained)."""
+    logits = processed(logits, params, positions, contexts, allowed)
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if not rows:
@@ -101,18 +118,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
 
 
 def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
-                   contexts: list[tuple[tuple[int, ...], int]], tokens: torch.Tensor) -> list[TokenLogprob | None]:
+                   contexts: list[tuple[tuple[int, ...], int]], tokens: torch.Tensor,
+                   allowed: list[bytes | None] | None = None) -> list[TokenLogprob | None]:
     """For rows whose params ask for logprobs: the sampled token's log-probability and the ``logprobs`` most likely
-    tokens', under the distribution it was drawn from (logit_bias, penalties, temperature applied; greedy rows at
-    temperature 1; top-k / top-p cuts not applied). One batched pass over those rows."""
+    tokens', under the distribution it was drawn from (grammar mask, logit_bias, penalties, temperature applied;
+    greedy rows at temperature 1; top-k / top-p cuts not applied). One batched pass over those rows."""
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]
     if not rows:
         return [None] * len(params)
-    lg = logits[rows].float()
-    adjust = [j for j, i in enumerate(rows) if params[i].adjusts_logits]
-    if adjust:
-        lg[adjust] = adjusted([params[rows[j]] for j in adjust], lg[adjust], [contexts[rows[j]] for j in adjust],
-                              [positions[rows[j]] for j in adjust])
+    pick = lambda xs: [xs[i] for i in rows] if xs is not None else None  # noqa: E731
+    lg = processed(logits[rows], pick(params), pick(positions), pick(contexts), pick(allowed))
     temperature = torch.tensor([params[i].temperature or 1.0 for i in rows], device=lg.device)
     lp = torch.log_softmax(lg / temperature[:, None], dim=-1)
     chosen = lp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()

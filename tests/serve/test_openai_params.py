@@ -201,3 +201,37 @@ def test_echo_scores_the_prompt_as_lm_eval_asks(app, tiny_tokenizer):
     n_prompt = len(tiny_tokenizer.encode("the model"))
     assert len(with_lp["tokens"]) == n_prompt + 2 and with_lp["token_logprobs"][n_prompt:] == [-0.5, -0.5]
     assert with_lp["text_offset"] == [sum(len(t) for t in with_lp["tokens"][:i]) for i in range(n_prompt + 2)]
+
+
+def test_structured_output_with_the_openai_sdk_parse(app):
+    from typing import Literal
+
+    import openai
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        ok: bool
+        color: Literal["red", "green", "blue"]
+
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="unused")
+    parsed = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "pick"}],
+                                           response_format=Answer, max_tokens=64, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Answer)
+    body = completion(prompt="x", max_tokens=64, n=3, temperature=1.0, seed=1, response_format={
+        "type": "json_schema", "json_schema": {"name": "a", "schema": {
+            **Answer.model_json_schema(), "additionalProperties": False}}})  # a closed object: the output must end
+    assert all(Answer.model_validate_json(c["text"]) and c["finish_reason"] == "stop" for c in body["choices"]), body
+    text = completion(prompt="x", max_tokens=8, response_format={"type": "json_object"})["choices"][0]["text"]
+    assert text.startswith("{")
+    assert completion(prompt="x", max_tokens=3, response_format={"type": "text"})["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("response_format", [
+    {"type": "json_schema"},
+    {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "objectx"}}},
+    {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "string", "pattern": "(a"}}},
+    {"type": "xml"},
+])
+def test_bad_response_formats_are_400(app, response_format):
+    r = post("/v1/completions", {"model": MODEL, "prompt": "x", "response_format": response_format})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format"), r.text

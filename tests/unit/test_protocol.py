@@ -25,7 +25,7 @@ def test_completion_defaults_follow_openai():
     ({"model": "m", "prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
     ({"model": "m", "prompt": "x", "min_tokens": -1}, "min_tokens"),
     ({"model": "m", "prompt": "x", "tools": []}, "tools"),
-    ({"model": "m", "prompt": "x", "response_format": {"type": "text"}}, "response_format"),
+    ({"model": "m", "prompt": "x", "response_format": {"type": "yaml"}}, "response_format.type"),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
 ])

@@ -1,0 +1,92 @@
+"""Structured output: JSON (any object, or one matching a JSON schema) as a token mask per row.
+
+Library choice (a short note, as the brief asks): llguidance (MIT; a Rust core with Python bindings and no
+dependencies) over xgrammar (whose wheel requires triton, a multi-hundred-MB GPU compiler, even on a CPU-only
+machine) and outlines-core (slower mask computation, per its and llguidance's published numbers). vLLM ships
+both llguidance and xgrammar as backends.
+
+The matchers live in the engine (the driver), next to the sequences they follow: before a step the engine asks
+each constrained row's matcher for the tokens allowed next and sends them as a packed bitmask in the row
+(``RowInput.allowed``); rank 0 masks those logits before sampling; after the step the engine feeds the sampled
+token to the matcher. Ranks keep no grammar state (TP lockstep and preemption need nothing new), and a
+recomputed sequence keeps its matcher (its tokens are not sampled again).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+from raytp.errors import InvalidRequestError
+
+
+def grammar_for(response_format: dict | None) -> str | None:
+    """llguidance's grammar for an OpenAI ``response_format`` (``text`` or None: no grammar). Compact JSON (no
+    free whitespace between tokens), so a model cannot pad forever. ``InvalidRequestError`` for a bad schema."""
+    if not response_format or response_format["type"] == "text":
+        return None
+    from llguidance import LLMatcher
+
+    if response_format["type"] == "json_object":
+        schema = {"type": "object"}
+    else:
+        schema = response_format["json_schema"].get("schema") or {}
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+    except Exception as e:  # noqa: BLE001 - llguidance's own message names what is wrong
+        raise InvalidRequestError(f"response_format: invalid JSON schema: {e}", param="response_format") from None
+    ok, error = _validate(grammar)
+    if not ok:
+        raise InvalidRequestError(f"response_format: unsupported JSON schema: {error}", param="response_format")
+    return grammar
+
+
+def _validate(grammar: str) -> tuple[bool, str]:
+    from llguidance import LLMatcher
+
+    error = LLMatcher.validate_grammar(grammar, None)
+    return (not error, error)
+
+
+class Grammars:
+    """Per engine: the tokenizer in llguidance's form (built once) and a matcher per constrained sequence."""
+
+    def __init__(self, tokenizer):
+        self._hf = tokenizer
+        self.matchers: dict[str, object] = {}
+
+    @functools.cached_property
+    def _tokenizer(self):
+        import llguidance.hf
+
+        return llguidance.hf.from_tokenizer(self._hf)
+
+    def add(self, seq_id: str, grammar: str) -> None:
+        from llguidance import LLMatcher
+
+        matcher = LLMatcher(self._tokenizer, grammar)
+        if matcher.is_error():
+            raise InvalidRequestError(f"response_format: {matcher.get_error()}", param="response_format")
+        self.matchers[seq_id] = matcher
+
+    def allowed(self, seq_id: str) -> bytes | None:
+        """The packed bitmask (int32 words, bit i = token i allowed) of the next token, or None if unconstrained."""
+        matcher = self.matchers.get(seq_id)
+        if matcher is None:
+            return None
+        import llguidance.torch as lt
+
+        mask = lt.allocate_token_bitmask(1, self._tokenizer.vocab_size)
+        lt.fill_next_token_bitmask(matcher, mask, 0)
+        return mask.numpy().tobytes()
+
+    def accept(self, seq_id: str, token: int) -> bool:
+        """Feed the sampled token; True once the grammar is complete (the sequence should stop)."""
+        matcher = self.matchers.get(seq_id)
+        if matcher is None:
+            return False
+        matcher.consume_token(token)
+        return matcher.is_stopped()
+
+    def drop(self, seq_id: str) -> None:
+        self.matchers.pop(seq_id, None)
