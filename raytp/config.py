@@ -107,6 +107,11 @@ class RaytpConfig(BaseModel):
         "captured as CUDA graphs at start-up, one per batch-size and context-width bucket, and replayed (the "
         "capture time is part of start-up and reported by /health); elsewhere steps are eager anyway.",
     )
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None, description="How chat outputs with tool_choice auto are parsed into tool calls: 'hermes' "
+        "(<tool_call>{...}</tool_call>: Qwen 2.5+, Hermes and many fine-tunes). null: tool_choice auto is refused; "
+        "required / a named function / none always work.",
+    )
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="'continuous': iteration-level batching (requests join and leave every step). "
         "'static': upstream DeepSpeed's policy (a batch runs to completion before the next starts), for comparison.",
@@ -191,6 +196,7 @@ class ResolvedConfig:
     quantization: str | None = None
     quantization_group_size: int | None = None
     enforce_eager: bool = False
+    tool_call_parser: str | None = None
 
 
 def bundle_device(device: str, *, local=None, cluster_resources=None) -> str:
@@ -265,6 +271,7 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         quantization=cfg.quantization,
         quantization_group_size=cfg.quantization_group_size,
         enforce_eager=cfg.enforce_eager,
+        tool_call_parser=cfg.tool_call_parser,
     )
 
 

@@ -77,11 +77,13 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice_body(index: int, text: str, logprobs: dict | None, *, chat: bool,
-                finish_reason: str | None) -> dict:
+def choice_body(index: int, text: str | None, logprobs: dict | None, *, chat: bool,
+                finish_reason: str | None, tool_calls: list[dict] | None = None) -> dict:
     if chat:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                "logprobs": logprobs}
+        message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": logprobs}
     return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
 
@@ -133,6 +135,12 @@ def stream_chunk(request_id: str, model: str, index: int, out: RequestOutput, ch
     else:
         choice = {"index": index, "text": out.text, "finish_reason": out.finish_reason, "logprobs": logprobs}
     return _chunk(request_id, model, chat, [choice])
+
+
+def delta_chunk(request_id: str, model: str, index: int, delta: dict, finish_reason: str | None) -> dict:
+    """A chat chunk with a given delta (tool calls are streamed this way)."""
+    return _chunk(request_id, model, True, [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                                            "logprobs": None}])
 
 
 def usage_chunk(request_id: str, model: str, usage_: dict, chat: bool) -> dict:

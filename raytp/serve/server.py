@@ -21,9 +21,11 @@ from dataclasses import replace
 from ray import serve
 
 from raytp.api import openai as oai
+from raytp.api import tools as tool_calls
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from raytp.config import RaytpConfig, ResolvedConfig, resolve
 from raytp.engine.protocol import EngineClient, RequestOutput
+from raytp.engine.structured import grammar_for
 from raytp.errors import ConfigError, InvalidRequestError, ModelNotFoundError
 from raytp.serve.fanout import Choice, Fanout
 
@@ -234,6 +236,10 @@ class LLMServer:
             params = oai.sampling_params(req, requested or room, len(self.tokenizer))
             if echo and req.logprobs is not None:
                 params = replace(params, prompt_logprobs=req.logprobs)
+            if self._tool_mode(req, chat) == "forced":  # the call's JSON, token by token: it always parses
+                schema = tool_calls.forced_schema(req.tools, req.effective_tool_choice, req.parallel_tool_calls)
+                params = replace(params, grammar=grammar_for({"type": "json_schema", "json_schema": {
+                    "name": "tool_call", "schema": schema}}))
             text = (self._prompt_text(req, i) if echo else None)
             choices += [Choice(i * req.n + j, prompt_ids, oai.for_choice(params, j), i * req.n, echo_text=text,
                                drop_output=requested == 0) for j in range(req.n)]
@@ -241,6 +247,19 @@ class LLMServer:
         logger.info("raytp: request %s: %d choices, %d prompt tokens, max_tokens %d", request_id, len(choices),
                     sum(len(c.prompt_ids) for c in choices if c.index == c.leader), choices[0].params.max_tokens)
         return req, Fanout(self.engine, request_id, choices, self.config.enable_prefix_caching), chat
+
+    def _tool_mode(self, req, chat: bool) -> str | None:
+        """None (no tool parsing), 'forced' (required / a named function) or 'auto' (parsed by tool_call_parser)."""
+        choice = req.effective_tool_choice if chat else "none"
+        if choice == "none":
+            return None
+        if choice != "auto":
+            return "forced"
+        if not self.config.tool_call_parser:
+            raise InvalidRequestError(
+                "tool_choice auto (the default when tools are given) needs the server's tool_call_parser config "
+                "(e.g. hermes); or send tool_choice required, a named function, or none", param="tool_choice")
+        return "auto"
 
     def _prompt_text(self, req, i: int) -> str:
         """Completion prompt i as text, for echo: as sent if it was text, else its tokens decoded."""
@@ -251,7 +270,8 @@ class LLMServer:
     def _prompts(self, req, chat: bool) -> list[tuple[int, ...]]:
         """Token ids of each prompt: the chat rendered by the model's template, or each completion prompt."""
         if chat:
-            prompts = [self._chat_ids(req.messages, True)]
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            prompts = [self._chat_ids(req.messages, True, tools)]
         else:
             p = req.prompt
             many = isinstance(p, list) and bool(p) and not isinstance(p[0], int)
@@ -263,13 +283,14 @@ class LLMServer:
             raise InvalidRequestError("prompt is empty", param="messages" if chat else "prompt")
         return [tuple(ids) for ids in prompts]
 
-    def _chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
+    def _chat_ids(self, messages, add_generation_prompt: bool, tools: list | None = None) -> list[int]:
+        """The chat rendered by the model's template (with ``tools``, for templates that render them)."""
         if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        rendered = [{**m.model_dump(exclude_none=True), "content": m.text} for m in messages]
+        rendered = [m.for_template() for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt=add_generation_prompt,
-                                                      tokenize=False)
+            text = self.tokenizer.apply_chat_template(rendered, tools=tools, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
         except Exception as e:  # noqa: BLE001 - a template that refuses these messages (roles, order): the caller's
             raise InvalidRequestError(f"the model's chat template cannot render these messages: {e}",
                                       param="messages") from None
@@ -279,13 +300,22 @@ class LLMServer:
         choices = await fanout.collect()
         for c in choices:
             _log_finished(fanout.engine_id(c), c.last)
-        body = []
+        body, mode = [], self._tool_mode(req, chat)
         for c in choices:
             text, logprobs = self._choice_text_logprobs(c, c.text, c.token_ids, c.logprobs, True, 0, chat)
-            body.append(oai.choice_body(c.index, text, logprobs, chat=chat, finish_reason=c.last.finish_reason))
+            calls = []
+            if mode:
+                text, found = tool_calls.extract(text, mode, req.effective_tool_choice, c.last.finish_reason)
+                calls = tool_calls.tool_calls_body(found)
+            body.append(oai.choice_body(c.index, text, logprobs, chat=chat, tool_calls=calls,
+                                        finish_reason="tool_calls" if calls else c.last.finish_reason))
         return oai.completion_body(fanout.request_id, req.model, body, oai.usage(*fanout.usage()), chat)
 
     async def _stream(self, req, fanout: Fanout, chat: bool):
+        if self._tool_mode(req, chat):
+            async for chunk in self._stream_tool_calls(req, fanout):
+                yield chunk
+            return
         options = req.stream_options
         started: set[int] = set()
         offsets: dict[int, int] = {}  # per choice: characters of token text before this chunk's tokens
@@ -305,6 +335,23 @@ class LLMServer:
                 _log_finished(fanout.engine_id(c), out)
         if options and options.include_usage:
             yield oai.usage_chunk(fanout.request_id, req.model, oai.usage(*fanout.usage()), chat)
+
+
+    async def _stream_tool_calls(self, req, fanout: Fanout):
+        """Chat with tool calls, streamed: a call is known only once its output is whole, so each choice's answer
+        is sent when it finishes, as OpenAI's deltas (role and content, one delta per call, the finish reason)."""
+        mode, model = self._tool_mode(req, True), req.model
+        async for c, out in fanout.stream():
+            if not out.finished:
+                continue
+            _log_finished(fanout.engine_id(c), out)
+            content, found = tool_calls.extract("".join(c.text), mode, req.effective_tool_choice, out.finish_reason)
+            calls = tool_calls.tool_calls_body(found)
+            for delta in tool_calls.stream_deltas(content, calls):
+                yield oai.delta_chunk(fanout.request_id, model, c.index, delta, None)
+            yield oai.delta_chunk(fanout.request_id, model, c.index, {}, "tool_calls" if calls else out.finish_reason)
+        if req.stream_options and req.stream_options.include_usage:
+            yield oai.usage_chunk(fanout.request_id, model, oai.usage(*fanout.usage()), True)
 
 
 def _request_id(prefix: str, rid: str | None) -> str:

@@ -235,3 +235,92 @@ def test_structured_output_with_the_openai_sdk_parse(app):
 def test_bad_response_formats_are_400(app, response_format):
     r = post("/v1/completions", {"model": MODEL, "prompt": "x", "response_format": response_format})
     assert r.status_code == 400 and r.json()["error"]["param"].startswith("response_format"), r.text
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["paris", "rome"]}, "unit": {"enum": ["c", "f"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+
+
+def test_named_and_required_tool_calls_always_parse(app):
+    import openai
+
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="unused")
+    messages = [{"role": "user", "content": "weather in paris?"}]
+    named = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, CLOCK], max_tokens=64,
+                                           tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    choice = named.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+    required = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER, CLOCK], max_tokens=64,
+                                              tool_choice="required", parallel_tool_calls=False, n=2,
+                                              temperature=1.0, seed=4)
+    for choice in required.choices:
+        (call,) = choice.message.tool_calls
+        args = json.loads(call.function.arguments)
+        assert (call.function.name, set(args)) in (("get_weather", {"city", "unit"}), ("get_time", {"zone"}))
+    stream = client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER], max_tokens=64,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            stream=True)
+    deltas = [ch.choices[0] for ch in stream if ch.choices]
+    calls = [tc for d in deltas for tc in (d.delta.tool_calls or [])]
+    assert deltas[-1].finish_reason == "tool_calls" and [c.function.name for c in calls] == ["get_weather"]
+    assert set(json.loads(calls[0].function.arguments)) == {"city", "unit"}
+
+
+def test_a_conversation_with_tool_turns_is_accepted(app):
+    history = [{"role": "user", "content": "weather in rome?"},
+               {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                   "name": "get_weather", "arguments": "{\"city\": \"rome\", \"unit\": \"c\"}"}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "21 degrees"}]
+    r = post("/v1/chat/completions", {"model": MODEL, "messages": history, "tools": [WEATHER], "tool_choice": "none",
+                                      "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"tools": [WEATHER]}, "tool_choice"),  # auto (the default) needs the server's tool_call_parser
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None),
+    ({"tool_choice": "required"}, None),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, None),
+    ({"messages": [{"role": "user", "content": None}]}, "messages.0"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0"),
+])
+def test_tool_requests_the_server_cannot_honour_are_400(app, body, param):
+    r = post("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_langchain_bind_tools_and_with_structured_output(app):
+    from typing import Literal
+
+    pytest.importorskip("langchain_openai")
+
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class GetWeather(BaseModel):
+        """Weather in a city."""
+
+        city: Literal["paris", "rome"] = Field(description="the city")
+
+    class Verdict(BaseModel):
+        ok: bool
+        color: Literal["red", "green"]
+
+    llm = ChatOpenAI(model=MODEL, base_url=URL + "/v1", api_key="unused", max_tokens=64, temperature=0)
+    # strict: a closed schema (the scripted gang would otherwise add properties until max_tokens, as it may)
+    message = llm.bind_tools([GetWeather], tool_choice="GetWeather", strict=True).invoke("weather in rome?")
+    (call,) = message.tool_calls
+    assert call["name"] == "GetWeather" and call["args"]["city"] in ("paris", "rome")
+    follow_up = llm.bind_tools([GetWeather], tool_choice="none").invoke(
+        [HumanMessage("weather in rome?"), message, ToolMessage("21 degrees", tool_call_id=call["id"])])
+    assert isinstance(follow_up.content, str) and not follow_up.tool_calls
+    verdict = llm.with_structured_output(Verdict).invoke("is it fine?")
+    assert isinstance(verdict, Verdict)

@@ -61,3 +61,30 @@ def test_errors_survive_pickling():
 
     e = pickle.loads(pickle.dumps(InvalidRequestError("bad", param="max_tokens", code="x")))
     assert (e.message, e.param, e.code, e.status_code) == ("bad", "max_tokens", "x", 400)
+
+
+def test_hermes_tool_call_parser():
+    from raytp.api.tools import parse_hermes
+
+    text = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "rome"}}\n</tool_call>' \
+           '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    content, calls = parse_hermes(text)
+    assert content == "Let me check." and calls == [("get_weather", '{"city": "rome"}'), ("get_time", "{}")]
+    assert parse_hermes("no calls here") == ("no calls here", [])
+    assert parse_hermes("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+
+
+def test_forced_tool_schema_is_vllms_shape():
+    from raytp.api.protocol import ChatCompletionRequest
+    from raytp.api.tools import forced_schema
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    req = parse(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
+                                        "tools": [tool], "tool_choice": "required", "parallel_tool_calls": False})
+    schema = forced_schema(req.tools, "required", req.parallel_tool_calls)
+    assert schema["type"] == "array" and schema["maxItems"] == 1
+    assert schema["items"]["anyOf"][0]["properties"]["name"] == {"const": "f"}
+    assert "maxItems" not in forced_schema(req.tools, "required", True)  # parallel calls: any number
+    named = parse(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [tool],
+                                          "tool_choice": {"type": "function", "function": {"name": "f"}}})
+    assert forced_schema(named.tools, named.tool_choice, True) == {"type": "object"}
