@@ -145,12 +145,24 @@ def test_openai_sdk_n_and_prompt_lists(app):
     assert len(chat.choices) == 2
 
 
-@pytest.mark.parametrize("method", ["tokenize", "model"])
-def test_handle_api_has_the_new_calls(app, method):
+@pytest.mark.parametrize("method", ["tokenize", "model", "completions", "chat_completions"])
+def test_handle_api_has_the_new_calls_and_options(app, method):
+    """The same options through DeploymentHandle calls as over HTTP."""
     if method == "tokenize":
         assert app.tokenize.remote({"prompt": "the model"}).result()["count"] > 0
-    else:
+    elif method == "model":
         assert app.model.remote(MODEL).result()["id"] == MODEL
+    elif method == "completions":
+        body = app.completions.remote({"model": MODEL, "prompt": ["a b", "c"], "n": 2, "logprobs": 1, "max_tokens": 3,
+                                       "echo": True, "temperature": 0}).result()
+        assert len(body["choices"]) == 4 and body["choices"][0]["logprobs"]["token_logprobs"][0] is None
+    else:
+        body = app.chat_completions.remote({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                            "tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False,
+                                            "max_tokens": 64}).result()
+        assert body["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    with pytest.raises(Exception, match="best_of"):
+        app.completions.remote({"model": MODEL, "prompt": "x", "best_of": 3}).result()
 
 
 def test_completion_logprobs_in_openai_shape_streamed_or_not(app, tiny_tokenizer):
