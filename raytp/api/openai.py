@@ -116,14 +116,8 @@ def merge_logprobs(first: dict, then: dict | None) -> dict:
 
 
 def completion_body(request_id: str, model: str, choices: list[dict], usage_: dict, chat: bool) -> dict:
-    return {
-        "id": request_id,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": usage_,
-    }
+    return {**_envelope(request_id, model, "chat.completion" if chat else "text_completion", choices),
+            "usage": usage_}
 
 
 def stream_chunk(request_id: str, model: str, index: int, out: RequestOutput, chat: bool, *,
@@ -151,10 +145,8 @@ def usage_chunk(request_id: str, model: str, usage_: dict, chat: bool) -> dict:
 
 
 def _chunk(request_id: str, model: str, chat: bool, choices: list) -> dict:
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
+    return _envelope(request_id, model, "chat.completion.chunk" if chat else "text_completion", choices)
+
+
+def _envelope(request_id: str, model: str, obj: str, choices: list) -> dict:
+    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model, "choices": choices}
