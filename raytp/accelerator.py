@@ -184,11 +184,11 @@ class Accelerator:
 
     def decode_mode(self, enforce_eager: bool, world_size: int) -> str | None:
         """How decode steps run (``raytp.gang.static_decode``): 'cuda_graphs' on one CUDA device (captured at
-        start-up, replayed per step); None (eager, any shape) with ``enforce_eager``, on CPU (measured on 2 cores:
+        start-up, replayed per step); None (eager, any shape) with ``enforce_eager``, on CPU (a spike on 2 cores:
         torch.compile of the fixed-shape decode step took ~45 s per bucket to compile and then ran slower than
-        eager; there is no launch overhead for graphs to remove), on XPU (XPU graphs are not generally available
-        in torch; torch.compile on XPU is, but unmeasured here), and for CUDA TP > 1 (NCCL all-reduce inside
-        captured graphs is unverified here)."""
+        eager, docs/performance.md; there is no launch overhead for graphs to remove), on XPU (XPU graphs are
+        not generally available in torch; torch.compile on XPU is, but unmeasured here), and for CUDA TP > 1
+        (NCCL all-reduce inside captured graphs is unverified here)."""
         if enforce_eager:
             return None
         if self.name == "cuda" and world_size == 1:

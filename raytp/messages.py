@@ -71,6 +71,15 @@ class RowInput:
     prompt_next: int | None = None  # prompt logprobs: the prompt token after this chunk, if the prompt goes on
     allowed: bytes | None = None  # structured output: packed int32 bitmask of the tokens allowed next (bit i = id i)
 
+    @property
+    def prompt_targets(self) -> tuple[int, ...]:
+        """Prompt logprobs (echo): the prompt tokens this chunk's positions score, in order (the logits at
+        position p score the token at p + 1, for every p + 1 inside the prompt); () if the row did not ask."""
+        if self.params.prompt_logprobs is None or self.start_pos + 1 >= self.num_prompt_tokens:
+            return ()
+        count = min(len(self.token_ids), self.num_prompt_tokens - 1 - self.start_pos)
+        return (self.token_ids[1:] + (self.prompt_next,))[:count]
+
 
 @dataclass(frozen=True)
 class StepInput:

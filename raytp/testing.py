@@ -86,16 +86,14 @@ class ScriptedExecutor:
                 self._fuse = self.fail_prompt_after
             tokens.append(self._next_token(r, context))
             logprobs.append(self._logprob(r, tokens[-1]))
-        prompt = tuple(self._prompt_logprobs(r) for r in step.rows
-                       if r.params.prompt_logprobs is not None and r.start_pos + 1 < r.num_prompt_tokens)
+        prompt = tuple(self._prompt_logprobs(r) for r in step.rows if r.prompt_targets)
         return StepOutput(tuple(tokens), tuple(logprobs) if any(logprobs) else (), prompt)
 
     @staticmethod
     def _prompt_logprobs(row):
         """Scripted prompt logprobs (echo): -1 for every prompt token this chunk scores, no alternatives."""
-        count = min(len(row.token_ids), row.num_prompt_tokens - 1 - row.start_pos)
-        targets = (row.token_ids[1:] + (row.prompt_next,))[:count]
-        return row.seq_id, row.start_pos + 1, tuple((-1.0, ((t, -1.0),)[:row.params.prompt_logprobs]) for t in targets)
+        k = row.params.prompt_logprobs
+        return row.seq_id, row.start_pos + 1, tuple((-1.0, ((t, -1.0),)[:k]) for t in row.prompt_targets)
 
     def _logprob(self, row, token: int):
         """A scripted distribution for logprobs requests: the sampled token at -0.5, then the next vocabulary

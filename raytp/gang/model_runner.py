@@ -64,7 +64,7 @@ class ModelRunner:
             num_blocks = min(num_blocks, max_blocks)
         self.pool = pa.KVPool(shapes, num_blocks, block_size, device) if num_blocks >= 2 else None
         self.num_blocks = num_blocks
-        # decode steps on bucketed fixed shapes (compiled or graph-captured); None: every step eager
+        # decode steps on bucketed fixed shapes (graph-captured on CUDA); None: every step eager
         self.decoder = None
         if decode_mode and self.pool is not None and self._interface and self._keep_kwarg:
             self.decoder = StaticDecoder(model, self.pool, device, max_batch=max_batch,
@@ -124,11 +124,10 @@ class ModelRunner:
         keep, sampled_at, prompt_rows, offset = [], [], [], 0
         for r in step.rows:
             n = len(r.token_ids)
-            if r.params.prompt_logprobs is not None and r.start_pos + 1 < r.num_prompt_tokens:
-                count = min(n, r.num_prompt_tokens - 1 - r.start_pos)
-                targets = (r.token_ids[1:] + (r.prompt_next,))[:count]
+            targets = r.prompt_targets
+            if targets:
                 prompt_rows.append((r, len(keep), targets))
-                keep.extend(range(offset, offset + count))
+                keep.extend(range(offset, offset + len(targets)))
             if r.sample:
                 sampled_at.append(len(keep))
                 keep.append(offset + n - 1)

@@ -71,6 +71,14 @@ class KVPool:
         """[num_blocks, block_size, kv_heads, head_dim] view of a layer's keys or values."""
         return t.view(self.num_blocks, self.block_size, *t.shape[1:])
 
+    def attend_blocks(self, layer: int, q: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor,
+                      scaling) -> torch.Tensor:
+        """One query per row, q [B, Hq, 1, D], over the whole blocks ``tables`` [B, W] of that row (padding masked
+        out by ``mask`` [B, 1, 1, W * block_size]) → [B, Hq, 1, D]. Gathers the blocks, then one SDPA."""
+        k = self.gather(self.keys[layer], tables)  # [B, Hkv, W * bs, D]
+        v = self.gather(self.values[layer], tables)
+        return _sdpa(q, k, v, mask, False, scaling)
+
     def gather(self, t: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         """Whole blocks ``tables`` [B, W] of a layer's keys or values → [B, kv_heads, W * block_size, head_dim]
         (copies contiguous blocks, far cheaper than gathering token by token)."""
@@ -141,9 +149,6 @@ class PagedBatch:
         """query [1, Hq, T, D], key/value [1, Hkv, T, D] of the step's tokens → output [1, T, Hq, D]."""
         pool = self.pool
         k_pool, v_pool = pool.keys[layer], pool.values[layer]
-        if k_pool.dtype != query.dtype:  # the pool has the dtype the probe saw; never copy it, cast the query
-            cast = k_pool.dtype
-            return self.attend(layer, query.to(cast), key.to(cast), value.to(cast), scaling).to(query.dtype)
         pool.write(layer, key, value, self.slots, self.fresh)
         out = torch.empty((self.num_tokens, query.shape[1], query.shape[3]), dtype=query.dtype, device=query.device)
         o = out.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D] view of out
@@ -163,9 +168,8 @@ class PagedBatch:
             o[:, :, s] = _sdpa(query[:, :, s], k, v, mask, False, scaling)
         if self.decode_q is not None:
             qd = query[0].transpose(0, 1)[self.decode_q].unsqueeze(2)  # [B, Hq, 1, D]
-            kd = pool.gather(k_pool, self.decode_tables)  # [B, Hkv, W * bs, D]
-            vd = pool.gather(v_pool, self.decode_tables)
-            out[self.decode_q] = _sdpa(qd, kd, vd, self.decode_mask, False, scaling).squeeze(2)
+            out[self.decode_q] = pool.attend_blocks(layer, qd, self.decode_tables, self.decode_mask,
+                                                    scaling).squeeze(2)
         return out.unsqueeze(0)
 
     # ---- transformers 4.47: keys packed row after row, block-diagonal causal mask ------------------------
@@ -220,6 +224,10 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
     if batch is None or batch.pool is None:
         out = _sdpa(query, key, value, None, query.shape[2] > 1, scaling)
         return out.transpose(1, 2), None
+    pool_dtype = batch.pool.keys[module.layer_idx].dtype
+    if pool_dtype != query.dtype:  # the pool has the dtype the probe saw; never copy it, cast the step's tensors
+        out = batch.attend(module.layer_idx, query.to(pool_dtype), key.to(pool_dtype), value.to(pool_dtype), scaling)
+        return out.to(query.dtype), None
     return batch.attend(module.layer_idx, query, key, value, scaling), None
 
 

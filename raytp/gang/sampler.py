@@ -130,15 +130,20 @@ def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], positions
     lg = processed(logits[rows], pick(params), pick(positions), pick(contexts), pick(allowed))
     temperature = torch.tensor([params[i].temperature or 1.0 for i in rows], device=lg.device)
     lp = torch.log_softmax(lg / temperature[:, None], dim=-1)
-    chosen = lp.gather(1, tokens[rows][:, None]).squeeze(1).tolist()
-    k = max(params[i].logprobs for i in rows)
+    entries = _entries(lp, tokens[rows], [params[i].logprobs for i in rows])
+    out: list[TokenLogprob | None] = [None] * len(params)
+    for i, entry in zip(rows, entries):
+        out[i] = entry
+    return out
+
+
+def _entries(lp: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> list[TokenLogprob]:
+    """Per row of log-probabilities ``lp`` [N, V]: (the target's, its ``ks[row]`` most likely tokens')."""
+    chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+    k = max(ks)
     top_lp, top_id = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
     top_lp, top_id = top_lp.tolist(), top_id.tolist()
-    out: list[TokenLogprob | None] = [None] * len(params)
-    for j, i in enumerate(rows):
-        n = params[i].logprobs
-        out[i] = (chosen[j], tuple(zip(top_id[j][:n], top_lp[j][:n])))
-    return out
+    return [(chosen[j], tuple(zip(top_id[j][:n], top_lp[j][:n]))) for j, n in enumerate(ks)]
 
 
 def prompt_token_logprobs(logits: torch.Tensor, rows) -> tuple:
@@ -148,14 +153,9 @@ def prompt_token_logprobs(logits: torch.Tensor, rows) -> tuple:
     index = torch.cat([torch.arange(first, first + len(targets)) for _, first, targets in rows]).to(logits.device)
     lp = torch.log_softmax(logits[index].float(), dim=-1)
     targets = torch.tensor([t for _, _, ts in rows for t in ts], device=logits.device)
-    chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
-    k = max(r.params.prompt_logprobs for r, _, _ in rows)
-    top_lp, top_id = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
-    top_lp, top_id = top_lp.tolist(), top_id.tolist()
+    entries = _entries(lp, targets, [r.params.prompt_logprobs for r, _, ts in rows for _ in ts])
     out, at = [], 0
     for r, _, ts in rows:
-        n, k_row = len(ts), r.params.prompt_logprobs
-        entries = tuple((chosen[at + i], tuple(zip(top_id[at + i][:k_row], top_lp[at + i][:k_row]))) for i in range(n))
-        out.append((r.seq_id, r.start_pos + 1, entries))
-        at += n
+        out.append((r.seq_id, r.start_pos + 1, tuple(entries[at:at + len(ts)])))
+        at += len(ts)
     return tuple(out)

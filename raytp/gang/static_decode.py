@@ -1,19 +1,19 @@
-"""Decode steps on fixed shapes, so they can be compiled once and, on CUDA, captured as graphs and replayed.
+"""Decode steps on fixed shapes, so that, on CUDA, they can be captured as graphs once and replayed.
 
 A decode step is one token per row with every row sampled. Its shapes change every step (rows join and
-leave, contexts grow), and a captured CUDA graph or a compiled graph replays only the shapes it was made
-for. So a decode step is padded up to a *batch bucket* (1, 2, 4, 8, ... max_num_seqs rows) and its block
-tables up to a *width bucket* (1, 2, 4, ... blocks of the longest context): never the sequence itself —
-each row still attends exactly its own context (padded table entries point at the null block and are
-masked). Padding rows are token 0 at position 0 writing slot 0 of the null block: that slot then holds
-finite garbage, which is harmless because every read of the null block is masked.
+leave, contexts grow), and a captured CUDA graph replays only the shapes it was made for. So a decode step
+is padded up to a *batch bucket* (1, 2, 4, 8, ... max_num_seqs rows) and its block tables up to a *width
+bucket* (1, 2, 4, ... blocks of the longest context): never the sequence itself — each row still attends
+exactly its own context (padded table entries point at the null block and are masked). Padding rows are
+token 0 at position 0 writing slot 0 of the null block: that slot then holds finite garbage, which is
+harmless because every read of the null block is masked.
 
 Every bucket keeps one ``StaticBatch`` over views of persistent buffers, so the tensors a graph was
-captured with (and the objects torch.compile guards on) are the same at every replay; a step copies its
-rows into the buffers and replays. Prefill and mixed steps, and anything beyond the largest bucket, take
-the eager path (``raytp.gang.paged_attention.PagedBatch``).
+captured with are the same at every replay; a step copies its rows into the buffers and replays. Prefill
+and mixed steps, and anything beyond the largest bucket, take the eager path
+(``raytp.gang.paged_attention.PagedBatch``).
 
-The attention here is the gather-then-SDPA of the eager path's batched decode rows, on fixed shapes.
+The attention here is the eager path's batched decode attention (``KVPool.attend_blocks``), on fixed shapes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from raytp.gang.paged_attention import KVPool, _sdpa
+from raytp.gang.paged_attention import KVPool
 
 logger = logging.getLogger(__name__)
 
@@ -52,25 +52,17 @@ class StaticBatch:
 
     def attend(self, layer: int, query, key, value, scaling) -> torch.Tensor:
         """query [1, Hq, B, D], key/value [1, Hkv, B, D] (one token per row) → [1, B, Hq, D]."""
-        pool = self.pool
-        k_pool, v_pool = pool.keys[layer], pool.values[layer]
-        if k_pool.dtype != query.dtype:
-            cast = k_pool.dtype
-            return self.attend(layer, query.to(cast), key.to(cast), value.to(cast), scaling).to(query.dtype)
-        pool.write(layer, key, value, self.slots, self.fresh)
-        kd = pool.gather(k_pool, self.tables)  # [B, Hkv, W * bs, D]
-        vd = pool.gather(v_pool, self.tables)
+        self.pool.write(layer, key, value, self.slots, self.fresh)
         mask = (self.cols[None, :] < self.ctx_lens[:, None])[:, None, None, :]
         q = query[0].transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
-        return _sdpa(q, kd, vd, mask, False, scaling).squeeze(2).unsqueeze(0)
+        return self.pool.attend_blocks(layer, q, self.tables, mask, scaling).squeeze(2).unsqueeze(0)
 
 
 class StaticDecoder:
     """Runs decode steps of up to ``max_batch`` rows and ``max_blocks`` blocks per row on bucketed fixed shapes.
 
-    ``mode``: 'eager' (fixed shapes, no capture: the reference the others must equal), 'compile'
-    (``torch.compile`` of the model, one graph per bucket, compiled at start-up by ``warm_up``), 'cuda_graphs'
-    (each bucket captured as a CUDA graph at start-up and replayed)."""
+    ``mode``: 'eager' (fixed shapes, no capture: the reference graphs must equal, testable on CPU) or
+    'cuda_graphs' (each bucket captured as a CUDA graph at start-up by ``warm_up`` and replayed)."""
 
     def __init__(self, model, pool: KVPool, device: str, *, max_batch: int, max_blocks: int, mode: str):
         self.model = model
@@ -89,8 +81,6 @@ class StaticDecoder:
         self._batches = {(b, w): StaticBatch(pool, self.slots[:b], self.fresh[:b], self.tables[:b, :w],
                                              self.ctx_lens[:b])
                          for b in self.batch_sizes for w in self.widths}
-        self._forward = torch.compile(self._model_forward, dynamic=False) if mode == "compile" else \
-            self._model_forward
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.warm_up_s = 0.0
 
@@ -128,7 +118,7 @@ class StaticDecoder:
             graph, logits = self._graphs[bucket]
             graph.replay()
         else:
-            logits = self._forward(b, w)
+            logits = self._model_forward(b, w)
         return logits[:n]
 
     def _model_forward(self, b: int, w: int) -> torch.Tensor:
@@ -138,31 +128,26 @@ class StaticDecoder:
 
     @torch.inference_mode()
     def warm_up(self) -> float:
-        """Compile or capture every bucket now (start-up), so no user request pays for it; returns the seconds."""
+        """Capture every bucket now (start-up), so no user request pays for it; returns the seconds."""
         if self.mode == "eager":
             return 0.0
         start = time.perf_counter()
         self.ctx_lens.fill_(1)  # the buffers hold a valid dummy step: token 0 at position 0, null block
-        if self.mode == "compile":
-            for b in self.batch_sizes:
-                for w in self.widths:
-                    self._forward(b, w)
-        else:
-            pool = torch.cuda.graph_pool_handle()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up outside capture (lazy inits, cuBLAS workspaces)
-                    self._model_forward(self.batch_sizes[-1], self.widths[-1])
-            torch.cuda.current_stream().wait_stream(stream)
-            # largest first: smaller graphs reuse the memory of larger ones from the shared pool
-            for b in reversed(self.batch_sizes):
-                for w in reversed(self.widths):
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        logits = self._model_forward(b, w)
-                    self._graphs[(b, w)] = (graph, logits)
-            torch.cuda.synchronize()
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside capture (lazy inits, cuBLAS workspaces)
+                self._model_forward(self.batch_sizes[-1], self.widths[-1])
+        torch.cuda.current_stream().wait_stream(stream)
+        # largest first: smaller graphs reuse the memory of larger ones from the shared pool
+        for b in reversed(self.batch_sizes):
+            for w in reversed(self.widths):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._model_forward(b, w)
+                self._graphs[(b, w)] = (graph, logits)
+        torch.cuda.synchronize()
         self.warm_up_s = time.perf_counter() - start
         logger.info("decode %s: %d batch x %d width buckets ready in %.1f s", self.mode, len(self.batch_sizes),
                     len(self.widths), self.warm_up_s)
