@@ -10,7 +10,6 @@ from pydantic import ValidationError
 
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
 from raytp.engine.protocol import RequestOutput
-from raytp.engine.structured import grammar_for
 from raytp.errors import InvalidRequestError
 from raytp.messages import SamplingParams
 
@@ -37,14 +36,20 @@ def parse(model_cls, body):
         raise invalid_request(e.errors()) from None
 
 
-def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, vocab_size: int) -> SamplingParams:
-    """The engine's params for ``req`` (choice 0); ``InvalidRequestError`` for token ids outside the vocabulary or
-    a min_tokens above max_tokens."""
+def check_token_ids(ids, vocab_size: int, param: str) -> None:
+    """``InvalidRequestError`` naming ``param`` if any id is outside the vocabulary."""
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab_size})", param=param)
+
+
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, vocab_size: int,
+                    grammar: str | None = None) -> SamplingParams:
+    """The engine's params for ``req`` (choice 0), its output constrained by ``grammar`` if given;
+    ``InvalidRequestError`` for token ids outside the vocabulary or a min_tokens above max_tokens."""
     bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
     stop_ids = tuple(req.stop_token_ids or ())
-    for param, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", stop_ids)):
-        if any(not 0 <= t < vocab_size for t in ids):
-            raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab_size})", param=param)
+    check_token_ids([t for t, _ in bias], vocab_size, "logit_bias")
+    check_token_ids(stop_ids, vocab_size, "stop_token_ids")
     if req.min_tokens > max_tokens:
         raise InvalidRequestError(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
                                   param="min_tokens")
@@ -63,7 +68,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
         min_tokens=req.min_tokens,
         stop_token_ids=stop_ids,
         logprobs=req.num_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs,
-        grammar=grammar_for(req.response_format.model_dump(by_alias=True) if req.response_format else None),
+        grammar=grammar,
     )
 
 

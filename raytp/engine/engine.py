@@ -247,10 +247,10 @@ class Engine:
             now = time.monotonic()
             self.stats.on_token(now - (seq.last_token_s or seq.arrival_s), first=seq.last_token_s is None)
             seq.last_token_s = now
-            stream.pending_ids.append(token)
-            if seq.params.logprobs is not None:
-                stream.pending_logprobs.append(logprob)
             params = seq.params
+            stream.pending_ids.append(token)
+            if params.logprobs is not None:
+                stream.pending_logprobs.append(logprob)
             # the sampler never picks EOS or a stop token before min_tokens; stop strings are not looked for then
             hit_eos = (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
             check_stop = seq.num_output_tokens >= params.min_tokens
@@ -258,7 +258,7 @@ class Engine:
             complete = bool(params.grammar) and self.grammars.accept(seq.seq_id, token)  # structured output done
             if hit_eos or hit_stop or complete:
                 seq.finish_reason = "stop"
-            elif seq.num_output_tokens >= seq.params.max_tokens:
+            elif seq.num_output_tokens >= params.max_tokens:
                 seq.finish_reason = "length"
             if seq.finish_reason and not hit_stop:
                 delta += stream.detok.flush()
@@ -267,7 +267,7 @@ class Engine:
                     request_id=seq.seq_id, text=delta, token_ids=stream.pending_ids,
                     num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=seq.num_output_tokens,
                     finish_reason=seq.finish_reason,
-                    logprobs=stream.pending_logprobs if seq.params.logprobs is not None else None,
+                    logprobs=stream.pending_logprobs if params.logprobs is not None else None,
                     prompt_logprobs=self._prompt_logprobs(stream),
                 ))
                 stream.sent_first = True

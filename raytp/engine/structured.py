@@ -35,17 +35,10 @@ def grammar_for(response_format: dict | None) -> str | None:
         grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
     except Exception as e:  # noqa: BLE001 - llguidance's own message names what is wrong
         raise InvalidRequestError(f"response_format: invalid JSON schema: {e}", param="response_format") from None
-    ok, error = _validate(grammar)
-    if not ok:
+    error = LLMatcher.validate_grammar(grammar, None)  # "" when the grammar is usable
+    if error:
         raise InvalidRequestError(f"response_format: unsupported JSON schema: {error}", param="response_format")
     return grammar
-
-
-def _validate(grammar: str) -> tuple[bool, str]:
-    from llguidance import LLMatcher
-
-    error = LLMatcher.validate_grammar(grammar, None)
-    return (not error, error)
 
 
 class Grammars:

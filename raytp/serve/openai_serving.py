@@ -86,9 +86,7 @@ class OpenAIServing:
         return self.tokenizer.decode([token_id])
 
     def _check_ids(self, ids, param: str) -> None:
-        vocab = len(self.tokenizer)
-        if any(not 0 <= t < vocab for t in ids):
-            raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab})", param=param)
+        oai.check_token_ids(ids, len(self.tokenizer), param)
 
     def _prepare(self, body, chat: bool, request_id: str | None = None):
         """Validate a request; return it with its id and its choices (prompts × n), each with engine params."""
@@ -99,8 +97,10 @@ class OpenAIServing:
         echo = not chat and req.echo
         if requested == 0 and not echo:
             raise InvalidRequestError("max_tokens: must be at least 1 (0 only with echo: true)", param="max_tokens")
+        grammar = self._grammar(req, chat)  # compiled once for every prompt and choice
+        items = self._prompt_items(req, chat)
         choices = []
-        for i, prompt_ids in enumerate(self._prompts(req, chat)):
+        for i, prompt_ids in enumerate(self._prompts(req, chat, items)):
             room = self.config.max_model_len - len(prompt_ids)
             if room < 1:
                 raise InvalidRequestError(
@@ -112,14 +112,10 @@ class OpenAIServing:
                     f"({self.config.max_model_len}); shorten the prompt or lower max_tokens to at most {room}",
                     param="max_tokens", code="context_length_exceeded")
             # max_tokens 0 (echo: score the prompt only): the engine samples once after a prompt; that token is hidden
-            params = oai.sampling_params(req, requested or room, len(self.tokenizer))
+            params = oai.sampling_params(req, requested or room, len(self.tokenizer), grammar)
             if echo and req.logprobs is not None:
                 params = replace(params, prompt_logprobs=req.logprobs)
-            if self._tool_mode(req, chat) == "forced":  # the call's JSON, token by token: it always parses
-                schema = tool_calls.forced_schema(req.tools, req.effective_tool_choice, req.parallel_tool_calls)
-                params = replace(params, grammar=grammar_for({"type": "json_schema", "json_schema": {
-                    "name": "tool_call", "schema": schema}}))
-            text = (self._prompt_text(req, i) if echo else None)
+            text = self._prompt_text(items[i]) if echo else None
             choices += [Choice(i * req.n + j, prompt_ids, oai.for_choice(params, j), i * req.n, echo_text=text,
                                drop_output=requested == 0) for j in range(req.n)]
         request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
@@ -140,21 +136,32 @@ class OpenAIServing:
                 "(e.g. hermes); or send tool_choice required, a named function, or none", param="tool_choice")
         return "auto"
 
-    def _prompt_text(self, req, i: int) -> str:
-        """Completion prompt i as text, for echo: as sent if it was text, else its tokens decoded."""
+    def _grammar(self, req, chat: bool) -> str | None:
+        """What constrains the output: a forced tool call's JSON (required / a named function: it always
+        parses), else ``response_format`` (the request model refuses both at once), else nothing."""
+        if self._tool_mode(req, chat) == "forced":
+            schema = tool_calls.forced_schema(req.tools, req.effective_tool_choice, req.parallel_tool_calls)
+            return grammar_for({"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}})
+        return grammar_for(req.response_format.model_dump(by_alias=True) if req.response_format else None)
+
+    @staticmethod
+    def _prompt_items(req, chat: bool) -> list:
+        """A completion's prompts as sent (text or token ids), one per choice group; [] for chat."""
+        if chat:
+            return []
         p = req.prompt
-        item = p if isinstance(p, str) or (p and isinstance(p[0], int)) else p[i]
+        return p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
+
+    def _prompt_text(self, item) -> str:
+        """A completion prompt as text, for echo: as sent if it was text, else its tokens decoded."""
         return item if isinstance(item, str) else self.tokenizer.decode(item)
 
-    def _prompts(self, req, chat: bool) -> list[tuple[int, ...]]:
+    def _prompts(self, req, chat: bool, items: list) -> list[tuple[int, ...]]:
         """Token ids of each prompt: the chat rendered by the model's template, or each completion prompt."""
         if chat:
             tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
             prompts = [self._chat_ids(req.messages, True, tools)]
         else:
-            p = req.prompt
-            many = isinstance(p, list) and bool(p) and not isinstance(p[0], int)
-            items = p if many else [p]
             prompts = [self.tokenizer.encode(x) if isinstance(x, str) else x for x in items]
             for ids in prompts:
                 self._check_ids(ids, "prompt")
@@ -215,7 +222,6 @@ class OpenAIServing:
         if options and options.include_usage:
             yield oai.usage_chunk(fanout.request_id, req.model, oai.usage(*fanout.usage()), chat)
 
-
     async def _stream_tool_calls(self, req, fanout: Fanout):
         """Chat with tool calls, streamed: a call is known only once its output is whole, so each choice's answer
         is sent when it finishes, as OpenAI's deltas (role and content, one delta per call, the finish reason)."""
@@ -231,6 +237,7 @@ class OpenAIServing:
             yield oai.delta_chunk(fanout.request_id, model, c.index, {}, "tool_calls" if calls else out.finish_reason)
         if req.stream_options and req.stream_options.include_usage:
             yield oai.usage_chunk(fanout.request_id, model, oai.usage(*fanout.usage()), True)
+
 
 def _request_id(prefix: str, rid: str | None) -> str:
     """``<prefix>-<request id>``. Over HTTP the id is the proxy's: the client's ``X-Request-Id`` header (or one
