@@ -19,7 +19,7 @@ define make_venv
 endef
 
 $(VENV)/.installed: pyproject.toml
-	$(call make_venv,$(VENV),dev$(comma)eval)
+	$(call make_venv,$(VENV),dev$(comma)eval$(comma)kernels)
 
 $(IPEX_VENV)/.installed: pyproject.toml
 	$(call make_venv,$(IPEX_VENV),dev$(comma)ipex-llm)

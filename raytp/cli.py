@@ -21,7 +21,7 @@ def _tiny_model(args) -> int:
 
 def _build_ops(_args) -> int:
     # The first gang start would otherwise spend 30-60 s compiling this op inside the workers.
-    from raytp.accelerator import torch_extensions_dir
+    from raytp.platforms import torch_extensions_dir
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()  # where the ranks will look for it

@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from raytp import accelerator
+from raytp import platforms
 from raytp.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -106,6 +106,12 @@ class RaytpConfig(BaseModel):
         False, description="Run every step eagerly. Otherwise (the default) decode steps on one CUDA device are "
         "captured as CUDA graphs at start-up, one per batch-size and context-width bucket, and replayed (the "
         "capture time is part of start-up and reported by /health); elsewhere steps are eager anyway.",
+    )
+    attention_backend: Literal["auto", "sdpa", "triton"] = Field(
+        "auto", description="Attention over the paged KV cache (raytp/gang/attention): 'triton' (one fused paged "
+        "kernel per layer for every row of a step; CUDA and Intel XPU, needs the 'kernels' extra), 'sdpa' (torch's "
+        "scaled_dot_product_attention per row or batch of decode rows; every device), 'auto' (triton on cuda/xpu "
+        "when Triton is installed, else sdpa). Resolved on each rank and reported by /health.",
     )
     tool_call_parser: Literal["hermes"] | None = Field(
         None, description="How chat outputs with tool_choice auto are parsed into tool calls: 'hermes' "
@@ -197,6 +203,7 @@ class ResolvedConfig:
     quantization_group_size: int | None = None
     enforce_eager: bool = False
     tool_call_parser: str | None = None
+    attention_backend: str = "auto"  # resolved on each rank (``Platform.attention_backend``)
 
 
 def bundle_device(device: str, *, local=None, cluster_resources=None) -> str:
@@ -208,14 +215,14 @@ def bundle_device(device: str, *, local=None, cluster_resources=None) -> str:
     GPU → cuda; GPUs with no type → ``ConfigError`` (set ``device``); no GPU at all → cpu."""
     if device != "auto":
         return device
-    found = (local or accelerator.local_accelerator)()
+    found = (local or platforms.local_accelerator)()
     if found != "cpu":
         return found
     if cluster_resources is None:
         import ray
 
         cluster_resources = ray.cluster_resources() if ray.is_initialized() else {}
-    choice = accelerator.device_from_cluster(cluster_resources)
+    choice = platforms.device_from_cluster(cluster_resources)
     if choice == "cpu":
         logger.warning("raytp: device auto -> cpu: no accelerator on this node and none advertised by the Ray "
                        "cluster; set device explicitly if accelerator nodes are added later (autoscaling)")
@@ -231,13 +238,8 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
     cfg.check_static()
     device = device or bundle_device(cfg.device)
     check_quantization_on(device, cfg.quantization)  # again: an 'auto' device is known now
-    dtype = _resolve_dtype(cfg.dtype, device, cpu_bf16 or accelerator.cpu_has_native_bf16)
-    if cfg.quantization == "int4" and device == "cuda":
-        if cfg.dtype == "auto":
-            dtype = "bfloat16"  # tinygemm's int4 kernel computes in bf16 only
-        elif dtype != "bfloat16":
-            raise ConfigError("dtype", f"{dtype} with quantization int4 on cuda: torchao's int4 CUDA kernel "
-                              "(tinygemm) computes in bfloat16 only; set dtype bfloat16 or auto.")
+    platform = platforms.get(device)
+    dtype = platform.quantized_dtype(cfg.quantization, cfg.dtype, platform.resolve_dtype(cfg.dtype, cpu_bf16))
     if cfg.quantization and importlib.util.find_spec("torchao") is None:
         raise ConfigError("quantization", "is set but torchao is not installed; `pip install 'raytp[torchao]'` "
                           "or set quantization: null.")
@@ -272,45 +274,26 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         quantization_group_size=cfg.quantization_group_size,
         enforce_eager=cfg.enforce_eager,
         tool_call_parser=cfg.tool_call_parser,
+        attention_backend=cfg.attention_backend,
     )
 
 
 def check_dtype_on(device: str, dtype: str) -> None:
-    """``ConfigError`` for a dtype the device kind cannot run."""
-    if device == "cpu" and dtype == "float16":
-        raise ConfigError("dtype", "float16 is not supported on cpu by DeepSpeed's CPU accelerator; "
-                          "use bfloat16 or float32.")
+    """``ConfigError`` for a dtype the device kind cannot run ('auto' passes)."""
+    if device != "auto":
+        platforms.get(device).check_dtype(dtype)
 
 
 def check_quantization_on(device: str, quantization: str | None) -> None:
     """``ConfigError`` for a torchao format the device kind has no kernel for ('auto' passes: checked again once
     the device is known)."""
-    if quantization == "fp8" and device in ("cpu", "xpu"):
-        raise ConfigError("quantization", f"fp8 has no torchao kernel on {device} (fp8 matmuls need a CUDA GPU of "
-                          "compute capability >= 8.9); use int4 or int8.")
+    if device != "auto":
+        platforms.get(device).check_quantization(quantization)
 
 
-def cpu_auto_dtype(native_bf16: bool | None = None) -> str:
+def cpu_auto_dtype(native_bf16=None) -> str:
     """What ``dtype: auto`` means on this CPU: bfloat16 where it computes bf16 natively, else float32."""
-    if native_bf16 is None:
-        native_bf16 = accelerator.cpu_has_native_bf16()
-    return "bfloat16" if native_bf16 else "float32"
-
-
-def _resolve_dtype(requested: str, device: str, cpu_bf16) -> str:
-    check_dtype_on(device, requested)  # again: an 'auto' device may have become cpu
-    if device != "cpu":
-        return accelerator.get(device).default_dtype if requested == "auto" else requested
-    native = cpu_bf16()
-    if requested == "auto":
-        dtype = cpu_auto_dtype(native)
-        logger.info("raytp: dtype auto -> %s (this CPU %s native bf16: AVX512_BF16/AMX)", dtype,
-                    "has" if native else "lacks")
-        return dtype
-    if requested == "bfloat16" and not native:
-        logger.warning("raytp: dtype bfloat16 on a CPU without native bf16 (AVX512_BF16/AMX): torch emulates it "
-                       "and serving will be slow; float32 is much faster here")
-    return requested
+    return platforms.get("cpu").resolve_dtype("auto", native_bf16)
 
 
 def _materialise_model(model: str) -> str:

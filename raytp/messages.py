@@ -126,3 +126,4 @@ class LoadReport:
     weight_bytes: int = 0  # bytes of this rank's weights as stored (quantized ones packed)
     decode_mode: str = "eager"  # how decode steps run: eager | cuda_graphs (raytp.gang.static_decode)
     decode_warm_up_s: float = 0.0  # start-up seconds spent capturing/compiling decode steps (part of load_s)
+    attention_backend: str = "sdpa"  # raytp.gang.attention backend of this rank (legacy: transformers 4.x adapter)

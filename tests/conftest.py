@@ -15,6 +15,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+# Triton compiles for GPUs only; where there is none, its interpreter runs the kernels on CPU tensors (set before
+# any kernel is defined: triton.jit reads it then). On a GPU machine the kernels compile for real.
+if not _has_gpu():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path():
     from raytp import tiny_model

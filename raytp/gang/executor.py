@@ -20,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 
 import ray
 from ray.exceptions import RayError
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raytp import accelerator
+from raytp import platforms
 from raytp.config import ResolvedConfig
 from raytp.errors import ConfigError, EngineDeadError
 from raytp.gang.worker import Worker
@@ -42,6 +43,33 @@ class _Timeout(Exception):
 def _retrieve(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def ray_worker_cls(worker_cls=Worker):
+    """``worker_cls`` as a Ray actor class, a thin wrapper: the liveness verbs run on a second thread (the
+    "liveness" concurrency group), so a rank busy in a forward or a collective still answers; rank 0 gives the
+    gang's rendezvous address as Ray knows its node."""
+
+    class Worker(worker_cls):  # the name Ray shows in process titles: ray::Worker
+        @ray.method(concurrency_group="liveness")
+        def pid(self) -> int:
+            return super().pid()
+
+        @ray.method(concurrency_group="liveness")
+        def ping(self) -> int:
+            return super().ping()
+
+        @ray.method(concurrency_group="liveness")  # answered during a long step too
+        def memory_stats(self) -> dict:
+            return super().memory_stats()
+
+        def node_address(self) -> tuple[str, int]:
+            """Rank 0's rendezvous address: this node's IP and a port free right now."""
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("", 0))
+                return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    return ray.remote(concurrency_groups={"liveness": 1})(Worker)
 
 
 class RayExecutor:
@@ -66,13 +94,12 @@ class RayExecutor:
         """Create, connect and load the gang. Raises ``ConfigError`` if a rank finds the config cannot work on
         its node (e.g. no such device), ``EngineDeadError`` if any phase fails or times out."""
         cfg = self.config
-        accel = accelerator.get(cfg.device)
+        accel = platforms.get(cfg.device)
         pg = get_current_placement_group()
         if pg is None:  # outside Serve (tests, benchmarks): make the group a Serve replica would own
             pg = self._own_pg = placement_group([accel.bundle(cfg.num_cpus_per_worker)] * self.world_size,
                                                 strategy=cfg.placement_strategy)
-        # the "liveness" group is a second thread, so pings are answered while a step runs in the first
-        actor_cls = ray.remote(concurrency_groups={"liveness": 1})(self.worker_cls)
+        actor_cls = ray_worker_cls(self.worker_cls)
         num_gpus = 1 if accel.ray_device_resource == "GPU" else 0
         # 1. One actor per bundle, pinned to it.
         self.workers = [

@@ -145,37 +145,26 @@ def group_size_for(in_features: list[int], requested: int | None) -> int:
 
 def torchao_config(fmt: str, device: str, group_size: int):
     """The torchao config for raytp's ``quantization`` value on ``device`` (cpu, cuda, xpu): weight-only int4 in
-    each device's packed layout, weight-only int8, fp8 weights with fp8 activations (CUDA SM >= 8.9)."""
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Int4WeightOnlyConfig,
-        Int8WeightOnlyConfig,
-        PerRow,
-    )
+    each device's packed layout (``Platform.int4_config``), weight-only int8, fp8 weights with fp8 activations
+    (CUDA SM >= 8.9)."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow
 
-    kind = torch.device(device).type
+    from raytp import platforms
+
     if fmt == "int8":
         return Int8WeightOnlyConfig()
     if fmt == "fp8":
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    if kind == "cpu":
-        from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
-
-        return PrototypeInt4WeightOnlyConfig(group_size=group_size)  # oneDNN/AVX-512 int4 GEMM
-    packing = "plain_int32" if kind == "xpu" else "tile_packed_to_4d"  # xpu: oneDNN; cuda: tinygemm
-    return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=packing)
+    return platforms.get(torch.device(device).type).int4_config(group_size)
 
 
 def quantize_shard(model: torch.nn.Module, fmt: str, device: str, group_size: int | None = None) -> None:
     """torchao ``fmt`` on every linear of this rank's shard except ``lm_head`` (and embeddings, not linears)."""
     from torchao.quantization import quantize_
 
-    kind = torch.device(device).type
-    if fmt == "fp8" and kind == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        from raytp.errors import ConfigError
+    from raytp import platforms
 
-        raise ConfigError("quantization", f"fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
-                          f"this one is {torch.cuda.get_device_capability(device)}: use int8 or int4.")
+    platforms.get(torch.device(device).type).check_quantization_on_rank(fmt, device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         _plain_linears(model)
     out_head = model.get_output_embeddings()

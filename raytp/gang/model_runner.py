@@ -1,5 +1,5 @@
 """One rank's forward over a step: flat, unpadded tokens of every row through the model, attention over the
-rank's paged KV cache (``raytp.gang.paged_attention``), rank 0 samples.
+rank's paged KV cache through the rank's attention backend (``raytp.gang.attention``), rank 0 samples.
 
 Every rank of a gang runs the same ``StepInput`` (DeepSpeed AutoTP all-reduces inside the forward) and
 holds the same KV blocks for its own heads. Ranks keep no request state: tokens, positions and block
@@ -15,7 +15,8 @@ from dataclasses import replace
 
 import torch
 
-from raytp.gang import paged_attention as pa
+from raytp.gang import attention
+from raytp.gang.attention import hf
 from raytp.gang.sampler import prompt_token_logprobs, sample, token_logprobs
 from raytp.gang.static_decode import StaticDecoder
 from raytp.messages import StepInput, StepOutput
@@ -34,22 +35,23 @@ def decoder_layers(model) -> list:
 
 class ModelRunner:
     """``kv_cache_bytes``: this rank's KV budget; ``max_blocks``: most blocks worth allocating (more would never be
-    used). The pool is sized by a one-token probe forward that records every layer's key shape on this rank."""
+    used). The pool is sized by a one-token probe forward that records every layer's key shape on this rank.
+    ``attention_backend``: a name of ``raytp.gang.attention.BACKENDS`` (transformers 4.x has one path, the
+    compatibility adapter, whatever is asked)."""
 
     def __init__(self, model, device: str, rank: int, world_size: int, *, block_size: int = 16,
                  kv_cache_bytes: int = 1 << 30, max_blocks: int | None = None, decode_mode: str | None = None,
-                 max_batch: int = 8, max_model_len: int = 2048):
+                 max_batch: int = 8, max_model_len: int = 2048, attention_backend: str = "sdpa"):
         self.model = model
         self.device = device
         self.rank = rank
         self.world_size = world_size
         self.block_size = block_size
-        self.batch_decode = torch.device(device).type != "cpu"  # see PagedBatch
-        self._interface = pa.register()
+        self._interface = hf.register()
         if self._interface:
-            model.set_attn_implementation(pa.ATTN_NAME)
+            model.set_attn_implementation(hf.ATTN_NAME)
         else:
-            self._legacy_cache = pa.legacy_cache_cls()
+            self._legacy_cache = hf.legacy_cache_cls()
         self._keep_kwarg = "logits_to_keep" if "logits_to_keep" in inspect.signature(model.forward).parameters \
             else None
         # Decoder layers run so far; read from another thread by the worker's liveness ping, so the executor can
@@ -58,33 +60,42 @@ class ModelRunner:
         for layer in decoder_layers(model):
             layer.register_forward_hook(self._count_layer)
         shapes = self._probe()
-        self.block_bytes = pa.KVPool.block_bytes(shapes, block_size)
+        self.block_bytes = attention.KVPool.block_bytes(shapes, block_size)
         num_blocks = max(0, kv_cache_bytes // self.block_bytes)
         if max_blocks is not None:
             num_blocks = min(num_blocks, max_blocks)
-        self.pool = pa.KVPool(shapes, num_blocks, block_size, device) if num_blocks >= 2 else None
+        self.pool = attention.KVPool(shapes, num_blocks, block_size, device) if num_blocks >= 2 else None
         self.num_blocks = num_blocks
+        self.attention_backend = attention_backend if self._interface else "legacy"
+        self.backend = None
+        if self.pool is not None and self._interface:
+            from raytp import platforms
+
+            batch_decode = platforms.get(torch.device(device).type).batch_decode
+            options = {"batch_decode": batch_decode} if attention_backend == "sdpa" else {}
+            self.backend = attention.create(attention_backend, self.pool, **options)
         # decode steps on bucketed fixed shapes (graph-captured on CUDA); None: every step eager
         self.decoder = None
-        if decode_mode and self.pool is not None and self._interface and self._keep_kwarg:
-            self.decoder = StaticDecoder(model, self.pool, device, max_batch=max_batch,
+        if decode_mode and self.backend is not None and self.backend.graph_safe and self._keep_kwarg:
+            self.decoder = StaticDecoder(model, self.backend, device, max_batch=max_batch,
                                          max_blocks=-(-max_model_len // block_size), mode=decode_mode)
             self.decoder.warm_up()
 
     @classmethod
     def for_config(cls, model, config, rank: int, device: str) -> ModelRunner:
-        """The runner a ``ResolvedConfig`` describes: its block size and KV budget (asked of the accelerator after
+        """The runner a ``ResolvedConfig`` describes: its block size and KV budget (asked of the platform after
         the shard is loaded), and never more blocks than max_num_seqs full-length sequences could use twice over
         (the spare half keeps cached prefixes)."""
-        from raytp import accelerator
+        from raytp import platforms
 
-        budget = accelerator.get(config.device).kv_cache_budget(config.kv_cache_memory_bytes,
-                                                               config.gpu_memory_utilization)
+        platform = platforms.get(config.device)
+        budget = platform.kv_cache_budget(config.kv_cache_memory_bytes, config.gpu_memory_utilization)
         per_seq = -(-config.max_model_len // config.block_size)
-        mode = accelerator.get(config.device).decode_mode(config.enforce_eager, config.tensor_parallel_size)
+        mode = platform.decode_mode(config.enforce_eager, config.tensor_parallel_size)
         return cls(model, device, rank, config.tensor_parallel_size, block_size=config.block_size,
                    kv_cache_bytes=budget, max_blocks=2 * config.max_num_seqs * per_seq + 1, decode_mode=mode,
-                   max_batch=config.max_num_seqs, max_model_len=config.max_model_len)
+                   max_batch=config.max_num_seqs, max_model_len=config.max_model_len,
+                   attention_backend=platform.attention_backend(config.attention_backend))
 
     def _count_layer(self, *_args) -> None:
         self.progress += 1
@@ -94,8 +105,8 @@ class ModelRunner:
         """Each layer's (kv heads, head dim, dtype) on this rank, from a one-token forward (AutoTP and low-bit
         shards included: what the layers really produce, not what the config says)."""
         shapes: dict = {}
-        batch = pa.PagedBatch([(1, 0, (0,))], None, self.device)
-        self._forward(batch, torch.zeros((1, 1), dtype=torch.long, device=self.device),
+        meta = attention.build([(1, 0, (0,))], 1, self.device)
+        self._forward(meta, torch.zeros((1, 1), dtype=torch.long, device=self.device),
                       torch.zeros(1, dtype=torch.long, device=self.device), probe=shapes)
         if not shapes:
             raise RuntimeError("the model's attention never reached raytp's paged attention (unsupported model)")
@@ -117,7 +128,9 @@ class ModelRunner:
             self.progress += 1  # a replayed graph runs no layer hooks
             return self._sample(logits, step.rows)
         layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in step.rows]
-        batch = pa.PagedBatch(layout, self.pool, self.device, batch_decode=self.batch_decode)
+        meta = attention.build(layout, self.block_size, self.device)
+        if self.backend is not None:
+            self.backend.prepare(meta, layout)
         ids = torch.tensor([[t for r in step.rows for t in r.token_ids]], dtype=torch.long, device=self.device)
         # positions whose logits are needed: each sampled row's last one, and for rows asking for prompt logprobs
         # every position whose next token is a prompt token (logits at p score the token at p + 1)
@@ -133,9 +146,9 @@ class ModelRunner:
                 keep.append(offset + n - 1)
             offset += n
         if not keep:  # only prompt chunks that do not finish their prompts: fill the cache, sample nothing
-            self._forward(batch, ids, None)
+            self._forward(meta, ids, None)
             return StepOutput()
-        logits = self._forward(batch, ids, torch.tensor(keep, dtype=torch.long, device=self.device))
+        logits = self._forward(meta, ids, torch.tensor(keep, dtype=torch.long, device=self.device))
         out = self._sample(logits[sampled_at], [r for r in step.rows if r.sample]) if sampled_at else StepOutput()
         if prompt_rows and self.rank == 0:
             out = replace(out, prompt_logprobs=prompt_token_logprobs(logits, prompt_rows))
@@ -154,22 +167,22 @@ class ModelRunner:
             logprobs = tuple(token_logprobs(logits, params, positions, contexts, tokens, allowed))
         return StepOutput(tuple(tokens.tolist()), logprobs)
 
-    def _forward(self, batch: pa.PagedBatch, ids, keep, probe: dict | None = None):
-        """Logits [len(keep), V] of the positions ``keep`` (None: run for the cache only)."""
+    def _forward(self, meta: attention.AttentionMetadata, ids, keep, probe: dict | None = None):
+        """Logits [len(keep), V] of the positions ``keep`` (None: run for the cache only). No backend, no pool:
+        the shape probe (plain attention over the given tokens)."""
         if self._interface:
-            extra = {"raytp_batch": batch}
-            if probe is not None:
-                extra["raytp_probe"] = probe
+            extra = {"raytp_probe": probe} if probe is not None else \
+                {"raytp_backend": self.backend, "raytp_meta": meta}
             if self._keep_kwarg and keep is not None:
-                out = self.model(input_ids=ids, position_ids=batch.positions, use_cache=False,
+                out = self.model(input_ids=ids, position_ids=meta.positions, use_cache=False,
                                  **{self._keep_kwarg: keep}, **extra)
                 return out.logits[0]
-            hidden = self.model.get_decoder()(input_ids=ids, position_ids=batch.positions, use_cache=False, **extra)
+            hidden = self.model.get_decoder()(input_ids=ids, position_ids=meta.positions, use_cache=False, **extra)
         else:
-            cache = self._legacy_cache(batch, probe)
-            mask = batch.legacy_mask(self.model.dtype)
-            hidden = self.model.get_decoder()(input_ids=ids, position_ids=batch.positions, attention_mask=mask,
-                                              past_key_values=cache, use_cache=True)
+            legacy = hf.LegacyStep(self.pool if probe is None else None, meta)
+            hidden = self.model.get_decoder()(input_ids=ids, position_ids=meta.positions,
+                                              attention_mask=legacy.mask(self.model.dtype),
+                                              past_key_values=self._legacy_cache(legacy, probe), use_cache=True)
         if keep is None:
             return None
         # [1, K, H] in: DeepSpeed's sharded lm_head (LmHeadLinearAllreduce) slices a 3-D input

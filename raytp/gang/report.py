@@ -54,6 +54,7 @@ def load_report(rank: int, start: float, model, runner) -> LoadReport:
         kv_block_bytes=runner.block_bytes, kv_block_size=runner.block_size, weight_bytes=weight_bytes(model),
         decode_mode=runner.decoder.mode if runner.decoder is not None else "eager",
         decode_warm_up_s=runner.decoder.warm_up_s if runner.decoder is not None else 0.0,
+        attention_backend=runner.attention_backend,
     )
     logger.info("rank %d: model loaded in %.1fs, peak RSS %.0f MB, KV cache %d blocks of %d tokens (%.0f MB)", rank,
                 report.load_s, report.peak_rss_mb, runner.num_blocks, runner.block_size,

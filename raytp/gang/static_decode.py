@@ -8,12 +8,10 @@ exactly its own context (padded table entries point at the null block and are ma
 token 0 at position 0 writing slot 0 of the null block: that slot then holds finite garbage, which is
 harmless because every read of the null block is masked.
 
-Every bucket keeps one ``StaticBatch`` over views of persistent buffers, so the tensors a graph was
+Every bucket keeps one ``AttentionMetadata`` over views of persistent buffers, so the tensors a graph was
 captured with are the same at every replay; a step copies its rows into the buffers and replays. Prefill
-and mixed steps, and anything beyond the largest bucket, take the eager path
-(``raytp.gang.paged_attention.PagedBatch``).
-
-The attention here is the eager path's batched decode attention (``KVPool.attend_blocks``), on fixed shapes.
+and mixed steps, and anything beyond the largest bucket, take the eager path. The attention is the rank's
+backend (``raytp.gang.attention``), which must be ``graph_safe`` for capture.
 """
 
 from __future__ import annotations
@@ -23,7 +21,8 @@ import time
 
 import torch
 
-from raytp.gang.paged_attention import KVPool
+from raytp import platforms
+from raytp.gang.attention import AttentionBackend, AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -41,32 +40,17 @@ def bucket_for(n: int, sizes: list[int]) -> int | None:
     return next((s for s in sizes if s >= n), None)
 
 
-class StaticBatch:
-    """``PagedBatch``'s interface (``pool``, ``attend``) for a decode bucket: ``slots`` / ``fresh`` [B], ``tables``
-    [B, W], ``ctx_lens`` [B], all views of the decoder's persistent buffers."""
-
-    def __init__(self, pool: KVPool, slots, fresh, tables, ctx_lens):
-        self.pool = pool
-        self.slots, self.fresh, self.tables, self.ctx_lens = slots, fresh, tables, ctx_lens
-        self.cols = torch.arange(tables.shape[1] * pool.block_size, device=tables.device)
-
-    def attend(self, layer: int, query, key, value, scaling) -> torch.Tensor:
-        """query [1, Hq, B, D], key/value [1, Hkv, B, D] (one token per row) → [1, B, Hq, D]."""
-        self.pool.write(layer, key, value, self.slots, self.fresh)
-        mask = (self.cols[None, :] < self.ctx_lens[:, None])[:, None, None, :]
-        q = query[0].transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
-        return self.pool.attend_blocks(layer, q, self.tables, mask, scaling).squeeze(2).unsqueeze(0)
-
-
 class StaticDecoder:
     """Runs decode steps of up to ``max_batch`` rows and ``max_blocks`` blocks per row on bucketed fixed shapes.
 
     ``mode``: 'eager' (fixed shapes, no capture: the reference graphs must equal, testable on CPU) or
     'cuda_graphs' (each bucket captured as a CUDA graph at start-up by ``warm_up`` and replayed)."""
 
-    def __init__(self, model, pool: KVPool, device: str, *, max_batch: int, max_blocks: int, mode: str):
+    def __init__(self, model, backend: AttentionBackend, device: str, *, max_batch: int, max_blocks: int,
+                 mode: str):
         self.model = model
-        self.pool = pool
+        self.backend = backend
+        self.pool = backend.pool
         self.device = device
         self.mode = mode
         self.batch_sizes = buckets(max_batch)
@@ -76,12 +60,14 @@ class StaticDecoder:
         self.positions = torch.zeros((1, max_batch), **long)
         self.slots = torch.zeros(max_batch, **long)
         self.fresh = torch.zeros(max_batch, **long)
-        self.tables = torch.zeros((max_batch, max_blocks), **long)
-        self.ctx_lens = torch.zeros(max_batch, **long)
-        self._batches = {(b, w): StaticBatch(pool, self.slots[:b], self.fresh[:b], self.tables[:b, :w],
-                                             self.ctx_lens[:b])
-                         for b in self.batch_sizes for w in self.widths}
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.tables = torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=device)
+        self.ctx_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self._metas = {(b, w): AttentionMetadata(
+            query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=device), seq_lens=self.ctx_lens[:b],
+            block_tables=self.tables[:b, :w], slot_mapping=self.slots[:b], positions=self.positions[:, :b],
+            fresh_blocks=self.fresh[:b], num_tokens=b, num_rows=b, decode_only=True)
+            for b in self.batch_sizes for w in self.widths}
+        self._graphs: dict[tuple[int, int], tuple] = {}  # bucket -> (captured graph, its logits tensor)
         self.warm_up_s = 0.0
 
     def accepts(self, rows) -> tuple[int, int] | None:
@@ -113,7 +99,7 @@ class StaticDecoder:
         self.slots[:b].copy_(host[2], non_blocking=True)
         self.fresh[:b].copy_(host[3], non_blocking=True)
         self.ctx_lens[:b].copy_(host[4], non_blocking=True)
-        self.tables[:b, :w].copy_(torch.tensor(tables, dtype=torch.long), non_blocking=True)
+        self.tables[:b, :w].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
         if bucket in self._graphs:
             graph, logits = self._graphs[bucket]
             graph.replay()
@@ -123,7 +109,7 @@ class StaticDecoder:
 
     def _model_forward(self, b: int, w: int) -> torch.Tensor:
         out = self.model(input_ids=self.ids[:, :b], position_ids=self.positions[:, :b], use_cache=False,
-                         logits_to_keep=0, raytp_batch=self._batches[(b, w)])
+                         logits_to_keep=0, raytp_backend=self.backend, raytp_meta=self._metas[(b, w)])
         return out.logits[0]
 
     @torch.inference_mode()
@@ -133,21 +119,23 @@ class StaticDecoder:
             return 0.0
         start = time.perf_counter()
         self.ctx_lens.fill_(1)  # the buffers hold a valid dummy step: token 0 at position 0, null block
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside capture (lazy inits, cuBLAS workspaces)
-                self._model_forward(self.batch_sizes[-1], self.widths[-1])
-        torch.cuda.current_stream().wait_stream(stream)
+        g = platforms.get(torch.device(self.device).type).graphs()  # torch.cuda: CUDAGraph, graph, streams
+        pool = g.graph_pool_handle()
+        stream = g.Stream()
+        stream.wait_stream(g.current_stream())
+        with g.stream(stream):  # every bucket once outside capture: lazy inits, workspaces, kernel compilation
+            for b in self.batch_sizes:
+                for w in self.widths:
+                    self._model_forward(b, w)
+        g.current_stream().wait_stream(stream)
         # largest first: smaller graphs reuse the memory of larger ones from the shared pool
         for b in reversed(self.batch_sizes):
             for w in reversed(self.widths):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                graph = g.CUDAGraph()
+                with g.graph(graph, pool=pool):
                     logits = self._model_forward(b, w)
                 self._graphs[(b, w)] = (graph, logits)
-        torch.cuda.synchronize()
+        g.synchronize()
         self.warm_up_s = time.perf_counter() - start
         logger.info("decode %s: %d batch x %d width buckets ready in %.1f s", self.mode, len(self.batch_sizes),
                     len(self.widths), self.warm_up_s)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ray import serve
 
-from raytp import accelerator
+from raytp import platforms
 from raytp.config import RaytpConfig, bundle_device, check_dtype_on
 from raytp.serve.ingress import OpenAIIngress
 from raytp.serve.server import LLMServer
@@ -21,7 +21,7 @@ from raytp.serve.server import LLMServer
 
 def server_deployment(cfg: RaytpConfig, device: str):
     """The ``LLMServer`` deployment with one bundle per rank."""
-    bundle = accelerator.get(device).bundle(cfg.num_cpus_per_worker)
+    bundle = platforms.get(device).bundle(cfg.num_cpus_per_worker)
     return serve.deployment(
         LLMServer,
         name="LLMServer",

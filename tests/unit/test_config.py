@@ -4,7 +4,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from raytp import accelerator
+from raytp import platforms
 from raytp.config import RaytpConfig, bundle_device, resolve
 from raytp.errors import ConfigError
 
@@ -39,7 +39,7 @@ def test_resolve_cpu(model_dir):
 
 
 def test_auto_dtype_on_cpu_follows_native_bf16(model_dir, caplog):
-    caplog.set_level("INFO", logger="raytp.config")
+    caplog.set_level("INFO", logger="raytp.platforms.cpu")
     assert resolve({"model": model_dir, "device": "cpu"}, cpu_bf16=NATIVE_BF16).dtype == "bfloat16"
     assert resolve({"model": model_dir, "device": "cpu"}, cpu_bf16=NO_BF16).dtype == "float32"
     assert "dtype auto -> float32 (this CPU lacks native bf16" in caplog.text
@@ -47,10 +47,6 @@ def test_auto_dtype_on_cpu_follows_native_bf16(model_dir, caplog):
     assert resolve({"model": model_dir, "device": "cpu", "dtype": "bfloat16"}, cpu_bf16=NO_BF16).dtype == "bfloat16"
     assert [r.levelname for r in caplog.records] == ["WARNING"] and "will be slow" in caplog.text
     assert resolve({"model": model_dir, "device": "cuda"}, cpu_bf16=NO_BF16).dtype == "float16"
-
-
-def test_cpu_bf16_probe_reads_torch():
-    assert isinstance(accelerator.cpu_has_native_bf16(), bool)
 
 
 def test_tp_must_divide_heads(model_dir):
@@ -95,7 +91,7 @@ def test_build_checks_touch_no_node(monkeypatch):
         raise AssertionError("the build node was probed")
 
     monkeypatch.setattr("raytp.config._materialise_model", untouchable)
-    monkeypatch.setattr("raytp.accelerator._torch_has", untouchable)
+    monkeypatch.setattr("raytp.platforms.torch_has", untouchable)
     app = build_app({"model": "/models/llama", "device": "xpu", "tensor_parallel_size": 2, "api_key": "k"})
     server = app._bound_deployment.init_args[0]._bound_deployment
     assert server._replica_config.placement_group_bundles == [{"CPU": 1.0, "GPU": 1.0}] * 2
@@ -135,7 +131,7 @@ def test_auto_device_on_a_cluster_whose_gpus_are_on_another_node(monkeypatch):
 
     from raytp.serve.app import build_app
 
-    monkeypatch.setattr("raytp.accelerator.local_accelerator", lambda: "cpu")
+    monkeypatch.setattr("raytp.platforms.local_accelerator", lambda: "cpu")
     monkeypatch.setattr(ray, "is_initialized", lambda: True)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 6.0, "GPU": 2.0,
                                                            "accelerator_type:Intel-GPU-Max-1100": 1.0})
@@ -161,8 +157,8 @@ def test_kv_cache_and_step_budget_fields(model_dir):
     r = resolve({"model": model_dir, "device": "cpu", "block_size": 32, "kv_cache_memory_bytes": 1 << 20,
                  "enable_prefix_caching": False}, cpu_bf16=NATIVE_BF16)
     assert (r.block_size, r.kv_cache_memory_bytes, r.enable_prefix_caching) == (32, 1 << 20, False)
-    assert accelerator.get("cpu").kv_cache_budget(None, 0.9) == 4 << 30
-    assert accelerator.get("cuda").kv_cache_budget(123, 0.9) == 123, "an explicit budget needs no device"
+    assert platforms.get("cpu").kv_cache_budget(None, 0.9) == 4 << 30
+    assert platforms.get("cuda").kv_cache_budget(123, 0.9) == 123, "an explicit budget needs no device"
 
 
 def test_attention_the_paged_kernel_cannot_compute_is_refused(tmp_path):
@@ -209,8 +205,8 @@ def test_int4_group_size_divides_every_shard_width():
 
 
 def test_decode_graphs_only_where_they_are_verified():
-    assert accelerator.get("cuda").decode_mode(False, 1) == "cuda_graphs"
-    assert accelerator.get("cuda").decode_mode(True, 1) is None  # enforce_eager
-    assert accelerator.get("cuda").decode_mode(False, 2) is None
-    assert accelerator.get("cpu").decode_mode(False, 1) is None
-    assert accelerator.get("xpu").decode_mode(False, 1) is None
+    assert platforms.get("cuda").decode_mode(False, 1) == "cuda_graphs"
+    assert platforms.get("cuda").decode_mode(True, 1) is None  # enforce_eager
+    assert platforms.get("cuda").decode_mode(False, 2) is None
+    assert platforms.get("cpu").decode_mode(False, 1) is None
+    assert platforms.get("xpu").decode_mode(False, 1) is None

@@ -54,31 +54,42 @@ async def generate(engine, rid, prompt, max_tokens, delay=0.0):
     return tokens
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_any_schedule_equals_plain_transformers(model, tiny_tokenizer, seed):
-    check_random_schedule(model, tiny_tokenizer, seed)
+def needs_backend(backend: str) -> None:
+    """The triton backend needs transformers' attention interface (5.x) and, here, Triton's interpreter."""
+    from raytp.gang.attention import hf, triton_importable
+
+    if backend == "triton" and not (hf.register() and triton_importable()):
+        pytest.skip("the triton backend needs transformers >= 5 and triton (the 'kernels' extra)")
 
 
-@pytest.mark.parametrize("seed", [0, 3])
-def test_fixed_shape_decode_steps_equal_plain_transformers(model, tiny_tokenizer, seed, monkeypatch):
+@pytest.mark.parametrize("backend,seed", [("sdpa", 0), ("sdpa", 1), ("sdpa", 2), ("triton", 0), ("triton", 1)])
+def test_any_schedule_equals_plain_transformers(model, tiny_tokenizer, backend, seed):
+    needs_backend(backend)
+    check_random_schedule(model, tiny_tokenizer, seed, attention_backend=backend)
+
+
+@pytest.mark.parametrize("backend,seed", [("sdpa", 0), ("sdpa", 3), ("triton", 3)])
+def test_fixed_shape_decode_steps_equal_plain_transformers(model, tiny_tokenizer, backend, seed, monkeypatch):
     """Decode steps padded to batch and width buckets (the shapes CUDA graphs replay; here run eagerly, so on CPU):
     padding rows, padded tables and null-block writes never change a token."""
-    from raytp import accelerator
-    from raytp.gang import paged_attention, static_decode
+    from raytp.gang import static_decode
+    from raytp.gang.attention import hf
+    from raytp.platforms.cpu import CpuPlatform
 
-    if not paged_attention.register():
+    if not hf.register():
         pytest.skip("fixed-shape decode needs transformers' attention interface (transformers >= 5)")
-    monkeypatch.setattr(accelerator.Accelerator, "decode_mode", lambda self, eager, tp: "eager")
+    needs_backend(backend)
+    monkeypatch.setattr(CpuPlatform, "decode_mode", lambda self, eager, tp: "eager")
     runs = []
     real_run = static_decode.StaticDecoder.run
     monkeypatch.setattr(static_decode.StaticDecoder, "run",
                         lambda self, rows, bucket: runs.append((len(rows), bucket)) or real_run(self, rows, bucket))
-    check_random_schedule(model, tiny_tokenizer, seed)
+    check_random_schedule(model, tiny_tokenizer, seed, attention_backend=backend)
     assert any(n < b for n, (b, _) in runs), "some decode steps were padded to a larger batch bucket"
     assert len({w for _, (_, w) in runs}) > 1, "decode steps used several width buckets"
 
 
-def check_random_schedule(model, tiny_tokenizer, seed):
+def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
     rng = random.Random(seed)
     shared = [rng.randrange(10, 400) for _ in range(11)]  # a "system prompt" of 2 full blocks + 3 tokens
     requests = []
@@ -93,7 +104,7 @@ def check_random_schedule(model, tiny_tokenizer, seed):
 
     async def main():
         engine = make_engine(model, tiny_tokenizer, kv_cache_memory_bytes=11 * block_bytes, max_num_batched_tokens=6,
-                             max_num_seqs=4)
+                             max_num_seqs=4, **overrides)
         await engine.start()
         try:
             got = await asyncio.gather(*(generate(engine, rid, p, n, d) for rid, p, n, d in requests))
@@ -116,17 +127,21 @@ def test_budget_below_one_block_fails_start_with_a_config_error(model, tiny_toke
         asyncio.run(engine.start())
 
 
-@pytest.mark.parametrize("layout", ["consecutive", "scattered", "batched"])
-def test_consecutive_and_scattered_blocks_give_the_same_tokens(model, layout):
-    """The ranks' three attention paths (a first chunk's own keys, a view of consecutive blocks, gathered scattered
-    blocks; decode rows batched — on accelerators all of them, 'batched') agree with plain transformers, rows
-    mixing chunks and decodes in one step."""
+@pytest.mark.parametrize("layout,backend", [("consecutive", "sdpa"), ("scattered", "sdpa"), ("batched", "sdpa"),
+                                            ("scattered", "triton")])
+def test_consecutive_and_scattered_blocks_give_the_same_tokens(model, layout, backend):
+    """The sdpa backend's three paths (a first chunk's own keys, a view of consecutive blocks, gathered scattered
+    blocks; decode rows batched — on accelerators all of them, 'batched') and the triton kernel agree with plain
+    transformers, rows mixing chunks and decodes in one step."""
+    needs_backend(backend)
     scatter = layout == "scattered"
     from raytp.gang.model_runner import ModelRunner
     from raytp.messages import RowInput, StepInput
 
-    runner = ModelRunner(model, "cpu", 0, 1, block_size=BLOCK, kv_cache_bytes=1 << 22, max_blocks=64)
-    runner.batch_decode = layout == "batched"
+    runner = ModelRunner(model, "cpu", 0, 1, block_size=BLOCK, kv_cache_bytes=1 << 22, max_blocks=64,
+                         attention_backend=backend)
+    if runner.backend is not None and backend == "sdpa":  # (transformers 4.x: the compatibility adapter)
+        runner.backend.batch_decode = layout == "batched"
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
     prompts = [list(range(5, 8)), list(range(20, 29)), list(range(40, 54))]
     tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(3)]

@@ -1,0 +1,122 @@
+"""The portable backend: torch's ``scaled_dot_product_attention`` over the paged blocks, on every device.
+
+Rows are attended in three ways, cheapest first (the plan is made once per step, ``prepare``):
+* a prompt's first chunk attends to its own keys (causal), no cache read;
+* a row whose written blocks are consecutive in the pool (the block manager places sequences so they
+  usually are) attends to a view of the pool, no copy;
+* other rows gather their whole blocks; decode rows are gathered together, padded to the longest with the
+  null block and masked, for one SDPA call.
+``batch_decode``: every decode row goes to the one batched gather + SDPA, consecutive or not — on a GPU one
+call per layer for all decode rows costs less than one small kernel launch per row per layer (the view path is
+for the CPU, where the copy costs more than the call). Decode-only metadata without a plan (the fixed-shape
+decode steps of ``raytp.gang.static_decode``) take the batched path from the metadata's tensors alone, which is
+graph-safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from raytp.gang.attention.backend import AttentionBackend
+from raytp.gang.attention.kv_pool import KVPool
+from raytp.gang.attention.metadata import AttentionMetadata, Layout
+
+
+@dataclass
+class _Plan:
+    own: list[tuple[int, int]] = field(default_factory=list)  # (q start, q len)
+    # (q start, q len, first slot, context length, causal mask or None)
+    views: list[tuple[int, int, int, int, torch.Tensor | None]] = field(default_factory=list)
+    # (q start, q len, context length, row, causal mask)
+    gathers: list[tuple[int, int, int, int, torch.Tensor]] = field(default_factory=list)
+    decode_q: torch.Tensor | None = None  # token index of each batched decode row
+    decode_tables: torch.Tensor | None = None  # [B, W]
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W * block_size]
+
+
+class SdpaBackend(AttentionBackend):
+    name = "sdpa"
+    graph_safe = True
+
+    def __init__(self, pool: KVPool, batch_decode: bool = False):
+        super().__init__(pool)
+        self.batch_decode = batch_decode
+
+    def prepare(self, meta: AttentionMetadata, layout: Layout) -> None:
+        bs = self.pool.block_size
+        device = meta.seq_lens.device
+        plan = _Plan()
+        decode_rows, offset = [], 0
+        for row, (n, start, table) in enumerate(layout):
+            ctx_len = start + n
+            used = table[:-(-ctx_len // bs)]
+            mask = None if n == 1 else _offset_causal(start, n, device)
+            if start == 0 and n > 1:
+                plan.own.append((offset, n))
+            elif not (self.batch_decode and n == 1) and used[-1] - used[0] == len(used) - 1 and \
+                    all(b - a == 1 for a, b in zip(used, used[1:])):
+                plan.views.append((offset, n, used[0] * bs, ctx_len, mask))
+            elif n == 1:
+                decode_rows.append((row, offset, len(used)))
+            else:
+                plan.gathers.append((offset, n, ctx_len, row, mask))
+            offset += n
+        if decode_rows:
+            rows = torch.tensor([r for r, _, _ in decode_rows], dtype=torch.long, device=device)
+            plan.decode_q = torch.tensor([q for _, q, _ in decode_rows], dtype=torch.long, device=device)
+            plan.decode_tables, plan.decode_mask = self._decode_inputs(
+                meta.block_tables.index_select(0, rows)[:, :max(w for _, _, w in decode_rows)],
+                meta.seq_lens.index_select(0, rows))
+        meta.plan = plan
+
+    def _decode_inputs(self, tables: torch.Tensor, lens: torch.Tensor):
+        cols = torch.arange(tables.shape[1] * self.pool.block_size, device=tables.device)
+        return tables, (cols[None, :] < lens[:, None])[:, None, None, :]
+
+    def forward(self, layer: int, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        pool = self.pool
+        pool.write(layer, k, v, meta.slot_mapping, meta.fresh_blocks)
+        plan: _Plan | None = meta.plan
+        if plan is None:  # decode-only fixed shapes: every row batched, from the tensors alone
+            tables, mask = self._decode_inputs(meta.block_tables, meta.seq_lens)
+            return self._attend_blocks(layer, q, tables, mask, scale)
+        k_pool, v_pool = pool.keys[layer], pool.values[layer]
+        out = torch.empty_like(q)
+        o = out.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D] views, as SDPA wants them
+        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        for start, n in plan.own:
+            s = slice(start, start + n)
+            o[:, :, s] = _sdpa(qh[:, :, s], kh[:, :, s], vh[:, :, s], None, True, scale)
+        for start, n, slot, ctx_len, mask in plan.views:
+            s, kv = slice(start, start + n), slice(slot, slot + ctx_len)
+            o[:, :, s] = _sdpa(qh[:, :, s], k_pool[kv].transpose(0, 1).unsqueeze(0),
+                               v_pool[kv].transpose(0, 1).unsqueeze(0), mask, False, scale)
+        for start, n, ctx_len, row, mask in plan.gathers:
+            s = slice(start, start + n)
+            blocks = meta.block_tables[row:row + 1, :-(-ctx_len // pool.block_size)]
+            o[:, :, s] = _sdpa(qh[:, :, s], pool.gather(k_pool, blocks)[:, :, :ctx_len],
+                               pool.gather(v_pool, blocks)[:, :, :ctx_len], mask, False, scale)
+        if plan.decode_q is not None:
+            out[plan.decode_q] = self._attend_blocks(layer, q.index_select(0, plan.decode_q), plan.decode_tables,
+                                                     plan.decode_mask, scale)
+        return out
+
+    def _attend_blocks(self, layer: int, q, tables, mask, scale) -> torch.Tensor:
+        """One query per row, q [B, Hq, D], over the whole blocks ``tables`` [B, W] of that row (padding masked
+        out by ``mask``) → [B, Hq, D]. Gathers the blocks, then one SDPA."""
+        k = self.pool.gather(self.pool.keys[layer], tables)  # [B, Hkv, W * bs, D]
+        v = self.pool.gather(self.pool.values[layer], tables)
+        return _sdpa(q.unsqueeze(2), k, v, mask, False, scale).squeeze(2)
+
+
+def _offset_causal(start: int, n: int, device) -> torch.Tensor:
+    """[n, start + n] bool: query i (at position start + i) sees keys 0 .. start + i."""
+    return torch.arange(start + n, device=device)[None, :] <= torch.arange(start, start + n, device=device)[:, None]
+
+
+def _sdpa(q, k, v, mask, causal: bool, scale):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,27 @@
+"""The fused backend: one Triton launch per layer for every row of a step (``triton_kernel``), on CUDA and XPU.
+
+The kernel masks every key past a row's context, so blocks need no zeroing (``fresh_blocks`` is ignored) and
+the block tables' padding is never read. Its grid depends only on the token and row counts, and it reads
+everything else from the metadata's tensors: graph-safe. On CPU tensors it runs only under Triton's
+interpreter (``TRITON_INTERPRET=1``), which is how CI tests it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raytp.gang.attention.backend import AttentionBackend
+from raytp.gang.attention.metadata import AttentionMetadata
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+    graph_safe = True
+
+    def forward(self, layer: int, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        from raytp.gang.attention.triton_kernel import paged_attention
+
+        self.pool.write(layer, k, v, meta.slot_mapping)
+        return paged_attention(torch.empty_like(q), q, self.pool.keys[layer], self.pool.values[layer],
+                               meta.query_start_loc, meta.seq_lens, meta.block_tables, self.pool.block_size,
+                               scale)

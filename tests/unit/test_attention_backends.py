@@ -1,0 +1,117 @@
+"""The attention backends agree: the Triton paged kernel (here through Triton's interpreter, on CPU tensors)
+equals the portable sdpa backend over random mixed steps — prefill chunks from position 0 and from the middle,
+decode rows, contexts crossing block boundaries, scattered and consecutive block tables, GQA 1 / 4 / 8, head dims
+64 / 128, block sizes 16 / 32 — in fp32 to fp32 tolerance, in bf16 / fp16 caches to their rounding."""
+
+import random
+
+import pytest
+import torch
+
+from raytp.gang import attention
+from raytp.gang.attention import KVPool
+
+pytest.importorskip("triton")
+
+KV_HEADS = 2
+
+
+def random_step(rng: random.Random, block_size: int, num_blocks: int):
+    """A mixed step's layout: (tokens to compute, first position, block table) per row, tables scattered over the
+    pool (one row's consecutive), every row's blocks distinct."""
+    kinds = ["prefill", "chunk", "decode", "decode", "chunk", "decode"]
+    rng.shuffle(kinds)
+    free = list(range(1, num_blocks))
+    rng.shuffle(free)
+    layout = []
+    for i, kind in enumerate(kinds):
+        if kind == "prefill":
+            start, n = 0, rng.randint(2, 40)
+        elif kind == "chunk":
+            start, n = rng.randint(1, 70), rng.randint(2, 24)
+        else:
+            start, n = rng.randint(0, 90), 1
+        count = -(-(start + n) // block_size) + rng.randint(0, 1)  # sometimes a spare block past the context
+        if i == 0:  # consecutive blocks: the sdpa backend's view path
+            run = sorted(free)[:count]
+            table = tuple(run) if run == list(range(run[0], run[0] + count)) else tuple(free[:count])
+        else:
+            table = tuple(free[:count])
+        free = [b for b in free if b not in table]
+        layout.append((n, start, table))
+    return layout
+
+
+def filled_pools(layout, block_size, num_blocks, head_dim, dtype, seed):
+    """Two pools with the same context keys/values: the sdpa one as the engine keeps it (the unwritten tail of a
+    row's last block zeroed), the triton one with NaN everywhere no context lives (the kernel must never read it)."""
+    shapes = {0: (KV_HEADS, head_dim, dtype)}
+    gen = torch.Generator().manual_seed(seed)
+    pools = [KVPool(shapes, num_blocks, block_size, "cpu") for _ in range(2)]
+    sdpa_pool, triton_pool = pools
+    for store in ("keys", "values"):
+        data = torch.randn(num_blocks * block_size, KV_HEADS, head_dim, generator=gen).to(dtype)
+        getattr(sdpa_pool, store)[0].copy_(data)
+        getattr(sdpa_pool, store)[0][:block_size].zero_()
+        nan = torch.full_like(data, float("nan"))
+        for n, start, table in layout:
+            for p in range(start):  # context before this step: the same values in both pools
+                slot = table[p // block_size] * block_size + p % block_size
+                nan[slot] = data[slot]
+            last = table[(start + n - 1) // block_size]
+            tail = slice(last * block_size + (start + n - 1) % block_size + 1, (last + 1) * block_size)
+            getattr(sdpa_pool, store)[0][tail] = 0
+        getattr(triton_pool, store)[0].copy_(nan)
+    return sdpa_pool, triton_pool
+
+
+def run(backend_name, pool, layout, q, k, v, scale):
+    backend = attention.create(backend_name, pool)
+    meta = attention.build(layout, pool.block_size, "cpu")
+    backend.prepare(meta, layout)
+    return backend.forward(0, q, k, v, meta, scale)
+
+
+@pytest.mark.parametrize("gqa,head_dim,block_size,dtype,seed", [
+    (1, 64, 16, torch.float32, 0),
+    (4, 128, 32, torch.float32, 1),
+    (8, 64, 32, torch.float32, 2),
+    (4, 64, 16, torch.float32, 3),
+    (8, 128, 16, torch.float32, 4),
+    (4, 64, 16, torch.bfloat16, 5),
+    (8, 64, 32, torch.float16, 6),
+])
+def test_triton_kernel_equals_sdpa_on_random_mixed_steps(gqa, head_dim, block_size, dtype, seed):
+    rng = random.Random(seed)
+    num_blocks = 64
+    layout = random_step(rng, block_size, num_blocks)
+    sdpa_pool, triton_pool = filled_pools(layout, block_size, num_blocks, head_dim, dtype, seed)
+    tokens = sum(n for n, _, _ in layout)
+    gen = torch.Generator().manual_seed(100 + seed)
+    q = torch.randn(tokens, KV_HEADS * gqa, head_dim, generator=gen).to(dtype)
+    k = torch.randn(tokens, KV_HEADS, head_dim, generator=gen).to(dtype)
+    v = torch.randn(tokens, KV_HEADS, head_dim, generator=gen).to(dtype)
+    scale = head_dim ** -0.5
+    want = run("sdpa", sdpa_pool, layout, q, k, v, scale)
+    got = run("triton", triton_pool, layout, q, k, v, scale)
+    assert got.isfinite().all(), "the kernel read a slot outside some row's context"
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # the step's keys landed in the same slots of both pools
+    meta = attention.build(layout, block_size, "cpu")
+    assert torch.equal(triton_pool.keys[0][meta.slot_mapping], sdpa_pool.keys[0][meta.slot_mapping])
+
+
+def test_the_kernels_grid_may_be_padded_past_the_step():
+    """A graph replays one grid per bucket: extra programs past the last row's query blocks write nothing."""
+    from raytp.gang.attention.triton_kernel import paged_attention
+
+    layout = [(5, 0, (1, 2)), (1, 20, (3, 4))]
+    _, pool = filled_pools(layout, 16, 8, 64, torch.float32, 0)
+    meta = attention.build(layout, 16, "cpu")
+    q = torch.randn(6, 4, 64)
+    pool.write(0, torch.randn(6, 2, 64), torch.randn(6, 2, 64), meta.slot_mapping)
+    args = (q, pool.keys[0], pool.values[0], meta.query_start_loc, meta.seq_lens, meta.block_tables, 16, 0.125)
+    exact = paged_attention(torch.zeros_like(q), *args)
+    padded = paged_attention(torch.zeros_like(q), *args, num_tokens_bound=64)
+    assert torch.equal(exact, padded)
