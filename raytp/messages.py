@@ -1,14 +1,15 @@
 """Typed messages across the engine ⇄ gang seam: plain, picklable dataclasses, no torch, no Ray.
 
 The engine sends every rank the same ``StepInput``; rank 0 answers with a ``StepOutput``.
-Ranks keep no per-request state: every step says, for
-each row, which tokens to compute, at which positions, and in which KV blocks (the
-driver's scheduler owns the paged KV cache; ranks never allocate).
+What ranks need of a request travels once, when it joins their batch (``NewRequest``); each step then
+carries only what changed: the tokens to compute, new blocks, who left (vLLM v1's new / cached request
+data). The driver's scheduler still owns every allocation decision (the paged KV cache); ranks never
+allocate, they only record the tables they are told.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); no prefix reuse
     grammar: str | None = None  # structured output: an llguidance grammar the engine's matcher enforces
 
+    def for_ranks(self) -> SamplingParams:
+        """What ranks read: everything but the stop strings and the grammar (the engine applies those)."""
+        return replace(self, stop=(), grammar=None) if self.stop or self.grammar else self
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
@@ -53,47 +58,46 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class NewRequest:
+    """A sequence joining the ranks' batch — admitted, or re-admitted after preemption: what ranks keep of it until
+    it leaves (``StepInput.finished_ids``). Sent once; its steps' rows then carry only what changes.
+    ``params``: as ranks see them (``SamplingParams.for_ranks``); ``history``: the tokens before its first computed
+    one (a cached prefix), only if sampling reads them (``params.needs_history``)."""
+
+    seq_id: str
+    params: SamplingParams
+    num_prompt_tokens: int
+    block_table: tuple[int, ...]
+    history: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class RowInput:
     """One sequence's share of a step: compute ``token_ids`` at positions ``start_pos ..``, writing their keys
-    and values into the KV slots ``block_table[pos // block_size] * block_size + pos % block_size`` and attending
-    to every earlier position of the sequence (already in its blocks). A decode row has one token (the last one
-    sampled); a prefill row a chunk of its prompt (or, after preemption, of prompt + output so far).
-    ``sample``: this chunk reaches the sequence's end, so one token is sampled from its last position."""
+    and values into the KV slots ``block_table[pos // block_size] * block_size + pos % block_size`` of the
+    sequence's table (as the ranks hold it, after appending ``new_blocks``) and attending to every earlier
+    position of the sequence. A decode row has one token (the last one sampled); a prefill row a chunk of its
+    prompt (or, after preemption, of prompt + output so far). ``sample``: this chunk reaches the sequence's end,
+    so one token is sampled from its last position."""
 
     seq_id: str
     token_ids: tuple[int, ...]
     start_pos: int
-    block_table: tuple[int, ...]
     sample: bool
-    params: SamplingParams
-    num_prompt_tokens: int = 0  # of the sequence (rank 0's sampler counts outputs for min_tokens)
-    history: tuple[int, ...] = ()  # prompt + output before this row's tokens, only if params.needs_history
+    new_blocks: tuple[int, ...] = ()  # blocks the driver gave the sequence since the ranks last saw it
     prompt_next: int | None = None  # prompt logprobs: the prompt token after this chunk, if the prompt goes on
     allowed: bytes | None = None  # structured output: packed int32 bitmask of the tokens allowed next (bit i = id i)
-
-    @property
-    def prompt_targets(self) -> tuple[int, ...]:
-        """Prompt logprobs (echo): the prompt tokens this chunk's positions score, in order (the logits at
-        position p score the token at p + 1, for every p + 1 inside the prompt); () if the row did not ask."""
-        if self.params.prompt_logprobs is None or self.start_pos + 1 >= self.num_prompt_tokens:
-            return ()
-        count = min(len(self.token_ids), self.num_prompt_tokens - 1 - self.start_pos)
-        return (self.token_ids[1:] + (self.prompt_next,))[:count]
 
 
 @dataclass(frozen=True)
 class StepInput:
-    """One engine step, identical for every rank: one flat, unpadded forward over every row's tokens.
-    ``finished_ids``: sequences that ended since the last step (ranks hold nothing for them; an executor that
-    keeps per-request bookkeeping, like the scripted one, drops it).
-    A step with no rows only releases."""
+    """One engine step, identical for every rank: sequences joining (``new_requests``), one flat, unpadded
+    forward over every row's tokens, and sequences that left since the last step (``finished_ids``: ended,
+    aborted or preempted; ranks drop what they kept of them, before anything else of the step)."""
 
+    new_requests: tuple[NewRequest, ...] = ()
     rows: tuple[RowInput, ...] = ()
     finished_ids: tuple[str, ...] = ()
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(r.token_ids) for r in self.rows)
 
 
 # (log-probability of the sampled token, ((token id, log-probability), ...) of the most likely alternatives)

@@ -17,6 +17,7 @@ import hashlib
 import os
 
 from raytp.errors import EngineDeadError
+from raytp.gang.requests import RankRequests
 from raytp.messages import LoadReport, StepInput, StepOutput
 
 
@@ -48,7 +49,7 @@ class ScriptedExecutor:
         self.block_size = block_size
         self.steps: list[str] = []  # "prefill" (some row computes several tokens) | "decode" | "release"
         self.slots: dict[int, int] = {}  # KV slot -> the token computed there
-        self.sampled: dict[str, int] = {}  # seq_id -> tokens sampled so far
+        self.requests = RankRequests()  # what a rank keeps of each live sequence, from the steps' deltas
         self._fuse: int | None = None  # steps left before a scripted failure
         self._dead: str | None = None
         self.shut = False
@@ -71,10 +72,9 @@ class ScriptedExecutor:
         if (self.fail_after_steps is not None and len(self.steps) > self.fail_after_steps) or self._fuse == 0:
             self._dead = "rank 1: scripted failure"
             raise EngineDeadError(f"TP gang is dead: {self._dead}")
-        for seq_id in step.finished_ids:
-            self.sampled.pop(seq_id, None)
+        rows = self.requests.apply(step)
         tokens, logprobs = [], []
-        for r in step.rows:
+        for r in rows:
             bs = self.block_size
             slot = lambda p: r.block_table[p // bs] * bs + p % bs  # noqa: E731
             for i, t in enumerate(r.token_ids):
@@ -86,7 +86,7 @@ class ScriptedExecutor:
                 self._fuse = self.fail_prompt_after
             tokens.append(self._next_token(r, context))
             logprobs.append(self._logprob(r, tokens[-1]))
-        prompt = tuple(self._prompt_logprobs(r) for r in step.rows if r.prompt_targets)
+        prompt = tuple(self._prompt_logprobs(r) for r in rows if r.prompt_targets)
         return StepOutput(tuple(tokens), tuple(logprobs) if any(logprobs) else (), prompt)
 
     @staticmethod
@@ -106,8 +106,7 @@ class ScriptedExecutor:
         return -0.5, tuple((t, -0.5 if k == 0 else -float(k)) for k, t in enumerate(alternatives[:n]))
 
     def _next_token(self, row, context: tuple[int, ...]) -> int:
-        i = self.sampled.get(row.seq_id, 0)
-        self.sampled[row.seq_id] = i + 1
+        i = len(context) - row.num_prompt_tokens  # this is the sequence's i-th output token
         script = self.scripts.get(context[0])
         if script is not None:
             return script[min(i, len(script) - 1)]

@@ -3,7 +3,7 @@ engine's scheduler): each row gets its own contiguous KV blocks, all rows prefil
 
 from __future__ import annotations
 
-from raytp.messages import RowInput, SamplingParams, StepInput
+from raytp.messages import NewRequest, RowInput, SamplingParams, StepInput
 
 
 class DirectBatch:
@@ -18,9 +18,10 @@ class DirectBatch:
 
     async def step(self) -> tuple[int, ...]:
         """Compute every row's pending tokens (whole prompts first, then one token each); return the new tokens."""
-        rows = [RowInput(sid, tuple(toks[c:]), c, table, True, self.params)
-                for (sid, toks, table), c in zip(self.rows, self.computed)]
-        out = await self.executor.step(StepInput(tuple(rows)))
+        new = () if any(self.computed) else tuple(NewRequest(sid, self.params.for_ranks(), len(toks), table)
+                                                  for sid, toks, table in self.rows)
+        rows = [RowInput(sid, tuple(toks[c:]), c, True) for (sid, toks, _), c in zip(self.rows, self.computed)]
+        out = await self.executor.step(StepInput(new, tuple(rows)))
         for i, ((_, toks, _), token) in enumerate(zip(self.rows, out.tokens)):
             self.computed[i] = len(toks)
             toks.append(token)

@@ -23,7 +23,7 @@ from raytp.engine.scheduler import SchedulerConfig, Sequence
 from raytp.engine.stats import EngineStats
 from raytp.engine.structured import Grammars
 from raytp.errors import ConfigError, EngineDeadError, InvalidRequestError
-from raytp.messages import RowInput, SamplingParams, StepInput
+from raytp.messages import NewRequest, RowInput, SamplingParams, StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,10 @@ class Engine:
         self._died = asyncio.Event()
         self._seeds = random.Random(seed)
         self.load_reports = []
+        # the persistent batch: per sequence the ranks hold, how many of its blocks they know; and the sequences
+        # that left since the last step sent (they ride on the next step that computes something)
+        self._on_ranks: dict[str, int] = {}
+        self._leaving: list[str] = []
         self.finished_counts: Counter[str] = Counter()  # requests ended, by finish reason (incl. abort, error)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -204,25 +208,36 @@ class Engine:
         out = self.scheduler.schedule()  # 1. schedule
         if out.idle:
             return False
+        if out.num_preempted:
+            self.stats.on_preempted(out.num_preempted)
+        if kv.prefix_queried_tokens != queried:
+            self.stats.on_prefix_lookup(kv.prefix_queried_tokens - queried, kv.prefix_hit_tokens - hits)
+        self._leaving += [i for i in out.finished_ids + out.preempted_ids if self._on_ranks.pop(i, None) is not None]
+        if not out.rows:
+            return True  # only departures: no round trip for them alone
         now = time.monotonic()
-        rows = []
+        new, rows = [], []
         for seq, n in out.rows:
             if seq.scheduled_s is None:
                 seq.scheduled_s = now
                 self.stats.on_scheduled(now - seq.arrival_s)
             start = seq.num_computed
             sample = start + n == len(seq.token_ids)
-            history = tuple(seq.token_ids[:start]) if sample and seq.params.needs_history else ()
+            table = seq.kv.table
+            known = self._on_ranks.get(seq.seq_id)
+            if known is None:  # joins the ranks' batch: what they keep of it, once
+                history = tuple(seq.token_ids[:start]) if seq.params.needs_history else ()
+                new.append(NewRequest(seq.seq_id, seq.params.for_ranks(), len(seq.prompt_ids), tuple(table), history))
+                known = len(table)
+            self._on_ranks[seq.seq_id] = len(table)
             prompt_next = seq.prompt_ids[start + n] if start + n < len(seq.prompt_ids) else None
             allowed = self.grammars.allowed(seq.seq_id) if sample and seq.params.grammar else None
-            rows.append(RowInput(seq.seq_id, tuple(seq.token_ids[start:start + n]), start, tuple(seq.kv.table),
-                                 sample, seq.params, len(seq.prompt_ids), history, prompt_next, allowed))
-        if out.num_preempted:
-            self.stats.on_preempted(out.num_preempted)
-        if kv.prefix_queried_tokens != queried:
-            self.stats.on_prefix_lookup(kv.prefix_queried_tokens - queried, kv.prefix_hit_tokens - hits)
+            rows.append(RowInput(seq.seq_id, tuple(seq.token_ids[start:start + n]), start, sample,
+                                 tuple(table[known:]), prompt_next, allowed))
         # 2. execute: the same step to every rank, one round trip
-        result = await self.executor.step(StepInput(tuple(rows), out.finished_ids))
+        step = StepInput(tuple(new), tuple(rows), tuple(self._leaving))
+        self._leaving = []
+        result = await self.executor.step(step)
         self.scheduler.update(out)  # 3. update: tokens computed, then the sampled ones appended
         for seq_id, first, entries in result.prompt_logprobs:  # echo: kept until the request's first output
             stream = self._streams.get(seq_id)

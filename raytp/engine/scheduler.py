@@ -75,11 +75,15 @@ class Sequence:
 @dataclass(frozen=True)
 class SchedulerOutput:
     """One step: ``rows`` (sequence, tokens to compute) in row order; ``finished_ids`` ended since the last
-    step; ``num_preempted`` sequences preempted while scheduling it. No rows and no ids: nothing to do."""
+    step; ``preempted_ids`` preempted while scheduling it (their blocks freed). No rows and no ids: nothing to do."""
 
     rows: tuple[tuple[Sequence, int], ...] = ()
     finished_ids: tuple[str, ...] = ()
-    num_preempted: int = 0
+    preempted_ids: tuple[str, ...] = ()
+
+    @property
+    def num_preempted(self) -> int:
+        return len(self.preempted_ids)
 
     @property
     def idle(self) -> bool:
@@ -175,7 +179,7 @@ class ContinuousBatchScheduler(_Scheduler):
         finished = self._release_finished()
         budget = self.max_num_batched_tokens
         rows: list[tuple[Sequence, int]] = []
-        preempted = 0
+        preempted: list[str] = []
         # 1. Running sequences first, oldest first: a token each (or their next prompt chunk).
         i = 0
         while i < len(self.running) and budget > 0:
@@ -184,7 +188,7 @@ class ContinuousBatchScheduler(_Scheduler):
             while not self.kv.allocate(seq.kv, seq.num_computed + n):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim)
-                preempted += 1
+                preempted.append(victim.seq_id)
                 if victim is seq:
                     break
             else:
@@ -203,7 +207,7 @@ class ContinuousBatchScheduler(_Scheduler):
             self.running.append(self.waiting.popleft())
             rows.append((seq, n))
             budget -= n
-        return SchedulerOutput(tuple(rows), finished, preempted)
+        return SchedulerOutput(tuple(rows), finished, tuple(preempted))
 
     def _preempt(self, seq: Sequence) -> None:
         self.kv.free(seq.kv)

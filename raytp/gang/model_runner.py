@@ -2,9 +2,10 @@
 rank's paged KV cache through the rank's attention backend (``raytp.gang.attention``), rank 0 samples.
 
 Every rank of a gang runs the same ``StepInput`` (DeepSpeed AutoTP all-reduces inside the forward) and
-holds the same KV blocks for its own heads. Ranks keep no request state: tokens, positions and block
-tables come with each step (and sampling draws are a function of seed and position), so the driver alone
-decides what runs and where it is stored, and preemption or prefix sharing needs nothing from the ranks.
+holds the same KV blocks for its own heads. Ranks keep what they need of each live sequence (its sampling
+parameters and block table, ``raytp.gang.requests``) from the step it joins until the step that says it left;
+each step carries only the tokens, new blocks and arrivals (and sampling draws are a function of seed and
+position), so the driver alone decides what runs and where it is stored.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from raytp.gang import attention
 from raytp.gang.attention import hf
+from raytp.gang.requests import RankRequests
 from raytp.gang.sampler import prompt_token_logprobs, sample, token_logprobs
 from raytp.gang.static_decode import StaticDecoder
 from raytp.messages import StepInput, StepOutput
@@ -47,6 +49,10 @@ class ModelRunner:
         self.rank = rank
         self.world_size = world_size
         self.block_size = block_size
+        self.requests = RankRequests(track_writes=True)
+        # the live sequences' block tables on the device, one row per slot, written in place as they grow
+        self.tables = torch.zeros((max(1, max_batch), -(-max_model_len // block_size)), dtype=torch.int32,
+                                  device=device)
         self._interface = hf.register()
         if self._interface:
             model.set_attn_implementation(hf.ATTN_NAME)
@@ -116,26 +122,28 @@ class ModelRunner:
     def step(self, step: StepInput) -> StepOutput:
         """Compute every row's tokens (writing their KV into their blocks), then sample one token per row with
         ``sample`` set. Only rank 0's output carries tokens."""
-        for r in step.rows:
+        rows = self.requests.apply(step)
+        for r in rows:
             if len(r.token_ids) > 1:  # prompt chunks (never their text): which request, how much, from where
                 logger.info("rank %d: prefill %d tokens from position %d", self.rank, len(r.token_ids), r.start_pos,
                             extra={"request_id": r.seq_id})
-        if not step.rows:
+        if not rows:
             return StepOutput()
-        bucket = self.decoder.accepts(step.rows) if self.decoder is not None else None
+        self._sync_tables()
+        bucket = self.decoder.accepts(rows) if self.decoder is not None else None
         if bucket is not None:
-            logits = self.decoder.run(step.rows, bucket)
+            logits = self.decoder.run(rows, bucket, self.tables)
             self.progress += 1  # a replayed graph runs no layer hooks
-            return self._sample(logits, step.rows)
-        layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in step.rows]
-        meta = attention.build(layout, self.block_size, self.device)
+            return self._sample(logits, rows)
+        layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in rows]
+        meta = attention.build_on_device(layout, self.block_size, self.tables, [r.slot for r in rows])
         if self.backend is not None:
             self.backend.prepare(meta, layout)
-        ids = torch.tensor([[t for r in step.rows for t in r.token_ids]], dtype=torch.long, device=self.device)
+        ids = torch.tensor([[t for r in rows for t in r.token_ids]], dtype=torch.long, device=self.device)
         # positions whose logits are needed: each sampled row's last one, and for rows asking for prompt logprobs
         # every position whose next token is a prompt token (logits at p score the token at p + 1)
         keep, sampled_at, prompt_rows, offset = [], [], [], 0
-        for r in step.rows:
+        for r in rows:
             n = len(r.token_ids)
             targets = r.prompt_targets
             if targets:
@@ -149,10 +157,26 @@ class ModelRunner:
             self._forward(meta, ids, None)
             return StepOutput()
         logits = self._forward(meta, ids, torch.tensor(keep, dtype=torch.long, device=self.device))
-        out = self._sample(logits[sampled_at], [r for r in step.rows if r.sample]) if sampled_at else StepOutput()
+        out = self._sample(logits[sampled_at], [r for r in rows if r.sample]) if sampled_at else StepOutput()
         if prompt_rows and self.rank == 0:
             out = replace(out, prompt_logprobs=prompt_token_logprobs(logits, prompt_rows))
         return out
+
+    def _sync_tables(self) -> None:
+        """Write the table entries this step's arrivals and rows added into the device tables (one copy)."""
+        writes = self.requests.take_table_writes()
+        if not writes:
+            return
+        slots, cols = self.tables.shape
+        need = (max(self.requests.num_slots, slots), max(cols, 1 + max(c for _, c, _ in writes)))
+        if need != (slots, cols):  # more live sequences or longer tables than sized for: grow, keep the rows
+            grown = torch.zeros(need, dtype=torch.int32, device=self.device)
+            grown[:slots, :cols] = self.tables
+            self.tables = grown
+        width = self.tables.shape[1]
+        host = torch.tensor([[s * width + c for s, c, _ in writes], [b for _, _, b in writes]], dtype=torch.long)
+        index, blocks = host.to(self.device, non_blocking=True)
+        self.tables.view(-1).index_copy_(0, index, blocks.int())
 
     def _sample(self, logits, rows) -> StepOutput:
         """Rank 0 samples one token per row from its logits row; the other ranks return nothing."""

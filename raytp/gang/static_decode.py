@@ -62,6 +62,7 @@ class StaticDecoder:
         self.fresh = torch.zeros(max_batch, **long)
         self.tables = torch.zeros((max_batch, max_blocks), dtype=torch.int32, device=device)
         self.ctx_lens = torch.zeros(max_batch, dtype=torch.int32, device=device)
+        self.columns = torch.arange(max_blocks, device=device)
         self._metas = {(b, w): AttentionMetadata(
             query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=device), seq_lens=self.ctx_lens[:b],
             block_tables=self.tables[:b, :w], slot_mapping=self.slots[:b], positions=self.positions[:, :b],
@@ -80,8 +81,9 @@ class StaticDecoder:
         return None if b is None or w is None else (b, w)
 
     @torch.inference_mode()
-    def run(self, rows, bucket: tuple[int, int]) -> torch.Tensor:
-        """Logits [len(rows), V] of a decode step (writing each row's new KV into its blocks)."""
+    def run(self, rows, bucket: tuple[int, int], tables: torch.Tensor) -> torch.Tensor:
+        """Logits [len(rows), V] of a decode step (writing each row's new KV into its blocks). ``tables``: the
+        rank's device block tables, row ``r.slot`` for each row."""
         b, w = bucket
         bs = self.pool.block_size
         n = len(rows)
@@ -90,16 +92,17 @@ class StaticDecoder:
         slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(rows, pos)] + [0] * (b - n)
         fresh = [r.block_table[p // bs] if p % bs == 0 else 0 for r, p in zip(rows, pos)] + [0] * (b - n)
         # only the blocks a row has written: the rest of its table may be unwritten memory (NaN × a masked 0 = NaN)
-        used = [-(-(p + 1) // bs) for p in pos[:n]]
-        tables = [list(r.block_table[:u]) + [0] * (w - u) for r, u in zip(rows, used)] + [[0] * w] * (b - n)
+        used = [-(-(p + 1) // bs) for p in pos[:n]] + [0] * (b - n)
         ctx = [p + 1 for p in pos[:n]] + [1] * (b - n)
-        host = torch.tensor([ids, pos, slots, fresh, ctx], dtype=torch.long)
+        seq_rows = [r.slot for r in rows] + [0] * (b - n)
+        host = torch.tensor([ids, pos, slots, fresh, ctx, used, seq_rows], dtype=torch.long).to(self.device)
         self.ids[0, :b].copy_(host[0], non_blocking=True)
         self.positions[0, :b].copy_(host[1], non_blocking=True)
         self.slots[:b].copy_(host[2], non_blocking=True)
         self.fresh[:b].copy_(host[3], non_blocking=True)
         self.ctx_lens[:b].copy_(host[4], non_blocking=True)
-        self.tables[:b, :w].copy_(torch.tensor(tables, dtype=torch.int32), non_blocking=True)
+        mine = tables.index_select(0, host[6])[:, :w]
+        self.tables[:b, :w].copy_(torch.where(self.columns[None, :w] < host[5][:, None], mine, 0))
         if bucket in self._graphs:
             graph, logits = self._graphs[bucket]
             graph.replay()

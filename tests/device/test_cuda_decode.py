@@ -1,5 +1,6 @@
 """One CUDA device, in process, no Ray (runs on a machine with torch and CUDA only): decode steps replayed from
-CUDA graphs give exactly the tokens of eager steps, and torchao int4 runs on CUDA's kernel. Skipped without CUDA."""
+CUDA graphs give exactly the tokens of eager steps (through either attention backend), the triton backend gives the
+sdpa backend's tokens, and torchao int4 runs on CUDA's kernel. Skipped without CUDA."""
 
 import asyncio
 import random
@@ -47,14 +48,25 @@ def workload(seed: int, n: int = 7):
             for _ in range(n)]
 
 
-def test_cuda_graph_decode_equals_eager_float32():
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_cuda_graph_decode_equals_eager_float32(backend):
     work = workload(0)
-    eager, (eager_report, _) = generate_all({"dtype": "float32", "enforce_eager": True}, work)
-    graphs, (report, _) = generate_all({"dtype": "float32"}, work)
+    eager, (eager_report, _) = generate_all({"dtype": "float32", "enforce_eager": True,
+                                             "attention_backend": backend}, work)
+    graphs, (report, _) = generate_all({"dtype": "float32", "attention_backend": backend}, work)
     assert eager_report.decode_mode == "eager" and report.decode_mode == "cuda_graphs"
+    assert report.attention_backend == backend
     assert report.decode_warm_up_s > 0
     assert graphs == eager
     assert [len(t) for t in graphs] == [n for _, n, _ in work]
+
+
+def test_triton_backend_equals_sdpa_backend_float32():
+    work = workload(2)
+    sdpa, _ = generate_all({"dtype": "float32", "attention_backend": "sdpa", "enforce_eager": True}, work)
+    triton, (report, _) = generate_all({"dtype": "float32", "attention_backend": "triton", "enforce_eager": True},
+                                       work)
+    assert report.attention_backend == "triton" and triton == sdpa
 
 
 def test_torchao_int4_on_cuda_with_graphs_equals_eager_int4():

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from raytp.errors import EngineDeadError
-from raytp.messages import RowInput, SamplingParams, StepInput
+from raytp.messages import NewRequest, RowInput, SamplingParams, StepInput
 
 LAYER_S, TIMEOUT_S = 2.0, 3.0  # the tiny model has 2 decoder layers: a 4 s step, each layer within the timeout
 GREEDY = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
@@ -19,8 +19,10 @@ CONFIG = {"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu
 
 
 def step(token_ids: tuple[int, ...], start_pos: int = 0) -> StepInput:
-    """Row "a" computing ``token_ids`` at ``start_pos`` in KV block 1, sampling one token."""
-    return StepInput(rows=(RowInput("a", token_ids, start_pos, (1,), True, GREEDY),))
+    """Row "a" computing ``token_ids`` at ``start_pos`` in KV block 1, sampling one token (joining the ranks'
+    batch at position 0)."""
+    new = (NewRequest("a", GREEDY, len(token_ids), (1,)),) if start_pos == 0 else ()
+    return StepInput(new, (RowInput("a", token_ids, start_pos, True),))
 
 
 def executor(layer_delay_s: float):

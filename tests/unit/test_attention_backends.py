@@ -14,6 +14,8 @@ from raytp.gang.attention import KVPool
 pytest.importorskip("triton")
 
 KV_HEADS = 2
+# on a GPU machine (tests/device's session script) the kernel compiles for real; elsewhere the interpreter runs it
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def random_step(rng: random.Random, block_size: int, num_blocks: int):
@@ -47,10 +49,10 @@ def filled_pools(layout, block_size, num_blocks, head_dim, dtype, seed):
     row's last block zeroed), the triton one with NaN everywhere no context lives (the kernel must never read it)."""
     shapes = {0: (KV_HEADS, head_dim, dtype)}
     gen = torch.Generator().manual_seed(seed)
-    pools = [KVPool(shapes, num_blocks, block_size, "cpu") for _ in range(2)]
+    pools = [KVPool(shapes, num_blocks, block_size, DEVICE) for _ in range(2)]
     sdpa_pool, triton_pool = pools
     for store in ("keys", "values"):
-        data = torch.randn(num_blocks * block_size, KV_HEADS, head_dim, generator=gen).to(dtype)
+        data = torch.randn(num_blocks * block_size, KV_HEADS, head_dim, generator=gen).to(DEVICE, dtype)
         getattr(sdpa_pool, store)[0].copy_(data)
         getattr(sdpa_pool, store)[0][:block_size].zero_()
         nan = torch.full_like(data, float("nan"))
@@ -67,7 +69,7 @@ def filled_pools(layout, block_size, num_blocks, head_dim, dtype, seed):
 
 def run(backend_name, pool, layout, q, k, v, scale):
     backend = attention.create(backend_name, pool)
-    meta = attention.build(layout, pool.block_size, "cpu")
+    meta = attention.build(layout, pool.block_size, DEVICE)
     backend.prepare(meta, layout)
     return backend.forward(0, q, k, v, meta, scale)
 
@@ -88,9 +90,8 @@ def test_triton_kernel_equals_sdpa_on_random_mixed_steps(gqa, head_dim, block_si
     sdpa_pool, triton_pool = filled_pools(layout, block_size, num_blocks, head_dim, dtype, seed)
     tokens = sum(n for n, _, _ in layout)
     gen = torch.Generator().manual_seed(100 + seed)
-    q = torch.randn(tokens, KV_HEADS * gqa, head_dim, generator=gen).to(dtype)
-    k = torch.randn(tokens, KV_HEADS, head_dim, generator=gen).to(dtype)
-    v = torch.randn(tokens, KV_HEADS, head_dim, generator=gen).to(dtype)
+    q, k, v = (torch.randn(tokens, heads, head_dim, generator=gen).to(DEVICE, dtype)
+               for heads in (KV_HEADS * gqa, KV_HEADS, KV_HEADS))
     scale = head_dim ** -0.5
     want = run("sdpa", sdpa_pool, layout, q, k, v, scale)
     got = run("triton", triton_pool, layout, q, k, v, scale)
@@ -98,7 +99,7 @@ def test_triton_kernel_equals_sdpa_on_random_mixed_steps(gqa, head_dim, block_si
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
     # the step's keys landed in the same slots of both pools
-    meta = attention.build(layout, block_size, "cpu")
+    meta = attention.build(layout, block_size, DEVICE)
     assert torch.equal(triton_pool.keys[0][meta.slot_mapping], sdpa_pool.keys[0][meta.slot_mapping])
 
 
@@ -108,10 +109,28 @@ def test_the_kernels_grid_may_be_padded_past_the_step():
 
     layout = [(5, 0, (1, 2)), (1, 20, (3, 4))]
     _, pool = filled_pools(layout, 16, 8, 64, torch.float32, 0)
-    meta = attention.build(layout, 16, "cpu")
-    q = torch.randn(6, 4, 64)
-    pool.write(0, torch.randn(6, 2, 64), torch.randn(6, 2, 64), meta.slot_mapping)
+    meta = attention.build(layout, 16, DEVICE)
+    q = torch.randn(6, 4, 64, device=DEVICE)
+    pool.write(0, torch.randn(6, 2, 64, device=DEVICE), torch.randn(6, 2, 64, device=DEVICE), meta.slot_mapping)
     args = (q, pool.keys[0], pool.values[0], meta.query_start_loc, meta.seq_lens, meta.block_tables, 16, 0.125)
     exact = paged_attention(torch.zeros_like(q), *args)
     padded = paged_attention(torch.zeros_like(q), *args, num_tokens_bound=64)
     assert torch.equal(exact, padded)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metadata_built_on_the_device_equals_the_host_build(seed):
+    """A rank builds each step's metadata from its persistent device tables (rows in any slot order, tables
+    holding spare blocks past the context): the same tensors as the plain host build."""
+    rng = random.Random(seed)
+    layout = random_step(rng, 16, 64)
+    slots = rng.sample(range(10), len(layout))
+    tables = torch.zeros((10, 12), dtype=torch.int32, device=DEVICE)
+    for (_, _, table), slot in zip(layout, slots):
+        tables[slot, :len(table)] = torch.tensor(table, dtype=torch.int32)
+    want = attention.build(layout, 16, DEVICE)
+    got = attention.build_on_device(layout, 16, tables, slots)
+    for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping", "positions"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert set(got.fresh_blocks.tolist()) - {0} == set(want.fresh_blocks.tolist())
+    assert (got.num_tokens, got.num_rows, got.decode_only) == (want.num_tokens, want.num_rows, want.decode_only)

@@ -179,3 +179,49 @@ def test_warmup_is_not_reported(tiny_tokenizer):
         engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_ranks_get_a_sequence_once_then_only_deltas(tiny_tokenizer):
+    """The persistent batch: a request's parameters and block table reach the ranks once (again only after a
+    preemption freed its blocks), rows carry only the blocks gained since, departures ride on the next step that
+    computes something (never a round trip of their own), and after every step the ranks' tables equal the
+    driver's; outputs under preemption equal outputs alone."""
+    tok = tiny_tokenizer
+    sent, mismatches = [], []
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    prompts = [tuple(range(10 + i, 16 + i)) for i in range(3)]
+
+    async def run(concurrent: bool):
+        ex = ScriptedExecutor(num_kv_blocks=9, block_size=4)  # 8 usable blocks of 4: three 20-token requests preempt
+        engine = Engine(ex, tok, SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=8, block_size=4))
+        real_step = ex.step
+
+        async def step(s):
+            driver = {seq.seq_id: list(seq.kv.table) for seq in engine.scheduler.running}
+            out = await real_step(s)
+            if concurrent:
+                sent.append(s)
+                mismatches.extend(r.seq_id for r in s.rows if ex.requests.live[r.seq_id].table != driver[r.seq_id])
+            return out
+
+        ex.step = step
+        await engine.start(warmup=False)
+        try:
+            if concurrent:
+                return await asyncio.gather(*(collect(engine, f"r{i}", p, params) for i, p in enumerate(prompts))), \
+                    engine.status()
+            return [await collect(engine, f"r{i}", p, params) for i, p in enumerate(prompts)], engine.status()
+        finally:
+            engine.shutdown()
+
+    alone, _ = asyncio.run(run(False))
+    together, status = asyncio.run(run(True))
+    assert [t for t, _ in together] == [t for t, _ in alone]
+    assert status.num_preemptions > 0 and not mismatches
+    joins = [n.seq_id for s in sent for n in s.new_requests]
+    assert sorted(set(joins)) == ["r0", "r1", "r2"] and len(joins) == 3 + status.num_preemptions
+    assert all(s.rows for s in sent), "no step without rows (departures wait for the next one)"
+    left = [i for s in sent for i in s.finished_ids]
+    assert len(left) >= status.num_preemptions and all(left.count(i) <= joins.count(i) for i in left)
+    grown = [r for s in sent for r in s.rows if r.new_blocks]
+    assert grown and all(len(r.new_blocks) <= 2 for r in grown), "rows carry only the blocks they gained"

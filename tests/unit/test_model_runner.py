@@ -83,7 +83,8 @@ def test_fixed_shape_decode_steps_equal_plain_transformers(model, tiny_tokenizer
     runs = []
     real_run = static_decode.StaticDecoder.run
     monkeypatch.setattr(static_decode.StaticDecoder, "run",
-                        lambda self, rows, bucket: runs.append((len(rows), bucket)) or real_run(self, rows, bucket))
+                        lambda self, rows, bucket, tables: runs.append((len(rows), bucket))
+                        or real_run(self, rows, bucket, tables))
     check_random_schedule(model, tiny_tokenizer, seed, attention_backend=backend)
     assert any(n < b for n, (b, _) in runs), "some decode steps were padded to a larger batch bucket"
     assert len({w for _, (_, w) in runs}) > 1, "decode steps used several width buckets"
@@ -136,7 +137,7 @@ def test_consecutive_and_scattered_blocks_give_the_same_tokens(model, layout, ba
     needs_backend(backend)
     scatter = layout == "scattered"
     from raytp.gang.model_runner import ModelRunner
-    from raytp.messages import RowInput, StepInput
+    from raytp.messages import NewRequest, RowInput, StepInput
 
     runner = ModelRunner(model, "cpu", 0, 1, block_size=BLOCK, kv_cache_bytes=1 << 22, max_blocks=64,
                          attention_backend=backend)
@@ -149,14 +150,20 @@ def test_consecutive_and_scattered_blocks_give_the_same_tokens(model, layout, ba
         tables = [[b for j, b in enumerate(range(60, 0, -1)) if j % 3 == i][:8] for i in range(3)]
     chunk = [99, 4, 6]  # row 0 whole, rows 1 and 2 in chunks while row 0 decodes
     tokens, computed, outs = [list(p) for p in prompts], [0, 0, 0], [[], [], []]
+    known = [0, 0, 0]  # blocks of each table the runner was given so far: they arrive as the rows grow
     while any(len(o) < 8 for o in outs):
-        rows = []
+        new, rows = [], []
         for i in range(3):
             if len(outs[i]) < 8:
                 n = min(len(tokens[i]) - computed[i], chunk[i])
+                need = -(-(computed[i] + n) // BLOCK)
+                if computed[i] == 0:
+                    new.append(NewRequest(str(i), greedy, len(prompts[i]), tuple(tables[i][:need])))
                 rows.append(RowInput(str(i), tuple(tokens[i][computed[i]:computed[i] + n]), computed[i],
-                                     tuple(tables[i]), computed[i] + n == len(tokens[i]), greedy))
-        sampled = iter(runner.step(StepInput(tuple(rows))).tokens)
+                                     computed[i] + n == len(tokens[i]), tuple(tables[i][known[i]:need])
+                                     if computed[i] else ()))
+                known[i] = need
+        sampled = iter(runner.step(StepInput(tuple(new), tuple(rows))).tokens)
         for r in rows:
             i = int(r.seq_id)
             computed[i] += len(r.token_ids)

@@ -3,7 +3,7 @@
 
 from raytp.gang.attention.backend import BACKENDS, AttentionBackend, create, triton_importable
 from raytp.gang.attention.kv_pool import KVPool
-from raytp.gang.attention.metadata import AttentionMetadata, Layout, build
+from raytp.gang.attention.metadata import AttentionMetadata, Layout, build, build_on_device
 
-__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "KVPool", "Layout", "build", "create",
-           "triton_importable"]
+__all__ = ["BACKENDS", "AttentionBackend", "AttentionMetadata", "KVPool", "Layout", "build", "build_on_device",
+           "create", "triton_importable"]

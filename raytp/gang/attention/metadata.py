@@ -31,8 +31,38 @@ class AttentionMetadata:
     plan: Any = field(default=None)  # the backend's own per-step plan (``AttentionBackend.prepare``), or None
 
 
+def build_on_device(layout: Layout, block_size: int, tables: torch.Tensor, slots: list[int]) -> AttentionMetadata:
+    """The metadata of a step's rows from the rank's persistent device block tables (row ``slots[r]`` of ``tables``
+    is row r's sequence): one small host-to-device copy of per-row numbers, everything per token (positions,
+    slot mapping, fresh blocks) and the step's block tables computed on the device. Host work is per row, not per
+    token or per block."""
+    device = tables.device
+    num_rows, num_tokens = len(layout), sum(n for n, _, _ in layout)
+    qlens = [n for n, _, _ in layout]
+    lens = [start + n for n, start, _ in layout]
+    used = [-(-length // block_size) for length in lens]  # blocks written so far: the rest may be unwritten
+    per_row = torch.tensor([qlens, [start for _, start, _ in layout], lens, used, slots], dtype=torch.int32)
+    qlen, start, seq_lens, used_t, slot = per_row.to(device, non_blocking=True).unbind(0)
+    query_start_loc = torch.zeros(num_rows + 1, dtype=torch.int32, device=device)
+    query_start_loc[1:] = torch.cumsum(qlen, 0, dtype=torch.int32)
+    row = torch.repeat_interleave(torch.arange(num_rows, device=device), qlen, output_size=num_tokens)
+    positions = (torch.arange(num_tokens, device=device) - query_start_loc[row] + start[row]).long()
+    width = max(used)
+    block_tables = tables.index_select(0, slot)[:, :width]
+    block_tables = torch.where(torch.arange(width, device=device)[None, :] < used_t[:, None], block_tables, 0)
+    block = block_tables[row, positions // block_size].long()
+    return AttentionMetadata(
+        query_start_loc=query_start_loc, seq_lens=seq_lens, block_tables=block_tables,
+        slot_mapping=block * block_size + positions % block_size, positions=positions[None],
+        # a fixed-size index (0, the null block, where no block starts): zeroing the null block again is harmless
+        fresh_blocks=torch.where(positions % block_size == 0, block, 0),
+        num_tokens=num_tokens, num_rows=num_rows, decode_only=max(qlens) == 1,
+    )
+
+
 def build(layout: Layout, block_size: int, device) -> AttentionMetadata:
-    """The metadata of a step's rows: host lists turned into device tensors once (one copy per field)."""
+    """The metadata of a step's rows from host block tables: host lists turned into device tensors once (one copy
+    per field). For the shape probe, tests and benchmarks; a rank's steps use ``build_on_device``."""
     positions, slots, fresh, starts, lens, tables = [], [], [], [0], [], []
     for n, start, table in layout:
         pos = range(start, start + n)

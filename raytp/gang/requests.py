@@ -1,0 +1,98 @@
+"""What a rank keeps of each live sequence between steps (its part of the persistent batch). No torch, no Ray.
+
+``RankRequests.apply(step)`` drops the sequences that left, records the ones that joined, appends each row's new
+blocks to its sequence's table, and returns the step's rows resolved against that state (``LiveRow``: what the
+model runner and the sampler read). Each live sequence holds a *slot*: its row in the model runner's device
+block-table tensor, which ``take_table_writes`` keeps in step with the host tables (only the entries that
+changed). The scripted test gang keeps the same state with the same class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raytp.messages import SamplingParams, StepInput
+
+
+@dataclass
+class _Live:
+    params: SamplingParams
+    num_prompt_tokens: int
+    table: list[int]
+    slot: int
+    history: list[int] = field(default_factory=list)  # tokens computed so far, only if params.needs_history
+
+
+@dataclass(frozen=True)
+class LiveRow:
+    """A step's row with its sequence's state: the old full-row view, made on the rank from the deltas."""
+
+    seq_id: str
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: list[int]  # the rank's own list (appended in place as the sequence grows)
+    slot: int  # the sequence's row of the device block tables
+    sample: bool
+    params: SamplingParams
+    num_prompt_tokens: int = 0
+    history: tuple[int, ...] = ()  # prompt + output before this row's tokens, only if params.needs_history
+    prompt_next: int | None = None
+    allowed: bytes | None = None
+
+    @property
+    def prompt_targets(self) -> tuple[int, ...]:
+        """Prompt logprobs (echo): the prompt tokens this chunk's positions score, in order (the logits at
+        position p score the token at p + 1, for every p + 1 inside the prompt); () if the row did not ask."""
+        if self.params.prompt_logprobs is None or self.start_pos + 1 >= self.num_prompt_tokens:
+            return ()
+        count = min(len(self.token_ids), self.num_prompt_tokens - 1 - self.start_pos)
+        return (self.token_ids[1:] + (self.prompt_next,))[:count]
+
+
+class RankRequests:
+    """``track_writes``: record the table entries each step writes, for ``take_table_writes`` (a device mirror)."""
+
+    def __init__(self, track_writes: bool = False):
+        self.track_writes = track_writes
+        self.live: dict[str, _Live] = {}
+        self._free_slots: list[int] = []
+        self.num_slots = 0  # slots handed out so far (the device tables need at least this many rows)
+        self._writes: list[tuple[int, int, int]] = []  # (slot, column, block) since take_table_writes
+
+    def apply(self, step: StepInput) -> list[LiveRow]:
+        for seq_id in step.finished_ids:
+            gone = self.live.pop(seq_id, None)
+            if gone is not None:
+                self._free_slots.append(gone.slot)
+        for new in step.new_requests:
+            old = self.live.pop(new.seq_id, None)
+            slot = old.slot if old is not None else self._take_slot()
+            self.live[new.seq_id] = _Live(new.params, new.num_prompt_tokens, [], slot, list(new.history))
+            self._extend(self.live[new.seq_id], new.block_table)
+        rows = []
+        for r in step.rows:
+            s = self.live[r.seq_id]
+            self._extend(s, r.new_blocks)
+            keeps_history = s.params.needs_history
+            rows.append(LiveRow(r.seq_id, r.token_ids, r.start_pos, s.table, s.slot, r.sample, s.params,
+                                s.num_prompt_tokens, tuple(s.history) if keeps_history and r.sample else (),
+                                r.prompt_next, r.allowed))
+            if keeps_history:
+                s.history.extend(r.token_ids)
+        return rows
+
+    def take_table_writes(self) -> list[tuple[int, int, int]]:
+        """The (slot, column, block) entries written since the last call, for the device mirror."""
+        writes, self._writes = self._writes, []
+        return writes
+
+    def _take_slot(self) -> int:
+        if self._free_slots:
+            return self._free_slots.pop()
+        self.num_slots += 1
+        return self.num_slots - 1
+
+    def _extend(self, s: _Live, blocks) -> None:
+        if self.track_writes:
+            self._writes.extend((s.slot, len(s.table) + i, b) for i, b in enumerate(blocks))
+        s.table.extend(blocks)
