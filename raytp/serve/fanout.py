@@ -49,6 +49,16 @@ class Fanout:
 
     async def stream(self):
         """Yield (choice, delta) as any choice produces text, until all have finished."""
+        if len(self.choices) == 1:  # one choice: the engine's own stream, no task or queue hop per token
+            c = self.choices[0]
+            gen = self.engine.generate(self.engine_id(c), c.prompt_ids, c.params)
+            try:
+                async for out in gen:
+                    self._record(c, out)
+                    yield c, out
+            finally:
+                await gen.aclose()  # a consumer that stops early aborts the request
+            return
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [asyncio.create_task(self._pump(c, queue)) for c in self.choices]
         try:
@@ -60,17 +70,21 @@ class Fanout:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
-                    c.text.append(item.text)
-                    c.last = item
-                    c.token_ids += item.token_ids
-                    c.logprobs += item.logprobs or []
-                    if item.prompt_logprobs is not None:
-                        c.prompt_logprobs = item.prompt_logprobs
+                    self._record(c, item)
                     yield c, item
         finally:
             for t in tasks:
                 t.cancel()  # each engine generator's cleanup aborts its request
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    @staticmethod
+    def _record(c: Choice, out: RequestOutput) -> None:
+        c.text.append(out.text)
+        c.last = out
+        c.token_ids += out.token_ids
+        c.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
 
     async def collect(self) -> list[Choice]:
         async for _ in self.stream():

@@ -6,7 +6,11 @@ logprobs, echo, tool calls). The deployment (``raytp.serve.server``) delegates i
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from ray import serve
@@ -24,18 +28,27 @@ logger = logging.getLogger("ray.serve")
 
 
 class OpenAIServing:
+    """Requests are prepared (validated, templated, tokenized, grammars compiled) on one worker thread, not on the
+    replica's event loop, which also runs the engine loop: a long prompt or a large schema then never delays the
+    next step of the requests already running. One thread keeps the tokenizer's use serial."""
+
     def __init__(self, config: ResolvedConfig, tokenizer, engine: EngineClient):
         self.config = config
         self.tokenizer = tokenizer
         self.engine = engine
+        self._prep = ThreadPoolExecutor(1, thread_name_prefix="raytp-prepare")
 
     # ``request_id``: the HTTP request's id (X-Request-Id), passed on by the ingress; else Serve's or a new one.
     async def completion(self, body, chat: bool, request_id: str | None = None) -> dict:
-        return await self._collect(*self._prepare(body, chat=chat, request_id=request_id))
+        return await self._collect(*await self._prepared(body, chat, request_id))
 
     async def completion_stream(self, body, chat: bool, request_id: str | None = None):
-        async for chunk in self._stream(*self._prepare(body, chat=chat, request_id=request_id)):
+        async for chunk in self._stream(*await self._prepared(body, chat, request_id)):
             yield chunk
+
+    async def _prepared(self, body, chat: bool, request_id: str | None):
+        call = functools.partial(contextvars.copy_context().run, self._prepare, body, chat, request_id)
+        return await asyncio.get_running_loop().run_in_executor(self._prep, call)
 
     def model_card(self, model_id: str) -> dict:
         """The model object, or ``ModelNotFoundError`` (404)."""
