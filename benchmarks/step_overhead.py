@@ -91,7 +91,7 @@ def measure(args) -> dict:
                                 repetition_penalty=1.1 if args.penalty else 1.0)
 
         async def one(i):
-            prompt = tuple(rng.randrange(10, 30000) for _ in range(args.prompt_len))
+            prompt = tuple(rng.randrange(10, 400) for _ in range(args.prompt_len))
             async for _ in engine.generate(f"b{batch}-{i}", prompt, params):
                 pass
 

@@ -60,11 +60,13 @@ class SamplingParams:
 @dataclass(frozen=True)
 class NewRequest:
     """A sequence joining the ranks' batch — admitted, or re-admitted after preemption: what ranks keep of it until
-    it leaves (``StepInput.finished_ids``). Sent once; its steps' rows then carry only what changes.
-    ``params``: as ranks see them (``SamplingParams.for_ranks``); ``history``: the tokens before its first computed
-    one (a cached prefix), only if sampling reads them (``params.needs_history``)."""
+    it leaves (``StepInput.finished``). Sent once; its steps' rows then name it by ``handle`` (a small number the
+    engine reuses once the sequence has left) and carry only what changes. ``params``: as ranks see them
+    (``SamplingParams.for_ranks``); ``history``: the tokens before its first computed one (a cached prefix), only if
+    sampling reads them (``params.needs_history``)."""
 
     seq_id: str
+    handle: int
     params: SamplingParams
     num_prompt_tokens: int
     block_table: tuple[int, ...]
@@ -80,7 +82,7 @@ class RowInput:
     prompt (or, after preemption, of prompt + output so far). ``sample``: this chunk reaches the sequence's end,
     so one token is sampled from its last position."""
 
-    seq_id: str
+    handle: int  # the sequence, as its NewRequest named it
     token_ids: tuple[int, ...]
     start_pos: int
     sample: bool
@@ -91,13 +93,43 @@ class RowInput:
 
 @dataclass(frozen=True)
 class StepInput:
-    """One engine step, identical for every rank: sequences joining (``new_requests``), one flat, unpadded
-    forward over every row's tokens, and sequences that left since the last step (``finished_ids``: ended,
-    aborted or preempted; ranks drop what they kept of them, before anything else of the step)."""
+    """One engine step, identical for every rank: sequences that left since the last step (``finished``: handles
+    of sequences ended, aborted or preempted; ranks drop what they kept of them first), sequences joining
+    (``new_requests``), then one flat, unpadded forward over every row's tokens.
+
+    Pickled (once per rank per step) as columns, not as row objects: a decode step of 16 rows is a few hundred
+    bytes (``benchmarks/step_overhead.py``)."""
 
     new_requests: tuple[NewRequest, ...] = ()
     rows: tuple[RowInput, ...] = ()
-    finished_ids: tuple[str, ...] = ()
+    finished: tuple[int, ...] = ()
+
+    def __reduce__(self):
+        return _unpack_step, (self.new_requests, self.finished, *_pack_rows(self.rows))
+
+
+def _pack_rows(rows: tuple[RowInput, ...]) -> tuple:
+    """Rows as columns; what most rows share (one token, sampled, nothing sparse) costs nothing per row."""
+    counts = None if all(len(r.token_ids) == 1 for r in rows) else tuple(len(r.token_ids) for r in rows)
+    sample = None if all(r.sample for r in rows) else tuple(r.sample for r in rows)
+    sparse = tuple(tuple((i, getattr(r, f)) for i, r in enumerate(rows) if getattr(r, f))
+                   for f in ("new_blocks", "prompt_next", "allowed"))
+    return (tuple(r.handle for r in rows), tuple(t for r in rows for t in r.token_ids), counts,
+            tuple(r.start_pos for r in rows), sample, *sparse)
+
+
+def _unpack_step(new_requests, finished, handles, tokens, counts, starts, sample, new_blocks, prompt_next, allowed):
+    extra = [dict() for _ in handles]
+    for name, pairs in (("new_blocks", new_blocks), ("prompt_next", prompt_next), ("allowed", allowed)):
+        for i, value in pairs:
+            extra[i][name] = value
+    rows, at = [], 0
+    for i, handle in enumerate(handles):
+        n = 1 if counts is None else counts[i]
+        rows.append(RowInput(handle, tokens[at:at + n], starts[i], True if sample is None else sample[i],
+                             **extra[i]))
+        at += n
+    return StepInput(new_requests, tuple(rows), finished)
 
 
 # (log-probability of the sampled token, ((token id, log-probability), ...) of the most likely alternatives)

@@ -18,9 +18,10 @@ class DirectBatch:
 
     async def step(self) -> tuple[int, ...]:
         """Compute every row's pending tokens (whole prompts first, then one token each); return the new tokens."""
-        new = () if any(self.computed) else tuple(NewRequest(sid, self.params.for_ranks(), len(toks), table)
-                                                  for sid, toks, table in self.rows)
-        rows = [RowInput(sid, tuple(toks[c:]), c, True) for (sid, toks, _), c in zip(self.rows, self.computed)]
+        new = () if any(self.computed) else tuple(NewRequest(sid, i, self.params.for_ranks(), len(toks), table)
+                                                  for i, (sid, toks, table) in enumerate(self.rows))
+        rows = [RowInput(i, tuple(toks[c:]), c, True) for i, ((_, toks, _), c) in enumerate(zip(self.rows,
+                                                                                             self.computed))]
         out = await self.executor.step(StepInput(new, tuple(rows)))
         for i, ((_, toks, _), token) in enumerate(zip(self.rows, out.tokens)):
             self.computed[i] = len(toks)
@@ -28,4 +29,4 @@ class DirectBatch:
         return out.tokens
 
     async def release(self) -> None:
-        await self.executor.step(StepInput(finished_ids=tuple(sid for sid, _, _ in self.rows)))
+        await self.executor.step(StepInput(finished=tuple(range(len(self.rows)))))

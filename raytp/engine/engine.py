@@ -65,10 +65,13 @@ class Engine:
         self._died = asyncio.Event()
         self._seeds = random.Random(seed)
         self.load_reports = []
-        # the persistent batch: per sequence the ranks hold, how many of its blocks they know; and the sequences
-        # that left since the last step sent (they ride on the next step that computes something)
-        self._on_ranks: dict[str, int] = {}
-        self._leaving: list[str] = []
+        # the persistent batch: per sequence the ranks hold, its handle and how many of its blocks they know; the
+        # handles of sequences that left since the last step sent (they ride on the next step that computes
+        # something), and handles free for reuse
+        self._on_ranks: dict[str, tuple[int, int]] = {}
+        self._leaving: list[int] = []
+        self._free_handles: list[int] = []
+        self._num_handles = 0
         self.finished_counts: Counter[str] = Counter()  # requests ended, by finish reason (incl. abort, error)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -212,7 +215,10 @@ class Engine:
             self.stats.on_preempted(out.num_preempted)
         if kv.prefix_queried_tokens != queried:
             self.stats.on_prefix_lookup(kv.prefix_queried_tokens - queried, kv.prefix_hit_tokens - hits)
-        self._leaving += [i for i in out.finished_ids + out.preempted_ids if self._on_ranks.pop(i, None) is not None]
+        for seq_id in out.finished_ids + out.preempted_ids:
+            left = self._on_ranks.pop(seq_id, None)
+            if left is not None:
+                self._leaving.append(left[0])
         if not out.rows:
             return True  # only departures: no round trip for them alone
         now = time.monotonic()
@@ -224,18 +230,21 @@ class Engine:
             start = seq.num_computed
             sample = start + n == len(seq.token_ids)
             table = seq.kv.table
-            known = self._on_ranks.get(seq.seq_id)
-            if known is None:  # joins the ranks' batch: what they keep of it, once
+            handle, known = self._on_ranks.get(seq.seq_id, (None, 0))
+            if handle is None:  # joins the ranks' batch: what they keep of it, once
+                handle = self._take_handle()
                 history = tuple(seq.token_ids[:start]) if seq.params.needs_history else ()
-                new.append(NewRequest(seq.seq_id, seq.params.for_ranks(), len(seq.prompt_ids), tuple(table), history))
+                new.append(NewRequest(seq.seq_id, handle, seq.params.for_ranks(), len(seq.prompt_ids), tuple(table),
+                                      history))
                 known = len(table)
-            self._on_ranks[seq.seq_id] = len(table)
+            self._on_ranks[seq.seq_id] = (handle, len(table))
             prompt_next = seq.prompt_ids[start + n] if start + n < len(seq.prompt_ids) else None
             allowed = self.grammars.allowed(seq.seq_id) if sample and seq.params.grammar else None
-            rows.append(RowInput(seq.seq_id, tuple(seq.token_ids[start:start + n]), start, sample,
-                                 tuple(table[known:]), prompt_next, allowed))
+            rows.append(RowInput(handle, tuple(seq.token_ids[start:start + n]), start, sample, tuple(table[known:]),
+                                 prompt_next, allowed))
         # 2. execute: the same step to every rank, one round trip
         step = StepInput(tuple(new), tuple(rows), tuple(self._leaving))
+        self._free_handles += self._leaving  # the ranks drop them before reading this step's arrivals
         self._leaving = []
         result = await self.executor.step(step)
         self.scheduler.update(out)  # 3. update: tokens computed, then the sampled ones appended
@@ -249,6 +258,12 @@ class Engine:
         self._update(sampled, result.tokens, result.logprobs or (None,) * len(sampled))
         self.stats.on_step(self.scheduler.num_running, self.scheduler.num_waiting, kv.usage)
         return True
+
+    def _take_handle(self) -> int:
+        if self._free_handles:
+            return self._free_handles.pop()
+        self._num_handles += 1
+        return self._num_handles - 1
 
     def _update(self, seqs: list[Sequence], tokens: tuple[int, ...], logprobs: tuple) -> None:
         for seq, token, logprob in zip(seqs, tokens, logprobs):

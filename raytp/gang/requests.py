@@ -16,6 +16,7 @@ from raytp.messages import SamplingParams, StepInput
 
 @dataclass
 class _Live:
+    seq_id: str
     params: SamplingParams
     num_prompt_tokens: int
     table: list[int]
@@ -54,27 +55,28 @@ class RankRequests:
 
     def __init__(self, track_writes: bool = False):
         self.track_writes = track_writes
-        self.live: dict[str, _Live] = {}
+        self.live: dict[int, _Live] = {}  # by handle
         self._free_slots: list[int] = []
         self.num_slots = 0  # slots handed out so far (the device tables need at least this many rows)
         self._writes: list[tuple[int, int, int]] = []  # (slot, column, block) since take_table_writes
 
     def apply(self, step: StepInput) -> list[LiveRow]:
-        for seq_id in step.finished_ids:
-            gone = self.live.pop(seq_id, None)
+        for handle in step.finished:
+            gone = self.live.pop(handle, None)
             if gone is not None:
                 self._free_slots.append(gone.slot)
         for new in step.new_requests:
-            old = self.live.pop(new.seq_id, None)
+            old = self.live.pop(new.handle, None)
             slot = old.slot if old is not None else self._take_slot()
-            self.live[new.seq_id] = _Live(new.params, new.num_prompt_tokens, [], slot, list(new.history))
-            self._extend(self.live[new.seq_id], new.block_table)
+            s = self.live[new.handle] = _Live(new.seq_id, new.params, new.num_prompt_tokens, [], slot,
+                                              list(new.history))
+            self._extend(s, new.block_table)
         rows = []
         for r in step.rows:
-            s = self.live[r.seq_id]
+            s = self.live[r.handle]
             self._extend(s, r.new_blocks)
             keeps_history = s.params.needs_history
-            rows.append(LiveRow(r.seq_id, r.token_ids, r.start_pos, s.table, s.slot, r.sample, s.params,
+            rows.append(LiveRow(s.seq_id, r.token_ids, r.start_pos, s.table, s.slot, r.sample, s.params,
                                 s.num_prompt_tokens, tuple(s.history) if keeps_history and r.sample else (),
                                 r.prompt_next, r.allowed))
             if keeps_history:

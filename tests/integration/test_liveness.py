@@ -21,8 +21,8 @@ CONFIG = {"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu
 def step(token_ids: tuple[int, ...], start_pos: int = 0) -> StepInput:
     """Row "a" computing ``token_ids`` at ``start_pos`` in KV block 1, sampling one token (joining the ranks'
     batch at position 0)."""
-    new = (NewRequest("a", GREEDY, len(token_ids), (1,)),) if start_pos == 0 else ()
-    return StepInput(new, (RowInput("a", token_ids, start_pos, True),))
+    new = (NewRequest("a", 0, GREEDY, len(token_ids), (1,)),) if start_pos == 0 else ()
+    return StepInput(new, (RowInput(0, token_ids, start_pos, True),))
 
 
 def executor(layer_delay_s: float):

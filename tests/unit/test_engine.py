@@ -201,7 +201,8 @@ def test_ranks_get_a_sequence_once_then_only_deltas(tiny_tokenizer):
             out = await real_step(s)
             if concurrent:
                 sent.append(s)
-                mismatches.extend(r.seq_id for r in s.rows if ex.requests.live[r.seq_id].table != driver[r.seq_id])
+                live = ex.requests.live
+                mismatches.extend(r.handle for r in s.rows if live[r.handle].table != driver[live[r.handle].seq_id])
             return out
 
         ex.step = step
@@ -221,7 +222,9 @@ def test_ranks_get_a_sequence_once_then_only_deltas(tiny_tokenizer):
     joins = [n.seq_id for s in sent for n in s.new_requests]
     assert sorted(set(joins)) == ["r0", "r1", "r2"] and len(joins) == 3 + status.num_preemptions
     assert all(s.rows for s in sent), "no step without rows (departures wait for the next one)"
-    left = [i for s in sent for i in s.finished_ids]
-    assert len(left) >= status.num_preemptions and all(left.count(i) <= joins.count(i) for i in left)
+    handles = [n.handle for s in sent for n in s.new_requests]
+    left = [h for s in sent for h in s.finished]
+    assert len(left) >= status.num_preemptions and all(left.count(h) <= handles.count(h) for h in left)
+    assert max(handles) < 3, "handles of sequences that left are reused: they stay small"
     grown = [r for s in sent for r in s.rows if r.new_blocks]
     assert grown and all(len(r.new_blocks) <= 2 for r in grown), "rows carry only the blocks they gained"

@@ -158,14 +158,14 @@ def test_consecutive_and_scattered_blocks_give_the_same_tokens(model, layout, ba
                 n = min(len(tokens[i]) - computed[i], chunk[i])
                 need = -(-(computed[i] + n) // BLOCK)
                 if computed[i] == 0:
-                    new.append(NewRequest(str(i), greedy, len(prompts[i]), tuple(tables[i][:need])))
-                rows.append(RowInput(str(i), tuple(tokens[i][computed[i]:computed[i] + n]), computed[i],
+                    new.append(NewRequest(str(i), i, greedy, len(prompts[i]), tuple(tables[i][:need])))
+                rows.append(RowInput(i, tuple(tokens[i][computed[i]:computed[i] + n]), computed[i],
                                      computed[i] + n == len(tokens[i]), tuple(tables[i][known[i]:need])
                                      if computed[i] else ()))
                 known[i] = need
         sampled = iter(runner.step(StepInput(tuple(new), tuple(rows))).tokens)
         for r in rows:
-            i = int(r.seq_id)
+            i = r.handle
             computed[i] += len(r.token_ids)
             if r.sample:
                 token = next(sampled)
