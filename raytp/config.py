@@ -91,8 +91,8 @@ class RaytpConfig(BaseModel):
     block_size: int = Field(16, ge=1, le=256, description="Tokens per KV-cache block (the paged cache's page).")
     kv_cache_memory_bytes: int | None = Field(
         None, ge=1, description="KV-cache budget of each rank, in bytes. null: 4 GiB per rank on cpu (vLLM's CPU "
-        "default; pages are committed only as blocks are used), and gpu_memory_utilization of the device's memory "
-        "minus what the loaded shard uses on xpu/cuda.",
+        "default; pages are committed only as blocks are used); on xpu/cuda gpu_memory_utilization of the device's "
+        "memory minus what the loaded shard uses, less a tenth of that for a step's activations.",
     )
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="xpu/cuda: fraction of device memory raytp may use (weights + KV cache) when "

@@ -1,7 +1,7 @@
 """OpenAI request schemas, validated with pydantic at the ingress (and again for handle callers).
 
-Fields raytp cannot honour are rejected with a message, never silently ignored (unknown fields, logprobs,
-best_of > 1, tools). Fields that only describe the caller (``user``, ``metadata``, ``store``,
+Fields raytp cannot honour are rejected with a message, never silently ignored (unknown fields, best_of > 1,
+beam search). Fields that only describe the caller (``user``, ``metadata``, ``store``,
 ``service_tier``, ``prompt_cache_key``, ``safety_identifier``) are accepted and ignored by design: they change no
 output. The extensions vLLM has (``top_k``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
 ``ignore_eos``, ``stream_options.continuous_usage_stats``) are accepted with vLLM's meaning.

@@ -16,7 +16,6 @@ import json
 import re
 import uuid
 
-TOOL_CALL_PARSERS = ("hermes",)
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 

@@ -60,10 +60,6 @@ class Sequence:
         return len(self.token_ids) - len(self.prompt_ids)
 
     @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_ids):]
-
-    @property
     def num_pending(self) -> int:
         """Tokens known but not yet computed: the rest of the prompt, or the one token sampled last step."""
         return len(self.token_ids) - self.num_computed
@@ -126,13 +122,11 @@ class _Scheduler:
             if seq.seq_id == seq_id and not seq.finished:
                 seq.finish_reason = "abort"
 
-    def drain(self) -> list[Sequence]:
-        """Remove and return every unfinished sequence (used when the gang dies)."""
-        seqs = [s for s in self.running if not s.finished] + list(self.waiting)
+    def drain(self) -> None:
+        """Remove every sequence and free its blocks (used when the gang dies)."""
         for s in self.running + list(self.waiting):
             self.kv.free(s.kv)
         self.running, self.waiting = [], deque()
-        return seqs
 
     def update(self, out: SchedulerOutput) -> None:
         """After the ranks ran ``out``: its rows' tokens are computed (their full blocks become cacheable)."""

@@ -10,7 +10,6 @@ ranks keep no sampling state at all.
 from __future__ import annotations
 
 import hashlib
-import random
 
 import torch
 
@@ -78,10 +77,8 @@ def adjusted(params: list[SamplingParams], logits: torch.Tensor, contexts: list[
     return logits
 
 
-def uniform(seed: int | None, position: int) -> float:
-    """A number in [0, 1) fixed by (seed, position); an unseeded request draws a fresh one."""
-    if seed is None:
-        return random.random()
+def uniform(seed: int, position: int) -> float:
+    """A number in [0, 1) fixed by (seed, position) (the engine gives every sampled request a seed)."""
     digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") / 2.0**64
 

@@ -101,7 +101,9 @@ def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
     want = [alone(model, p, n) for _, p, n, _ in requests]
     # 10 usable blocks of 4 = 40 tokens: a request needs up to 39; several running at once must be preempted.
     # 6 tokens per step: prompts of up to 23 tokens are prefilled in chunks.
-    block_bytes = 2 * 2 * BLOCK * 2 * 32 * 4  # layers x (k, v) x block x kv heads x head dim x float32
+    from raytp.gang.model_runner import ModelRunner
+
+    block_bytes = ModelRunner(model, "cpu", 0, 1, block_size=BLOCK, kv_cache_bytes=0).block_bytes  # what ranks see
 
     async def main():
         engine = make_engine(model, tiny_tokenizer, kv_cache_memory_bytes=11 * block_bytes, max_num_batched_tokens=6,

@@ -24,7 +24,7 @@ def run_step(s):
     s.update(out)
     for seq in sampled:
         seq.append_token(7)
-        if len(seq.output_ids) >= seq.params.max_tokens:
+        if seq.num_output_tokens >= seq.params.max_tokens:
             seq.finish_reason = "length"
     return [(seq.seq_id, n) for seq, n in out.rows], out
 
@@ -74,14 +74,14 @@ def test_newest_is_preempted_when_blocks_run_out_and_recomputed_with_its_output(
     run_step(s)  # both: 8 tokens computed in 2 blocks each (all 4 taken), a 9th sampled
     rows, out = run_step(s)  # a needs a 3rd block for its 9th: b (newest) is preempted
     assert out.num_preempted == 1 and rows == [("r0", 1)] and s.waiting[0] is b
-    assert b.num_computed == 0 and b.kv.table == [] and len(b.output_ids) == 5
+    assert b.num_computed == 0 and b.kv.table == [] and b.num_output_tokens == 5
     while not a.finished:
         run_step(s)
     rows, _ = run_step(s)
     assert rows == [("r1", 9)], "b is recomputed from prompt + the 5 tokens it had"
     while not b.finished:
         run_step(s)
-    assert len(b.output_ids) == 8 and s.num_preemptions == 1
+    assert b.num_output_tokens == 8 and s.num_preemptions == 1
 
 
 def test_a_prefix_hit_computes_only_the_rest():
