@@ -5,7 +5,8 @@ in one run.
 
 Batch 1 (``--tokens`` greedy tokens after a 2-token prompt, ignore_eos; each measurement ``--repeat`` times,
 round-robin, medians):
-  gang        the TP=1 gang driven directly, step by step (``raytp.bench.direct``: no scheduler, no Serve);
+  gang        a second TP=1 gang of the same config beside the app's, in the same Ray, driven directly, step by
+              step (``raytp.bench.direct``: no scheduler, no Serve);
   http        one non-streaming ``/v1/completions`` request through the Serve app;
   http_stream the same request streamed (SSE): tokens / time from sending to the last event; the events are
               counted (one per token is what clients expect).
@@ -41,29 +42,19 @@ def config(args, **more) -> dict:
     return {**cfg, **more}
 
 
-async def gang_decode(args) -> float:
+async def gang_once(executor, args, tag: str) -> float:
     """tok/s of the gang alone: one prefill step of the prompt, then a step per token."""
     from raytp.bench.direct import DirectBatch
-    from raytp.config import resolve
-    from raytp.gang.executor import RayExecutor
     from raytp.messages import SamplingParams
 
-    cfg = resolve(config(args))
-    executor = RayExecutor(cfg)
-    await executor.start()
-    try:
-        params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
-        times = []
-        for i in range(args.repeat):
-            batch = DirectBatch(executor, [(5, 6)], params, block_size=cfg.block_size, tag=f"g{i}")
-            start = time.perf_counter()
-            for _ in range(args.tokens):
-                await batch.step()
-            times.append(time.perf_counter() - start)
-            await batch.release()
-        return args.tokens / statistics.median(times)
-    finally:
-        executor.shutdown()
+    params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True)
+    batch = DirectBatch(executor, [(5, 6)], params, block_size=executor.config.block_size, tag=tag)
+    start = time.perf_counter()
+    for _ in range(args.tokens):
+        await batch.step()
+    rate = args.tokens / (time.perf_counter() - start)
+    await batch.release()
+    return rate
 
 
 async def http_one(http, args, stream: bool) -> tuple[float, int]:
@@ -135,19 +126,30 @@ async def serve_measurements(args) -> dict:
     import httpx
 
     from raytp.bench.targets import _raytp_app
+    from raytp.config import resolve
+    from raytp.gang.executor import RayExecutor
 
-    out = {"http": [], "http_stream": [], "stream_events": []}
+    out = {"gang": [], "http": [], "http_stream": [], "stream_events": []}
     opts = {k: v for k, v in config(args).items() if k != "model"}
     with _raytp_app(args.model, opts, PORT):
-        async with httpx.AsyncClient(timeout=600) as http:
-            await http_one(http, args, False)  # warm-up
-            for _ in range(args.repeat):
-                out["http"].append((await http_one(http, args, False))[0])
-                rate, events = await http_one(http, args, True)
-                out["http_stream"].append(rate)
-                out["stream_events"].append(events)
-            if args.clients:
-                out["http_concurrent"] = await http_concurrent(http, args)
+        # a second gang of the same config beside the app's, driven directly; measured in turn with the app
+        resolved = resolve(config(args, num_cpus_per_worker=opts.get("num_cpus_per_worker", os.cpu_count() or 1)))
+        executor = RayExecutor(resolved)
+        await executor.start()
+        try:
+            async with httpx.AsyncClient(timeout=600) as http:
+                await http_one(http, args, False)  # warm-up
+                await gang_once(executor, args, "w")
+                for i in range(args.repeat):
+                    out["gang"].append(await gang_once(executor, args, f"g{i}"))
+                    out["http"].append((await http_one(http, args, False))[0])
+                    rate, events = await http_one(http, args, True)
+                    out["http_stream"].append(rate)
+                    out["stream_events"].append(events)
+                if args.clients:
+                    out["http_concurrent"] = await http_concurrent(http, args)
+        finally:
+            executor.shutdown()
     return out
 
 
@@ -162,11 +164,12 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # logical CPUs for two gangs (the app's and the directly driven one), measured one at a time
+    ray.init(num_cpus=4 * (os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     serve = asyncio.run(serve_measurements(args))
-    gang = asyncio.run(gang_decode(args))
     ray.shutdown()
     engine = asyncio.run(engine_concurrent(args)) if args.clients else None
+    gang = statistics.median(serve["gang"])
     http, stream = statistics.median(serve["http"]), statistics.median(serve["http_stream"])
     result = {"args": vars(args), "gang_tok_s": gang, "http_tok_s": http, "http_stream_tok_s": stream,
               "stream_events": serve["stream_events"], "runs": serve,
@@ -175,7 +178,7 @@ def main() -> None:
     from _results import write
 
     lines = [f"`{args.model}` TP=1 on this CPU, batch 1, {args.tokens} tokens, medians of {args.repeat} "
-             f"(overrides: {args.set or 'none'}).", "",
+             f"round-robin rounds (overrides: {args.set or 'none'}).", "",
              "| path | tok/s | × gang |", "| --- | --- | --- |",
              f"| gang, driven directly | {gang:.2f} | 1.00 |",
              f"| HTTP, not streamed | {http:.2f} | {http / gang:.2f} |",

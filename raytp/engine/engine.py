@@ -33,8 +33,6 @@ class _Stream:
         self.seq = seq
         self.detok = detok
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.pending_ids: list[int] = []  # tokens whose text is still held back
-        self.pending_logprobs: list = []  # their TokenLogprob entries, if the request asked for logprobs
         self.prompt_logprobs: dict[int, object] = {}  # prompt position -> TokenLogprob (echo), until sent
         self.sent_first = False
 
@@ -278,9 +276,6 @@ class Engine:
             self.stats.on_token(now - (seq.last_token_s or seq.arrival_s), first=seq.last_token_s is None)
             seq.last_token_s = now
             params = seq.params
-            stream.pending_ids.append(token)
-            if params.logprobs is not None:
-                stream.pending_logprobs.append(logprob)
             # the sampler never picks EOS or a stop token before min_tokens; stop strings are not looked for then
             hit_eos = (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
             check_stop = seq.num_output_tokens >= params.min_tokens
@@ -292,16 +287,15 @@ class Engine:
                 seq.finish_reason = "length"
             if seq.finish_reason and not hit_stop:
                 delta += stream.detok.flush()
-            if delta or seq.finish_reason:
-                stream.queue.put_nowait(RequestOutput(
-                    request_id=seq.seq_id, text=delta, token_ids=stream.pending_ids,
-                    num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=seq.num_output_tokens,
-                    finish_reason=seq.finish_reason,
-                    logprobs=stream.pending_logprobs if params.logprobs is not None else None,
-                    prompt_logprobs=self._prompt_logprobs(stream),
-                ))
-                stream.sent_first = True
-                stream.pending_ids, stream.pending_logprobs = [], []
+            # one output per token, its text possibly empty (a token that completes no character, or text held
+            # back while it may begin a stop string): streaming clients count one event per generated token
+            stream.queue.put_nowait(RequestOutput(
+                request_id=seq.seq_id, text=delta, token_ids=[token],
+                num_prompt_tokens=len(seq.prompt_ids), num_output_tokens=seq.num_output_tokens,
+                finish_reason=seq.finish_reason, logprobs=[logprob] if params.logprobs is not None else None,
+                prompt_logprobs=self._prompt_logprobs(stream),
+            ))
+            stream.sent_first = True
 
     @staticmethod
     def _prompt_logprobs(stream: _Stream) -> list | None:

@@ -228,3 +228,23 @@ def test_ranks_get_a_sequence_once_then_only_deltas(tiny_tokenizer):
     assert max(handles) < 3, "handles of sequences that left are reused: they stay small"
     grown = [r for s in sent for r in s.rows if r.new_blocks]
     assert grown and all(len(r.new_blocks) <= 2 for r in grown), "rows carry only the blocks they gained"
+
+
+def test_every_token_is_one_output_even_when_its_text_is_held_back(tiny_tokenizer):
+    """Streaming clients count one event per generated token: a token whose text waits (it may begin a stop string,
+    or completes no character) is still an output, with empty text; the texts add up to the whole answer."""
+    tok = tiny_tokenizer
+    answer = ids(tok, "the model serves requests fast")
+
+    async def main():
+        engine, _ = make(tok, {1: answer})
+        await engine.start(warmup=False)
+        params = SamplingParams(max_tokens=len(answer), temperature=0, ignore_eos=True, stop=("requests arrive",))
+        outs = [o async for o in engine.generate("a", (1,), params)]
+        engine.shutdown()
+        return outs
+
+    outs = asyncio.run(main())
+    assert [t for o in outs for t in o.token_ids] == answer and all(len(o.token_ids) == 1 for o in outs)
+    assert any(o.text == "" for o in outs[:-1]), "'requests' waited while it could begin the stop string"
+    assert "".join(o.text for o in outs) == tok.decode(answer)
