@@ -82,11 +82,16 @@ class RaytpConfig(BaseModel):
         None, ge=8, description="Longest prompt + completion in tokens. Defaults to the model's "
         "max_position_embeddings.",
     )
-    max_num_seqs: int = Field(8, ge=1, le=1024, description="Most sequences decoded together in one batch.")
-    max_num_batched_tokens: int = Field(
-        512, ge=1, description="Most tokens computed in one engine step: one per decoding sequence plus chunks of "
+    max_num_seqs: int | None = Field(
+        None, ge=1, le=1024, description="Most sequences decoded together in one step. Requests are admitted while "
+        "KV blocks are free, so this is a cap, not the usual limit. null: the device's default (256 on cuda/xpu, "
+        "as vLLM's API server; 32 on cpu, measured: docs/performance.md).",
+    )
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Most tokens computed in one engine step: one per decoding sequence plus chunks of "
         "prompts being prefilled (a longer prompt is prefilled in chunks over several steps while the others keep "
-        "decoding). Bounds a step's duration; must be at least max_num_seqs.",
+        "decoding). Bounds a step's duration; must be at least max_num_seqs. null: the device's default (2048 on "
+        "cuda/xpu, as vLLM's API server; 512 on cpu, where a step of 2048 prompt tokens takes seconds).",
     )
     block_size: int = Field(16, ge=1, le=256, description="Tokens per KV-cache block (the paged cache's page).")
     kv_cache_memory_bytes: int | None = Field(
@@ -157,9 +162,7 @@ class RaytpConfig(BaseModel):
     def check_static(self) -> RaytpConfig:
         """Checks that need no node (run where the app is built); returns self. Raises ``ConfigError``."""
         check_dtype_on(self.device, self.dtype)
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ConfigError("max_num_batched_tokens", f"{self.max_num_batched_tokens} is less than max_num_seqs "
-                              f"({self.max_num_seqs}): every running sequence needs a token each step.")
+        self.scheduling_limits(None if self.device == "auto" else self.device)
         if self.low_bit is not None and self.low_bit not in LOW_BIT_FORMATS:
             raise ConfigError("low_bit", f"unknown format {self.low_bit!r}; choose one of "
                               f"{', '.join(LOW_BIT_FORMATS)} or null.")
@@ -168,6 +171,21 @@ class RaytpConfig(BaseModel):
                               "quantization, or IPEX-LLM's low_bit).")
         check_quantization_on(self.device, self.quantization)
         return self
+
+    def scheduling_limits(self, device: str | None) -> tuple[int, int]:
+        """(max_num_seqs, max_num_batched_tokens) on ``device``: as configured, else the device kind's defaults
+        (``Platform.default_max_num_seqs`` / ``default_max_num_batched_tokens``). ``ConfigError`` if a step could
+        not hold a token for every running sequence."""
+        if device is None:  # 'auto', where the app is built: only what is set can be checked
+            seqs, tokens = self.max_num_seqs or 1, self.max_num_batched_tokens or 1 << 30
+        else:
+            platform = platforms.get(device)
+            seqs = self.max_num_seqs or platform.default_max_num_seqs
+            tokens = self.max_num_batched_tokens or max(platform.default_max_num_batched_tokens, seqs)
+        if tokens < seqs:
+            raise ConfigError("max_num_batched_tokens", f"{tokens} is less than max_num_seqs ({seqs}): every running "
+                              "sequence needs a token each step.")
+        return seqs, tokens
 
     def for_server(self) -> RaytpConfig:
         """The config the server replica gets: the API key stays in the ingress."""
@@ -246,6 +264,7 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
     if cfg.low_bit is not None and importlib.util.find_spec("ipex_llm") is None:
         raise ConfigError("low_bit", "is set but ipex-llm is not installed; `pip install 'raytp[ipex-llm]'` "
                           "or set low_bit: null.")
+    max_num_seqs, max_num_batched_tokens = cfg.scheduling_limits(device)
     model_path = _materialise_model(cfg.model)
     max_model_len = _check_model(cfg, model_path)
     return ResolvedConfig(
@@ -256,8 +275,8 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         dtype=dtype,
         low_bit=cfg.low_bit,
         max_model_len=max_model_len,
-        max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
         block_size=cfg.block_size,
         kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
         gpu_memory_utilization=cfg.gpu_memory_utilization,

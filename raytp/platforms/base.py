@@ -41,6 +41,9 @@ class Platform:
     ray_device_resource: str | None = "GPU"  # Ray counts Intel and NVIDIA GPUs alike as "GPU"
     deepspeed_accelerator: str = ""
     quantizations: tuple[str, ...] = ("int4", "int8")  # torchao formats with kernels on this device kind
+    # scheduling defaults when the config leaves them null: vLLM's API-server defaults for GPUs
+    default_max_num_seqs = 256
+    default_max_num_batched_tokens = 2048
 
     # ---- placement and process group (where the app is built, and on each rank) --------------------------------
     def bundle(self, num_cpus: float) -> dict[str, float]:

@@ -25,6 +25,10 @@ class CpuPlatform(Platform):
     ray_device_resource = None
     deepspeed_accelerator = "cpu"
     triton_compiles = False
+    # measured on a 2-core host (docs/performance.md): 48 concurrent requests through the engine, max_num_seqs 8 /
+    # 16 / 32 / 64; a CPU step's time grows with the batch, so past this the queue only moves into the batch
+    default_max_num_seqs = 32
+    default_max_num_batched_tokens = 512
 
     def torch_device(self) -> str:
         return "cpu"

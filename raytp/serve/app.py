@@ -22,6 +22,7 @@ from raytp.serve.server import LLMServer
 def server_deployment(cfg: RaytpConfig, device: str):
     """The ``LLMServer`` deployment with one bundle per rank."""
     bundle = platforms.get(device).bundle(cfg.num_cpus_per_worker)
+    max_num_seqs, _ = cfg.scheduling_limits(device)
     return serve.deployment(
         LLMServer,
         name="LLMServer",
@@ -33,8 +34,8 @@ def server_deployment(cfg: RaytpConfig, device: str):
         # Serve may hand a replica more than that, so its rejections are immediate; Serve's queue in front of the
         # replicas is only a backstop against floods (a burst is queued there before routing, so a tight bound
         # would reject requests the replica could still take), also answered with 429 (BackPressureError).
-        max_ongoing_requests=cfg.max_num_seqs + 2 * cfg.max_queue_size,
-        max_queued_requests=4 * (cfg.max_num_seqs + cfg.max_queue_size),
+        max_ongoing_requests=max_num_seqs + 2 * cfg.max_queue_size,
+        max_queued_requests=4 * (max_num_seqs + cfg.max_queue_size),
         # A replica whose gang dies exits by itself (server.py); the health check catches the rest (a stalled loop).
         health_check_period_s=2,
         health_check_timeout_s=30,

@@ -210,3 +210,19 @@ def test_decode_graphs_only_where_they_are_verified():
     assert platforms.get("cuda").decode_mode(False, 2) is None
     assert platforms.get("cpu").decode_mode(False, 1) is None
     assert platforms.get("xpu").decode_mode(False, 1) is None
+
+
+def test_scheduling_limits_default_per_device_kind(model_dir):
+    """Admission is by free KV blocks: max_num_seqs is a cap, by default the device kind's (vLLM's API-server
+    values on GPUs, a measured one on CPU); explicit values win; a step must hold a token per running sequence."""
+    cpu = resolve({"model": model_dir, "device": "cpu"}, cpu_bf16=NATIVE_BF16)
+    cuda = resolve({"model": model_dir, "device": "cuda"})
+    assert (cpu.max_num_seqs, cpu.max_num_batched_tokens) == (32, 512)
+    assert (cuda.max_num_seqs, cuda.max_num_batched_tokens) == (256, 2048)
+    mine = resolve({"model": model_dir, "device": "cpu", "max_num_seqs": 4, "max_num_batched_tokens": 64},
+                   cpu_bf16=NATIVE_BF16)
+    assert (mine.max_num_seqs, mine.max_num_batched_tokens) == (4, 64)
+    big = resolve({"model": model_dir, "device": "cpu", "max_num_seqs": 1000}, cpu_bf16=NATIVE_BF16)
+    assert big.max_num_batched_tokens == 1000  # the default grows to hold a token per sequence
+    with pytest.raises(ConfigError, match="max_num_batched_tokens.*less than max_num_seqs"):
+        RaytpConfig(device="cpu", max_num_batched_tokens=16).check_static()  # 16 < the cpu default of 32
