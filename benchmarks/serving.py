@@ -43,7 +43,11 @@ def bench_argv(args) -> list[str]:
             opts = f"tensor_parallel_size={tp},scheduling={policy},max_num_seqs={seqs[policy]},max_model_len=512"
             opts += f",dtype={args.dtype}"
             argv += ["--compare", f"tp{tp}_{policy}=raytp:{opts}"]
-    if "transformers" in args.runs:
+    if "default" in args.runs.split(","):  # serve_config.yaml's args: TP=2, the device's scheduling defaults
+        argv += ["--compare", f"default=raytp:tensor_parallel_size=2,max_model_len=512,dtype={args.dtype}"]
+    if "transformers-serve" in args.runs.split(","):
+        argv += ["--compare", f"transformers_serve=transformers-serve:dtype={args.dtype}"]
+    if "transformers" in args.runs.split(","):
         argv += ["--compare", f"transformers=transformers:dtype={args.dtype}"]
     return argv
 
@@ -58,7 +62,9 @@ def main() -> int:
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--continuous-max-num-seqs", type=int, help="max_num_seqs for (a) (default: --max-num-seqs)")
     ap.add_argument("--tp", type=int, action="append", help="TP sizes (default: 1 and 2)")
-    ap.add_argument("--runs", default="continuous,static,transformers", help="which of the three to run")
+    ap.add_argument("--runs", default="continuous,static,transformers", help="which to run, of: continuous, "
+                    "static (per --tp), default (serve_config.yaml's args), transformers-serve (`transformers "
+                    "serve --continuous-batching`), transformers (one request at a time, in process)")
     ap.add_argument("--name", default="serving", help="results file name under benchmarks/results/")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -82,6 +88,10 @@ def main() -> int:
 
     hf = runs.get("transformers")
     ratios = {}
+    tfs = runs.get("transformers_serve")
+    if tfs:  # raytp configs against transformers' own continuous-batching server
+        ratios["over_transformers_serve"] = {name: r["output_throughput"] / tfs["output_throughput"]
+                                             for name, r in runs.items() if name != "transformers_serve"}
     for tp in args.tp or [1, 2]:
         a, b = runs.get(f"tp{tp}_continuous"), runs.get(f"tp{tp}_static")
         q = ratios[f"tp{tp}"] = {}
@@ -102,8 +112,13 @@ def main() -> int:
         lines.append(f"| {name} | {r['completed']} | {r['failed']} | {r['output_throughput']:.1f} | "
                      f"{r['median_ttft_ms'] / 1000:.2f} | {r['p99_ttft_ms'] / 1000:.2f} | {r['median_tpot_ms']:.0f} | "
                      f"{r['p99_tpot_ms']:.0f} |")
+    if tfs:
+        lines += ["", "Output tok/s over `transformers serve --continuous-batching`: " + ", ".join(
+            f"{name} {x:.2f}×" for name, x in ratios["over_transformers_serve"].items())]
     lines += ["", "| TP | (a)/(b) throughput | (a)/(b) TTFT p99 | (a)/(c) throughput |", "| --- | --- | --- | --- |"]
     for tp, q in ratios.items():
+        if not tp.startswith("tp"):
+            continue
         cells = [f"{q[k]:.2f}" if k in q else "-" for k in ("throughput_a_over_b", "ttft_p99_a_over_b",
                                                               "throughput_a_over_c")]
         lines.append(f"| {tp} | " + " | ".join(cells) + " |")

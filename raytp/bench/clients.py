@@ -32,9 +32,12 @@ class HTTPClient:
     """Streams ``/v1/completions`` with ``stream_options.include_usage`` (token counts from the server's usage)."""
 
     def __init__(self, base_url: str, model: str, ignore_eos: bool, api_key: str | None = None,
-                 endpoint: str = "/v1/completions", timeout_s: float = 600.0):
+                 endpoint: str = "/v1/completions", timeout_s: float = 600.0, tokenizer=None):
         self.url = base_url.rstrip("/") + endpoint
         self.model, self.ignore_eos = model, ignore_eos
+        # a server that takes only text prompts and sends no usage (``transformers serve``): token-id prompts are
+        # decoded with ``tokenizer``, and the output tokens are the streamed chunks that carry text
+        self.tokenizer = tokenizer
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self._http = None
@@ -50,9 +53,12 @@ class HTTPClient:
         await self._http.aclose()
 
     async def send(self, req: BenchRequest) -> RequestResult:
-        body = {"model": self.model, "prompt": req.prompt, "max_tokens": req.output_len, "temperature": 0.0,
+        prompt = req.prompt
+        if self.tokenizer is not None and not isinstance(prompt, str):
+            prompt = self.tokenizer.decode(prompt)
+        body = {"model": self.model, "prompt": prompt, "max_tokens": req.output_len, "temperature": 0.0,
                 "stream": True, "stream_options": {"include_usage": True}}
-        if self.ignore_eos:
+        if self.ignore_eos and self.tokenizer is None:  # (transformers serve refuses the field: 422)
             body["ignore_eos"] = True
         start = time.perf_counter()
         last, ttft, itl, usage, chunks = start, 0.0, [], None, 0
@@ -80,6 +86,8 @@ class HTTPClient:
         except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash of the benchmark
             return RequestResult(False, error=f"{type(e).__name__}: {e}"[:200])
         end = time.perf_counter()
+        if usage is None and self.tokenizer is not None:
+            usage = {"prompt_tokens": req.prompt_len or 0, "completion_tokens": chunks}
         if usage is None:
             return RequestResult(False, error="server sent no usage (stream_options.include_usage unsupported?)")
         return RequestResult(True, usage["prompt_tokens"], usage["completion_tokens"], ttft, end - start, itl)

@@ -4,6 +4,8 @@
 ``NAME=raytp:k=v,...``      raytp started here for this target only (``serve.run`` on a local Ray), with
                              these config overrides of ``--model`` (e.g. ``raytp:tensor_parallel_size=2``)
 ``NAME=transformers:k=v``   the in-process transformers baseline, one request at a time (``dtype=``)
+``NAME=transformers-serve:k=v``  ``transformers serve --continuous-batching`` started here on the same checkpoint
+                             (``dtype=``): transformers' own OpenAI server with its continuous batching
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def parse(spec: str) -> Target:
     if rest.startswith(("http://", "https://")):
         return Target(name, "url", url=rest)
     kind, _, opts = rest.partition(":")
-    if kind not in ("raytp", "transformers"):
+    if kind not in ("raytp", "transformers", "transformers-serve"):
         raise ValueError(f"--compare {spec!r}: unknown target kind {kind!r}")
     options = []
     for item in filter(None, opts.split(",")):
@@ -66,6 +68,16 @@ async def open_target(target: Target, *, model: str, ignore_eos: bool, api_key: 
             raise ValueError(f"the transformers baseline needs a local checkpoint or raytp preset, not {model!r}")
         async with TransformersClient(path, str(opts.get("dtype", "bfloat16")), ignore_eos, opts.get("threads")) as c:
             yield c, 1
+    elif target.kind == "transformers-serve":
+        path = model_path(model)
+        if path is None:
+            raise ValueError(f"transformers serve needs a local checkpoint or raytp preset, not {model!r}")
+        from transformers import AutoTokenizer
+
+        with _transformers_serve(str(opts.get("dtype", "bfloat16")), port):
+            async with HTTPClient(f"http://127.0.0.1:{port}", path, ignore_eos,
+                                  tokenizer=AutoTokenizer.from_pretrained(path)) as client:
+                yield client, 1
     else:
         with _raytp_app(model, opts, port):
             async with HTTPClient(f"http://127.0.0.1:{port}", model, ignore_eos) as client:
@@ -83,6 +95,33 @@ async def _tp_of(url: str, api_key: str | None) -> int:
             return int(r.json().get("tensor_parallel_size", 1))
     except Exception:  # noqa: BLE001 - not raytp, or no /health
         return 1
+
+
+@contextlib.contextmanager
+def _transformers_serve(dtype: str, port: int, timeout_s: float = 300.0):
+    """``transformers serve --continuous-batching`` in a subprocess (it loads the request's model on first use)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import requests
+
+    exe = shutil.which("transformers") or os.path.join(os.path.dirname(sys.executable), "transformers")
+    proc = subprocess.Popen([exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve did not come up (exit code {proc.poll()})")
+            time.sleep(0.5)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 @contextlib.contextmanager

@@ -65,6 +65,7 @@ def test_compare_targets_parse():
     t = targets.parse("tp2=raytp:tensor_parallel_size=2,dtype=bfloat16,low_bit=null")
     assert t.kind == "raytp" and dict(t.options) == {"tensor_parallel_size": 2, "dtype": "bfloat16", "low_bit": None}
     assert targets.parse("hf=transformers").kind == "transformers"
+    assert targets.parse("tfs=transformers-serve:dtype=bfloat16").kind == "transformers-serve"
     for bad in ("nourl", "x=ftp://h", "x=raytp:tp", "=raytp"):
         with pytest.raises(ValueError):
             targets.parse(bad)
