@@ -2,9 +2,10 @@
 
 ``RankRequests.apply(step)`` drops the sequences that left, records the ones that joined, appends each row's new
 blocks to its sequence's table, and returns the step's rows resolved against that state (``LiveRow``: what the
-model runner and the sampler read). Each live sequence holds a *slot*: its row in the model runner's device
-block-table tensor, which ``take_table_writes`` keeps in step with the host tables (only the entries that
-changed). The scripted test gang keeps the same state with the same class.
+model runner and the sampler read). A live sequence's handle (small, unique among live sequences, reused by the
+engine once a sequence has left) is also its row in the model runner's device block-table tensor, which
+``take_table_writes`` keeps in step with the host tables (only the entries that changed). The scripted test
+gang keeps the same state with the same class.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class LiveRow:
     token_ids: tuple[int, ...]
     start_pos: int
     block_table: list[int]  # the rank's own list (appended in place as the sequence grows)
-    slot: int  # the sequence's row of the device block tables
+    slot: int  # the sequence's row of the device block tables (its handle)
     sample: bool
     params: SamplingParams
     num_prompt_tokens: int = 0
@@ -56,19 +57,15 @@ class RankRequests:
     def __init__(self, track_writes: bool = False):
         self.track_writes = track_writes
         self.live: dict[int, _Live] = {}  # by handle
-        self._free_slots: list[int] = []
-        self.num_slots = 0  # slots handed out so far (the device tables need at least this many rows)
+        self.num_slots = 0  # 1 + the largest handle seen (the device tables need at least this many rows)
         self._writes: list[tuple[int, int, int]] = []  # (slot, column, block) since take_table_writes
 
     def apply(self, step: StepInput) -> list[LiveRow]:
         for handle in step.finished:
-            gone = self.live.pop(handle, None)
-            if gone is not None:
-                self._free_slots.append(gone.slot)
+            self.live.pop(handle, None)
         for new in step.new_requests:
-            old = self.live.pop(new.handle, None)
-            slot = old.slot if old is not None else self._take_slot()
-            s = self.live[new.handle] = _Live(new.seq_id, new.params, new.num_prompt_tokens, [], slot,
+            self.num_slots = max(self.num_slots, new.handle + 1)
+            s = self.live[new.handle] = _Live(new.seq_id, new.params, new.num_prompt_tokens, [], new.handle,
                                               list(new.history))
             self._extend(s, new.block_table)
         rows = []
@@ -87,12 +84,6 @@ class RankRequests:
         """The (slot, column, block) entries written since the last call, for the device mirror."""
         writes, self._writes = self._writes, []
         return writes
-
-    def _take_slot(self) -> int:
-        if self._free_slots:
-            return self._free_slots.pop()
-        self.num_slots += 1
-        return self.num_slots - 1
 
     def _extend(self, s: _Live, blocks) -> None:
         if self.track_writes:
