@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="Served model name (see GET /v1/models).")
+    model: str | None = Field(None, description="Served model name (see GET /v1/models). Absent or empty: the "
+                              "served model, as vLLM answers.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)

@@ -104,6 +104,8 @@ class OpenAIServing:
     def _prepare(self, body, chat: bool, request_id: str | None = None):
         """Validate a request; return it with its id and its choices (prompts × n), each with engine params."""
         req = oai.parse(ChatCompletionRequest if chat else CompletionRequest, body)
+        if not req.model:  # absent or "": the one served model (vLLM's behaviour); responses name it
+            req = req.model_copy(update={"model": self.config.served_model_name})
         self._check_model(req.model)
         param = "messages" if chat else "prompt"
         requested = req.max_new_tokens if chat else req.max_tokens

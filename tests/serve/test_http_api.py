@@ -235,3 +235,17 @@ def test_client_errors_are_logged_as_one_info_line(app, ray_session):
     assert info and all(line.split()[0] == "INFO" for line in info), info
     assert not [line for line in lines if "ERROR" in line and "Request failed" in line]
     assert not [line for line in lines if "Traceback" in line]
+
+
+@pytest.mark.parametrize("model", [None, ""])
+def test_a_request_without_model_is_answered_by_the_served_model(app, model):
+    """vLLM's behaviour: an absent or empty ``model`` means the one served model, named in the answer."""
+    base = {"prompt": "requests arrive", "max_tokens": 3, "temperature": 0}
+    body = base if model is None else {**base, "model": model}
+    r = post("/v1/completions", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == MODEL
+    assert r.json()["choices"][0]["text"] == post("/v1/completions", {**base, "model": MODEL}).json()["choices"][0][
+        "text"]
+    chunks = sse_events(post("/v1/completions", {**body, "stream": True}, stream=True))
+    assert chunks and all(c["model"] == MODEL for c in chunks)

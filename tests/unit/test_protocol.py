@@ -8,10 +8,10 @@ from raytp.errors import InvalidRequestError
 def test_completion_defaults_follow_openai():
     r = parse(CompletionRequest, {"model": "m", "prompt": "hi"})
     assert r.max_tokens == 16 and r.temperature == 1.0 and r.stop == [] and r.n == 1
+    assert parse(CompletionRequest, {"prompt": "hi"}).model is None  # the server answers with its model (vLLM's)
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"prompt": "x"}, "model"),
     ({"model": "m"}, "prompt"),
     ({"model": "m", "prompt": "x", "max_tokens": -3}, "max_tokens"),
     ({"model": "m", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
