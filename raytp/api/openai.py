@@ -111,8 +111,20 @@ def logprobs_body(token_text, token_ids: list[int], entries: list, chat: bool, t
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": texts, "token_logprobs": [e[0] for e in entries],
-            "top_logprobs": [{token_text(a): lp for a, lp in e[1]} if e[0] is not None else None for e in entries],
+            "top_logprobs": [_top_with_chosen(token_text, t, e) for t, e in zip(token_ids, entries)],
             "text_offset": offsets}
+
+
+def _top_with_chosen(token_text, chosen: int, entry) -> dict | None:
+    """Completions' top_logprobs of one token: the k alternatives and, if not among them, the chosen token itself
+    (OpenAI documents up to k + 1 entries; vLLM does the same), so logprobs 0 gives exactly the chosen one."""
+    lp, top = entry
+    if lp is None:
+        return None
+    out = {token_text(a): a_lp for a, a_lp in top}
+    if all(a != chosen for a, _ in top):
+        out[token_text(chosen)] = lp
+    return out
 
 
 def merge_logprobs(first: dict, then: dict | None) -> dict:

@@ -88,3 +88,15 @@ def test_forced_tool_schema_is_vllms_shape():
     named = parse(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [tool],
                                           "tool_choice": {"type": "function", "function": {"name": "f"}}})
     assert forced_schema(named.tools, named.tool_choice, True) == {"type": "object"}
+
+
+def test_completion_top_logprobs_always_hold_the_chosen_token():
+    """OpenAI: the sampled token is among top_logprobs, so up to k + 1 entries; logprobs 0 → exactly that token."""
+    from raytp.api.openai import logprobs_body
+
+    text = {1: "a", 2: "b", 3: "c"}.get
+    body = logprobs_body(text, [3, 1, 2], [(-3.0, ((1, -0.5), (2, -1.0))), (-0.5, ((1, -0.5), (2, -1.0))),
+                                           (-1.0, ())], chat=False)
+    assert body["top_logprobs"] == [{"a": -0.5, "b": -1.0, "c": -3.0}, {"a": -0.5, "b": -1.0}, {"b": -1.0}]
+    chat = logprobs_body(text, [3], [(-3.0, ((1, -0.5),))], chat=True)
+    assert [t["token"] for t in chat["content"][0]["top_logprobs"]] == ["a"]  # chat: exactly top_logprobs
