@@ -26,7 +26,9 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = Field(
         None, validate_default=True, description="Up to 4 strings that end the completion (not included)."
     )
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="Choice j of a request samples with seed + j.")
+    # le, not lt: clients parse the bound's name from the error (less_than_equal / greater_than_equal), as vLLM's
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
+                             description="Choice j of a request samples with seed + j.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=64, description="Choices per prompt; they share the prompt's KV blocks.")
@@ -105,7 +107,8 @@ class ResponseFormat(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
-    continuous_usage_stats: bool = Field(False, description="Extension (vLLM): usage so far in every chunk.")
+    continuous_usage_stats: bool = Field(False, description="Extension (vLLM): usage so far in every chunk, when "
+                                         "include_usage is true.")
 
 
 class CompletionRequest(_Sampling):

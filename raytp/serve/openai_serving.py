@@ -229,7 +229,7 @@ class OpenAIServing:
             chunk = oai.stream_chunk(fanout.request_id, req.model, c.index, replace(out, text=text), chat,
                                      first=first, logprobs=logprobs)
             started.add(c.index)
-            if options and options.continuous_usage_stats:
+            if options and options.include_usage and options.continuous_usage_stats:  # vLLM: only with usage on
                 chunk["usage"] = oai.usage(*fanout.usage())
             yield chunk
             if out.finished:

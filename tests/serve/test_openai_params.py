@@ -76,6 +76,10 @@ def test_streamed_choices_carry_their_index_and_usage(app):
         assert choices[-1]["finish_reason"] in ("stop", "length")
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= 10
     assert len(by_index[0]) + len(by_index[1]) == chunks[-1]["usage"]["completion_tokens"], "an event per token"
+    # vLLM: usage rides on every chunk only when include_usage is on too
+    quiet = sse("/v1/chat/completions", {**body, "stream_options": {"include_usage": False,
+                                                                     "continuous_usage_stats": True}})
+    assert quiet and not any("usage" in ch for ch in quiet)
     whole = post("/v1/chat/completions", {**body, "stream_options": None}).json()
     assert ["".join(c["delta"].get("content", "") for c in by_index[i]) for i in (0, 1)] == \
         [c["message"]["content"] for c in whole["choices"]]

@@ -100,3 +100,15 @@ def test_completion_top_logprobs_always_hold_the_chosen_token():
     assert body["top_logprobs"] == [{"a": -0.5, "b": -1.0, "c": -3.0}, {"a": -0.5, "b": -1.0}, {"b": -1.0}]
     chat = logprobs_body(text, [3], [(-3.0, ((1, -0.5),))], chat=True)
     assert [t["token"] for t in chat["content"][0]["top_logprobs"]] == ["a"]  # chat: exactly top_logprobs
+
+
+def test_seed_bounds_are_named_as_clients_parse_them():
+    """The signed 64-bit range, refused with pydantic's bound names (vLLM clients read less_than_equal /
+    greater_than_equal from the error's code)."""
+    from raytp.errors import InvalidRequestError
+
+    assert parse(CompletionRequest, {"prompt": "x", "seed": 2**63 - 1}).seed == 2**63 - 1
+    for seed, code in ((2**63, "less_than_equal"), (-(2**63) - 1, "greater_than_equal")):
+        with pytest.raises(InvalidRequestError) as e:
+            parse(CompletionRequest, {"prompt": "x", "seed": seed})
+        assert e.value.param == "seed" and e.value.code == code
