@@ -21,7 +21,7 @@ class _Live:
     params: SamplingParams
     num_prompt_tokens: int
     table: list[int]
-    slot: int
+    handle: int  # also its row of the device block tables
     history: list[int] = field(default_factory=list)  # tokens computed so far, only if params.needs_history
 
 
@@ -73,7 +73,7 @@ class RankRequests:
             s = self.live[r.handle]
             self._extend(s, r.new_blocks)
             keeps_history = s.params.needs_history
-            rows.append(LiveRow(s.seq_id, r.token_ids, r.start_pos, s.table, s.slot, r.sample, s.params,
+            rows.append(LiveRow(s.seq_id, r.token_ids, r.start_pos, s.table, s.handle, r.sample, s.params,
                                 s.num_prompt_tokens, tuple(s.history) if keeps_history and r.sample else (),
                                 r.prompt_next, r.allowed))
             if keeps_history:
@@ -87,5 +87,5 @@ class RankRequests:
 
     def _extend(self, s: _Live, blocks) -> None:
         if self.track_writes:
-            self._writes.extend((s.slot, len(s.table) + i, b) for i, b in enumerate(blocks))
+            self._writes.extend((s.handle, len(s.table) + i, b) for i, b in enumerate(blocks))
         s.table.extend(blocks)

@@ -66,7 +66,7 @@ class StaticDecoder:
         self._metas = {(b, w): AttentionMetadata(
             query_start_loc=torch.arange(b + 1, dtype=torch.int32, device=device), seq_lens=self.ctx_lens[:b],
             block_tables=self.tables[:b, :w], slot_mapping=self.slots[:b], positions=self.positions[:, :b],
-            fresh_blocks=self.fresh[:b], num_tokens=b, num_rows=b, decode_only=True)
+            fresh_blocks=self.fresh[:b], num_tokens=b, num_rows=b)
             for b in self.batch_sizes for w in self.widths}
         self._graphs: dict[tuple[int, int], tuple] = {}  # bucket -> (captured graph, its logits tensor)
         self.warm_up_s = 0.0

@@ -133,4 +133,4 @@ def test_metadata_built_on_the_device_equals_the_host_build(seed):
     for name in ("query_start_loc", "seq_lens", "block_tables", "slot_mapping", "positions"):
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     assert set(got.fresh_blocks.tolist()) - {0} == set(want.fresh_blocks.tolist())
-    assert (got.num_tokens, got.num_rows, got.decode_only) == (want.num_tokens, want.num_rows, want.decode_only)
+    assert (got.num_tokens, got.num_rows) == (want.num_tokens, want.num_rows)

@@ -27,7 +27,6 @@ class AttentionMetadata:
     fresh_blocks: torch.Tensor | None  # int64 [F]: blocks whose first slot is written this step
     num_tokens: int
     num_rows: int
-    decode_only: bool  # every row computes one token
     plan: Any = field(default=None)  # the backend's own per-step plan (``AttentionBackend.prepare``), or None
 
 
@@ -56,7 +55,7 @@ def build_on_device(layout: Layout, block_size: int, tables: torch.Tensor, slots
         slot_mapping=block * block_size + positions % block_size, positions=positions[None],
         # a fixed-size index (0, the null block, where no block starts): zeroing the null block again is harmless
         fresh_blocks=torch.where(positions % block_size == 0, block, 0),
-        num_tokens=num_tokens, num_rows=num_rows, decode_only=max(qlens) == 1,
+        num_tokens=num_tokens, num_rows=num_rows,
     )
 
 
@@ -84,5 +83,4 @@ def build(layout: Layout, block_size: int, device) -> AttentionMetadata:
         fresh_blocks=torch.tensor(fresh, **i64) if fresh else None,
         num_tokens=starts[-1],
         num_rows=len(layout),
-        decode_only=all(n == 1 for n, _, _ in layout),
     )
