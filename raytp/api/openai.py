@@ -48,8 +48,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
     ``InvalidRequestError`` for token ids outside the vocabulary or a min_tokens above max_tokens."""
     bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
     stop_ids = tuple(req.stop_token_ids or ())
+    allowed = tuple(sorted(set(req.allowed_token_ids or ())))
     check_token_ids([t for t, _ in bias], vocab_size, "logit_bias")
     check_token_ids(stop_ids, vocab_size, "stop_token_ids")
+    check_token_ids(allowed, vocab_size, "allowed_token_ids")
     if req.min_tokens > max_tokens:
         raise InvalidRequestError(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
                                   param="min_tokens")
@@ -58,6 +60,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
         temperature=req.temperature,
         top_p=req.top_p,
         top_k=max(req.top_k, 0),
+        min_p=req.min_p,
         seed=req.seed,
         stop=tuple(req.stop or ()),
         ignore_eos=req.ignore_eos,
@@ -67,8 +70,11 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: 
         logit_bias=bias,
         min_tokens=req.min_tokens,
         stop_token_ids=stop_ids,
+        allowed_token_ids=allowed,
         logprobs=req.num_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs,
         grammar=grammar,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
     )
 
 
@@ -97,7 +103,7 @@ def logprobs_body(token_text, token_ids: list[int], entries: list, chat: bool, t
     / ``text_offset`` (from ``text_offset`` on), or chat's ``content`` list. ``token_text(id)``: a token's text."""
     if not entries:
         return None
-    entries = [e if e is not None else (None, ()) for e in entries]  # echo: the first prompt token has none
+    entries = [e if e is not None else (None, (), None) for e in entries]  # echo: the first prompt token has none
     if chat:
         def item(t, lp):
             text = token_text(t)
@@ -118,12 +124,27 @@ def logprobs_body(token_text, token_ids: list[int], entries: list, chat: bool, t
 def _top_with_chosen(token_text, chosen: int, entry) -> dict | None:
     """Completions' top_logprobs of one token: the k alternatives and, if not among them, the chosen token itself
     (OpenAI documents up to k + 1 entries; vLLM does the same), so logprobs 0 gives exactly the chosen one."""
-    lp, top = entry
+    lp, top = entry[0], entry[1]
     if lp is None:
         return None
     out = {token_text(a): a_lp for a, a_lp in top}
     if all(a != chosen for a, _ in top):
         out[token_text(chosen)] = lp
+    return out
+
+
+def prompt_logprobs_body(token_text, prompt_ids, entries: list, k: int) -> list:
+    """vLLM's ``prompt_logprobs``: null for the first prompt token, then per token a dict of token id (a string
+    key, as JSON has) → ``{"logprob", "rank", "decoded_token"}`` holding the prompt token itself and its ``k``
+    most likely alternatives (k or k + 1 entries). ``entries``: the engine's, one per prompt token after the
+    first."""
+    out: list = [None]
+    for token, entry in zip(list(prompt_ids)[1:], entries):
+        lp, top, rank = entry
+        item = {str(token): {"logprob": lp, "rank": rank, "decoded_token": token_text(token)}}
+        for r, (alt, alt_lp) in enumerate(top[:k], start=1):
+            item.setdefault(str(alt), {"logprob": alt_lp, "rank": r, "decoded_token": token_text(alt)})
+        out.append(item)
     return out
 
 

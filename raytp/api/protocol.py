@@ -1,31 +1,85 @@
 """OpenAI request schemas, validated with pydantic at the ingress (and again for handle callers).
 
-Fields raytp cannot honour are rejected with a message, never silently ignored (unknown fields, best_of > 1,
-beam search). Fields that only describe the caller (``user``, ``metadata``, ``store``,
-``service_tier``, ``prompt_cache_key``, ``safety_identifier``) are accepted and ignored by design: they change no
-output. The extensions vLLM has (``top_k``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
-``ignore_eos``, ``stream_options.continuous_usage_stats``) are accepted with vLLM's meaning.
+Parsing is lenient where vLLM's is: an unknown field, top-level or inside a message or any nested object, is
+accepted and ignored, and its name (never its value) is logged once per process at INFO, so a client that adds
+one field for another server still works. Known fields stay strict: wrong types and out-of-range values are a
+400 that names the field. Fields raytp knows but cannot honour are refused with a message that says why, never
+silently ignored (``best_of`` > 1, ``use_beam_search``, ``suffix``, the deprecated ``functions``, ...). Fields
+that only describe the caller (``user``, ``metadata``, ``store``, ``service_tier``, ``prompt_cache_key``,
+``safety_identifier``) are accepted and ignored by design: they change no output. vLLM's extensions (``top_k``,
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``allowed_token_ids``, ``ignore_eos``,
+``prompt_logprobs``, ``return_tokens_as_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``,
+``truncate_prompt_tokens``, ``structured_outputs`` and the older ``guided_*``, in chat ``echo``,
+``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``) are accepted with vLLM's
+meaning. A message's ``role`` is any string: which roles exist is the chat template's business.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import logging
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+logger = logging.getLogger("ray.serve")
+_MAX_LOGGED_FIELDS = 256  # bounds the memory (and the log) a client inventing field names can take
+_logged_fields: set[str] = set()
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _note_ignored(where: str, key: str) -> None:
+    """Log an ignored field's name once per process (names only: values may hold prompt text)."""
+    name = f"{where}.{key[:64]}"
+    if name in _logged_fields or len(_logged_fields) >= _MAX_LOGGED_FIELDS:
+        return
+    _logged_fields.add(name)
+    logger.info("raytp: ignoring unknown request field %r (accepted as vLLM does; logged once per process)", name)
 
+
+class _Lenient(BaseModel):
+    """vLLM's leniency: unknown keys are accepted and dropped (``extra="ignore"``), their names logged once."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    _where: ClassVar[str] = "request"  # how the log line names the object an unknown field was in
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data):
+        if isinstance(data, dict):
+            known = _known_keys(cls)
+            for key in data:
+                if isinstance(key, str) and key not in known:
+                    _note_ignored(cls._where, key)
+        return data
+
+
+def _known_keys(cls) -> frozenset[str]:
+    keys = _KNOWN.get(cls)
+    if keys is None:
+        keys = _KNOWN[cls] = frozenset(n for name, f in cls.model_fields.items() for n in (name, f.alias) if n)
+    return keys
+
+
+_KNOWN: dict[type, frozenset[str]] = {}
+
+
+def _refuse_set(value, info: ValidationInfo, why: str):
+    """A field raytp knows but cannot honour: refused once it asks for something (its default passes)."""
+    if value not in (None, False, [], {}):
+        raise ValueError(f"not supported: {why}")
+    return value
+
+
+class _Sampling(_Lenient):
     model: str | None = Field(None, description="Served model name (see GET /v1/models). Absent or empty: the "
                               "served model, as vLLM answers.")
     max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(-1, ge=-1, description="-1 or 0 = no top-k cut.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Extension (vLLM): after temperature, drop tokens less "
+                         "likely than min_p times the most likely one.")
     stop: str | list[str] | None = Field(
-        None, validate_default=True, description="Up to 4 strings that end the completion (not included)."
-    )
+        None, validate_default=True, description="Up to 4 strings that end the completion (not included).")
     # le, not lt: clients parse the bound's name from the error (less_than_equal / greater_than_equal), as vLLM's
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1,
                              description="Choice j of a request samples with seed + j.")
@@ -33,17 +87,43 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=64, description="Choices per prompt; they share the prompt's KV blocks.")
     best_of: int | None = Field(None, description="Only 1 (= n=1): best_of > 1 is not supported (vLLM removed it).")
+    use_beam_search: bool = Field(False, description="Extension (vLLM): only false; beam search is not supported.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Extension (vLLM): >1 discourages any "
                                       "token of the prompt or output so far.")
     logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) → bias in [-100, 100].")
+    allowed_token_ids: list[int] | None = Field(None, min_length=1, description="Extension (vLLM): only these "
+                                                "token ids may be generated.")
     min_tokens: int = Field(0, ge=0, description="Extension (vLLM): no EOS, stop token or stop string before this "
                             "many tokens.")
     stop_token_ids: list[int] | None = Field(None, description="Extension (vLLM): token ids that end the completion.")
+    include_stop_str_in_output: bool = Field(False, description="Extension (vLLM): the stop string (or stop "
+                                             "token's text) that ended the output is part of it.")
     ignore_eos: bool = Field(False, description="Extension (as in vLLM): keep generating past EOS.")
+    skip_special_tokens: bool = Field(True, description="Extension (vLLM): false keeps special tokens' text in the "
+                                      "output.")
+    prompt_logprobs: int | None = Field(None, ge=0, le=20, description="Extension (vLLM): log-probabilities of "
+                                        "every prompt token and of this many alternatives (response field "
+                                        "prompt_logprobs; not with stream).")
+    return_tokens_as_token_ids: bool = Field(False, description="Extension (vLLM): tokens in logprobs as "
+                                             "'token_id:N' (for tokens whose text is not valid UTF-8 alone).")
+    truncate_prompt_tokens: int | None = Field(None, ge=-1, description="Extension (vLLM): keep only the last N "
+                                               "prompt tokens (-1: max_model_len).")
     response_format: ResponseFormat | None = Field(None, description="text, json_object or json_schema: the output "
                                                    "is constrained to it token by token (compact JSON).")
+    structured_outputs: StructuredOutputs | None = Field(None, description="Extension (vLLM): one of json, regex, "
+                                                         "choice, grammar (Lark or GBNF), json_object.")
+    guided_json: str | dict | None = Field(None, description="Extension (older vLLM): = structured_outputs.json.")
+    guided_regex: str | None = Field(None, description="Extension (older vLLM): = structured_outputs.regex.")
+    guided_choice: list[str] | None = Field(None, min_length=1, description="Extension (older vLLM): = "
+                                            "structured_outputs.choice.")
+    guided_grammar: str | None = Field(None, description="Extension (older vLLM): = structured_outputs.grammar.")
+    # vLLM fields raytp cannot honour: named so they are refused, not ignored as unknown
+    length_penalty: float | None = Field(None, description="Not supported (beam search only).")
+    bad_words: list[str] | None = Field(None, description="Not supported.")
+    logits_processors: list | None = Field(None, description="Not supported (no code from requests).")
+    prompt_embeds: Any = Field(None, description="Not supported.")
     # Describe the caller only; accepted and ignored by design (they change no output).
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -56,8 +136,28 @@ class _Sampling(BaseModel):
     @classmethod
     def _no_best_of(cls, v: int | None) -> int | None:
         if v not in (None, 1):
-            raise ValueError("best_of > 1 is not supported (vLLM removed it too); use n")
+            raise ValueError("best_of > 1 is not supported (vLLM removed it too): it would generate best_of "
+                             "sequences per choice and return the most likely; use n and pick with logprobs")
         return v
+
+    @field_validator("use_beam_search")
+    @classmethod
+    def _no_beam_search(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("beam search is not supported: the engine samples one token per sequence per step and "
+                             "keeps no beams; use n with temperature, or greedy (temperature 0)")
+        return v
+
+    @field_validator("length_penalty")
+    @classmethod
+    def _no_length_penalty(cls, v, info: ValidationInfo):
+        return v if v in (None, 1.0) else _refuse_set(v, info, "length_penalty only applies to beam search, which "
+                                                       "raytp does not do")
+
+    @field_validator("bad_words", "logits_processors", "prompt_embeds")
+    @classmethod
+    def _not_supported(cls, v, info: ValidationInfo):
+        return _refuse_set(v, info, f"raytp does not implement {info.field_name}")
 
     @field_validator("logit_bias")
     @classmethod
@@ -67,6 +167,20 @@ class _Sampling(BaseModel):
                 raise ValueError(f"keys must be token ids, got {key!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias of token {key} must be in [-100, 100]")
+        return v
+
+    @field_validator("prompt_logprobs")
+    @classmethod
+    def _prompt_logprobs_not_streamed(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v and info.data.get("stream"):  # vLLM's rule and words: 0 with stream passes (and returns nothing)
+            raise ValueError("`prompt_logprobs` are not available when `stream=True`.")
+        return v
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("must be -1 (max_model_len) or at least 1")
         return v
 
     @model_validator(mode="after")
@@ -83,17 +197,61 @@ class _Sampling(BaseModel):
             raise ValueError("at most 4 stop strings")
         return stops
 
+    def structured_constraints(self) -> list[tuple[str, str, object]]:
+        """Every output constraint the request sets, as (param, kind, spec); kind is one of json, json_object,
+        regex, choice, grammar (``raytp.engine.structured.grammar_of``). More than one is the caller's error."""
+        found = []
+        if self.response_format is not None and self.response_format.type != "text":
+            rf = self.response_format
+            kind = "json_object" if rf.type == "json_object" else "json"
+            found.append(("response_format", kind, (rf.json_schema.schema_ or {}) if rf.json_schema else None))
+        if self.structured_outputs is not None:
+            found += [(f"structured_outputs.{k}", k, v) for k, v in self.structured_outputs.set_kinds()]
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                found.append((f"guided_{kind}", kind, value))
+        return found
 
-class JsonSchema(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+class StructuredOutputs(_Lenient):
+    """vLLM's ``structured_outputs``: exactly one constraint."""
+
+    _where: ClassVar[str] = "structured_outputs"
+    json_: str | dict | None = Field(None, alias="json", description="A JSON schema (object or string).")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, description="A Lark grammar (llguidance's dialect) or GBNF.")
+    json_object: bool | None = None
+    structural_tag: Any = Field(None, description="Not supported.")
+
+    @field_validator("structural_tag")
+    @classmethod
+    def _no_structural_tag(cls, v, info: ValidationInfo):
+        return _refuse_set(v, info, "structural tags are not implemented; use json, regex, choice or grammar")
+
+    def set_kinds(self) -> list[tuple[str, object]]:
+        kinds = [("json", self.json_), ("regex", self.regex), ("choice", self.choice), ("grammar", self.grammar)]
+        found = [(k, v) for k, v in kinds if v is not None]
+        return found + ([("json_object", None)] if self.json_object else [])
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if len(self.set_kinds()) != 1:
+            raise ValueError("give exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+
+class JsonSchema(_Lenient):
+    _where: ClassVar[str] = "response_format.json_schema"
     name: str = Field(max_length=64)
     description: str | None = None
     schema_: dict | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ResponseFormat(_Lenient):
+    _where: ClassVar[str] = "response_format"
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchema | None = None
 
@@ -104,8 +262,8 @@ class ResponseFormat(BaseModel):
         return self
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StreamOptions(_Lenient):
+    _where: ClassVar[str] = "stream_options"
     include_usage: bool = False
     continuous_usage_stats: bool = Field(False, description="Extension (vLLM): usage so far in every chunk, when "
                                          "include_usage is true.")
@@ -120,56 +278,62 @@ class CompletionRequest(_Sampling):
                        "tokens' log-probabilities, the first one null).")
     logprobs: int | None = Field(None, ge=0, le=20, description="Log-probabilities of each token and of this many "
                                  "alternatives (see docs: after temperature and penalties, before top-k/top-p).")
+    add_special_tokens: bool = Field(True, description="Extension (vLLM): text prompts get the tokenizer's "
+                                     "special tokens (e.g. BOS).")
     suffix: None = Field(None, description="Not supported.")
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(_Lenient):
+    _where: ClassVar[str] = "messages.content"
     type: Literal["text"] = Field(description="Only text parts: this server serves text-only models.")
     text: str
 
 
-class FunctionCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionCall(_Lenient):
+    _where: ClassVar[str] = "tool_calls.function"
     name: str
     arguments: str = Field(description="The arguments as a JSON string, as OpenAI sends them.")
 
 
-class ToolCall(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ToolCall(_Lenient):
+    _where: ClassVar[str] = "tool_calls"
     id: str
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class FunctionDef(_Lenient):
+    _where: ClassVar[str] = "tools.function"
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = None
     parameters: dict | None = Field(None, description="A JSON schema of the arguments.")
     strict: bool | None = None
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Tool(_Lenient):
+    _where: ClassVar[str] = "tools"
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedToolChoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class NamedToolChoice(_Lenient):
+    _where: ClassVar[str] = "tool_choice"
 
-    class _Name(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class _Name(_Lenient):
+        _where: ClassVar[str] = "tool_choice.function"
         name: str
 
     type: Literal["function"]
     function: _Name
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "developer", "tool"]
+STANDARD_ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class ChatMessage(_Lenient):
+    _where: ClassVar[str] = "messages"
+    role: str = Field(min_length=1, description="Any role the chat template accepts (system, user, assistant, "
+                      "developer, tool, or a template's own); the template refuses the others (400).")
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, description="An assistant turn's calls (content may be null).")
@@ -226,7 +390,25 @@ def _json_or_text(text: str):
         return text
 
 
-class ChatCompletionRequest(_Sampling):
+class _ChatTemplateOptions(_Lenient):
+    """vLLM's chat-template fields, shared by chat completions and /tokenize."""
+
+    add_generation_prompt: bool = Field(True, description="Extension (vLLM): end the prompt with the template's "
+                                        "assistant header (a new turn).")
+    continue_final_message: bool = Field(False, description="Extension (vLLM): the prompt ends inside the final "
+                                         "message, which the output continues (needs add_generation_prompt false).")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="Extension (vLLM): extra variables for "
+                                                        "the chat template (e.g. enable_thinking).")
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _one_way_to_end(cls, v: bool, info: ValidationInfo) -> bool:
+        if v and info.data.get("add_generation_prompt"):  # vLLM's words
+            raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+        return v
+
+
+class ChatCompletionRequest(_Sampling, _ChatTemplateOptions):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="Newer name for max_tokens.")
     logprobs: bool | None = Field(None, description="Log-probabilities of each output token.")
@@ -234,8 +416,28 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="Default: auto when tools are given. required / a named function constrain the output "
-        "to the call's JSON (it always parses); auto parses the model's text with the configured tool_call_parser.")
+        "to the call's JSON (it always parses); auto parses the model's text with the tool_call_parser (configured, "
+        "or detected from the chat template).")
     parallel_tool_calls: bool = True
+    echo: bool = Field(False, description="Extension (vLLM): when the last message is the assistant's, its content "
+                       "comes before the completion.")
+    add_special_tokens: bool = Field(False, description="Extension (vLLM): add the tokenizer's special tokens on "
+                                     "top of the template's (usually doubles BOS).")
+    functions: list | None = Field(None, description="Deprecated by OpenAI; not supported: use tools.")
+    function_call: Any = Field(None, description="Deprecated by OpenAI; not supported: use tool_choice.")
+    chat_template: str | None = Field(None, description="Not supported: the model's own template is used.")
+    documents: list | None = Field(None, description="Not supported.")
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _deprecated(cls, v, info: ValidationInfo):
+        return _refuse_set(v, info, f"{info.field_name} is deprecated by OpenAI; use tools / tool_choice")
+
+    @field_validator("chat_template", "documents")
+    @classmethod
+    def _template_inputs(cls, v, info: ValidationInfo):
+        return _refuse_set(v, info, f"{info.field_name}: requests cannot change the model's chat template or "
+                           "its inputs here")
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
@@ -250,8 +452,9 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
         if self.tool_choice in ("auto", "required") and not names:
             raise ValueError(f"tool_choice {self.tool_choice!r} needs tools")
-        if self.tools and self.response_format is not None and self.effective_tool_choice != "none":
-            raise ValueError("response_format and tool calls cannot constrain the same output; use one")
+        if self.tools and self.structured_constraints() and self.effective_tool_choice != "none":
+            raise ValueError("response_format (or structured_outputs) and tool calls cannot constrain the same "
+                             "output; use one")
         return self
 
     @property
@@ -269,15 +472,14 @@ class ChatCompletionRequest(_Sampling):
         return self.max_completion_tokens or self.max_tokens
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_ChatTemplateOptions):
     """vLLM's ``POST /tokenize``: a prompt or chat messages → token ids (what a request would compute)."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = Field(None, description="vLLM's defaults when absent: true for a prompt, false "
+                                            "for messages (the template has its own).")
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -286,10 +488,9 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Lenient):
     """vLLM's ``POST /detokenize``: token ids → text."""
 
-    model_config = ConfigDict(extra="forbid")
     model: str | None = None
     tokens: list[int]
 

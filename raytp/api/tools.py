@@ -5,7 +5,8 @@
   parses: a named function's output is exactly its arguments object; ``required``'s is a JSON array (one
   element unless ``parallel_tool_calls``) of ``{"name": <a tool>, "arguments": <its schema>}`` — vLLM's shape.
 * ``auto`` leaves the output free and parses it with the model family's convention, chosen by the
-  ``tool_call_parser`` config field. ``hermes`` (Qwen 2.5+, Hermes, many fine-tunes): each call is
+  ``tool_call_parser`` config field, or, when that is not set, detected from the chat template
+  (``detect_parser``). ``hermes`` (Qwen 2.5+, Hermes, many fine-tunes): each call is
   ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``; text outside the tags is the content.
 * ``none``: tools are only rendered by the template (if it renders them); nothing is parsed.
 """
@@ -78,3 +79,22 @@ def stream_deltas(content: str | None, calls: list[dict]) -> list[dict]:
     deltas = [{"role": "assistant", "content": content}]
     deltas += [{"tool_calls": [{"index": i, **call}]} for i, call in enumerate(calls)]
     return deltas
+
+
+def detect_parser(tokenizer) -> str | None:
+    """The ``tool_call_parser`` a chat template implies, or None: ``hermes`` if the template renders an assistant's
+    tool call inside ``<tool_call>`` tags (Qwen 2.5+, Hermes and their fine-tunes). The template is rendered with
+    a probe conversation (a tool, a call to it); a template that refuses the probe is read as text instead."""
+    template = tokenizer.chat_template
+    if not isinstance(template, str) or not template:
+        return None
+    tool = {"type": "function", "function": {"name": "probe", "description": "probe",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    probe = [{"role": "user", "content": "probe"},
+             {"role": "assistant", "content": "", "tool_calls": [
+                 {"id": "call_probe", "type": "function", "function": {"name": "probe", "arguments": {}}}]}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tools=[tool], tokenize=False)
+    except Exception:  # noqa: BLE001 - e.g. a template that raises on roles or order it does not expect
+        text = template
+    return "hermes" if "<tool_call>" in text else None

@@ -2,15 +2,23 @@
 
 Text is emitted only when it is stable: never a partial multi-byte character (the
 decoder's U+FFFD marks one) and never a tail that could still become a stop string,
-so a stop string never leaks into a stream, even when it spans several tokens.
+so a stop string never leaks into a stream, even when it spans several tokens (or, with
+``include_stop_str``, the text ends with the stop string that ended it, as vLLM's
+``include_stop_str_in_output``).
 """
 
 from __future__ import annotations
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    """``skip_special_tokens``: special tokens decode to no text (vLLM's default); ``include_stop_str``: a stop
+    string that ends the text is returned with it."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), *, skip_special_tokens: bool = True,
+                 include_stop_str: bool = False):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop_str = include_stop_str
         self.stop = tuple(s for s in stop if s)
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
         self._ids: list[int] = []
@@ -25,9 +33,12 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         self._read_new_tokens(final=False)
         # The holdback guarantees any new stop match starts at or after the emitted text.
-        hits = [at for at in (self.text.find(s, self._emitted) for s in self.stop) if at != -1] if check_stop else []
+        hits = [(at, len(s)) for s in self.stop if (at := self.text.find(s, self._emitted)) != -1] if check_stop \
+            else []
         if hits:
-            at = min(hits)
+            at, length = min(hits)
+            if self.include_stop_str:
+                at += length
             delta = self.text[self._emitted:at]
             self._emitted = at
             return delta, True
@@ -58,4 +69,5 @@ class IncrementalDetokenizer:
             self._prefix, self._read = self._read, len(self._ids)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)

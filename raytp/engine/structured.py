@@ -1,4 +1,5 @@
-"""Structured output: JSON (any object, or one matching a JSON schema) as a token mask per row.
+"""Structured output: JSON (any object, or one matching a JSON schema), a regular expression, one of a list of
+strings, or a Lark / GBNF grammar, as a token mask per row.
 
 Library choice (a short note, as the brief asks): llguidance (MIT; a Rust core with Python bindings and no
 dependencies) over xgrammar (whose wheel requires triton, a multi-hundred-MB GPU compiler, even on a CPU-only
@@ -25,20 +26,37 @@ def grammar_for(response_format: dict | None) -> str | None:
     free whitespace between tokens), so a model cannot pad forever. ``InvalidRequestError`` for a bad schema."""
     if not response_format or response_format["type"] == "text":
         return None
+    if response_format["type"] == "json_object":
+        return grammar_of("json_object", None, "response_format")
+    return grammar_of("json", response_format["json_schema"].get("schema") or {}, "response_format")
+
+
+def grammar_of(kind: str, spec, param: str) -> str:
+    """llguidance's grammar for one output constraint, vLLM's kinds: ``json`` (a JSON schema, a dict or its text;
+    compact, as ``grammar_for``), ``json_object`` (any object), ``regex``, ``choice`` (one of these strings,
+    exactly: an alternation of literals), ``grammar`` (Lark, llguidance's dialect, or GBNF). llguidance builds
+    every one (its ``grammar_from``); ``InvalidRequestError`` naming ``param`` if it cannot, or if the grammar is
+    unusable."""
+    import llguidance
     from llguidance import LLMatcher
 
-    if response_format["type"] == "json_object":
-        schema = {"type": "object"}
-    else:
-        schema = response_format["json_schema"].get("schema") or {}
     try:
-        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+        if kind in ("json", "json_object"):
+            schema = {"type": "object"} if kind == "json_object" else spec
+            schema = json.loads(schema) if isinstance(schema, str) else schema
+            grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+        else:
+            grammar = llguidance.grammar_from(kind, json.dumps(spec) if kind == "choice" else spec)
     except Exception as e:  # noqa: BLE001 - llguidance's own message names what is wrong
-        raise InvalidRequestError(f"response_format: invalid JSON schema: {e}", param="response_format") from None
-    error = LLMatcher.validate_grammar(grammar, None)  # "" when the grammar is usable
-    if error:
-        raise InvalidRequestError(f"response_format: unsupported JSON schema: {error}", param="response_format")
+        raise InvalidRequestError(f"{param}: invalid {_NAMES[kind]}: {e}", param=param) from None
+    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, None)
+    if is_error:
+        raise InvalidRequestError(f"{param}: unsupported {_NAMES[kind]}: {messages[0]}", param=param)
     return grammar
+
+
+_NAMES = {"json": "JSON schema", "json_object": "JSON schema", "regex": "regular expression",
+          "choice": "choice list", "grammar": "grammar"}
 
 
 class Grammars:

@@ -1,9 +1,9 @@
 """Token sampling for a whole batch in one pass (runs on rank 0 only; the tokens travel back to the driver).
 
-Greedy rows take the argmax. Sampled rows: temperature, top-k and top-p are per-row tensors applied to the
-rows' logits sorted once, then one inverse-CDF draw per row. The draw's uniform number is a hash of the
-request's seed and the position being sampled, not a stateful generator: a seeded request gets the same
-tokens alone or in any batch (each row's math only reads that row), across preemption and recompute, and
+Greedy rows take the argmax. Sampled rows: temperature, min-p, top-k and top-p (vLLM's order) are per-row
+tensors applied to the rows' logits sorted once, then one inverse-CDF draw per row. The draw's uniform number
+is a hash of the request's seed and the position being sampled, not a stateful generator: a seeded request gets
+the same tokens alone or in any batch (each row's math only reads that row), across preemption and recompute, and
 ranks keep no sampling state at all.
 """
 
@@ -38,9 +38,10 @@ def processed(logits: torch.Tensor, params: list[SamplingParams], positions: lis
 
 def adjusted(params: list[SamplingParams], logits: torch.Tensor, contexts: list[tuple[tuple[int, ...], int]],
              positions: list[int]) -> torch.Tensor:
-    """vLLM's order, every step one batched pass over these rows: logit_bias, min_tokens (EOS and stop tokens
-    masked while fewer outputs than that exist), repetition penalty over prompt + output, frequency and presence
-    penalties over the output. A context's token ids are only needed (and only sent) for penalties."""
+    """vLLM's order, every step one batched pass over these rows: allowed_token_ids (every other token masked),
+    logit_bias, min_tokens (EOS and stop tokens masked while fewer outputs than that exist), repetition penalty
+    over prompt + output, frequency and presence penalties over the output. A context's token ids are only needed
+    (and only sent) for penalties."""
     rows, vocab = logits.shape
     dev = logits.device
 
@@ -53,6 +54,11 @@ def adjusted(params: list[SamplingParams], logits: torch.Tensor, contexts: list[
         out = torch.zeros((rows, vocab + 1), dtype=values.dtype, device=dev)
         return out.scatter_add_(1, ids, values)[:, :vocab]
 
+    if any(p.allowed_token_ids for p in params):
+        ids = padded([p.allowed_token_ids for p in params])
+        ok = scattered(ids, torch.ones(ids.shape, device=dev)) > 0
+        unlimited = torch.tensor([not p.allowed_token_ids for p in params], device=dev)[:, None]
+        logits = logits.masked_fill(~(ok | unlimited), float("-inf"))
     if any(p.logit_bias for p in params):
         ids = padded([[t for t, _ in p.logit_bias] for p in params])
         bias = torch.tensor([[b for _, b in p.logit_bias] + [0.0] * (ids.shape[1] - len(p.logit_bias))
@@ -98,20 +104,32 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], positions: list[i
     dev, vocab = logits.device, logits.shape[-1]
     sampled = [params[i] for i in rows]
     idx = torch.tensor(rows, device=dev)
-    temperature = torch.tensor([p.temperature for p in sampled], device=dev)
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in sampled], device=dev)
-    top_p = torch.tensor([p.top_p for p in sampled], device=dev)
     u = torch.tensor([uniform(p.seed, positions[i]) for p, i in zip(sampled, rows)], dtype=torch.float64,
                      device=dev)
-    scores, order = (logits[idx] / temperature[:, None]).sort(dim=-1, descending=True)
-    scores = scores.masked_fill(torch.arange(vocab, device=dev)[None, :] >= top_k[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    # top-p: keep the smallest prefix whose mass reaches top_p (always at least the top token)
-    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
+    probs, order = sorted_distribution(logits[idx], sampled)
     cdf = probs.double().cumsum(-1)
     choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(max=vocab - 1)
     tokens[idx] = order.gather(1, choice).squeeze(1)
     return tokens
+
+
+def sorted_distribution(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What sampled rows draw from: (probabilities [B, V], unnormalized, in descending order of the logits; the
+    token id of each column). vLLM's order: temperature, then min-p (cut tokens less likely than min_p times the
+    most likely one), then top-k, then top-p (the smallest prefix whose mass reaches top_p, at least one token)."""
+    dev, vocab = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], device=dev)
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    scores, order = (logits / temperature[:, None]).sort(dim=-1, descending=True)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=dev)
+        full = torch.softmax(scores, dim=-1)
+        scores = scores.masked_fill(full < min_p[:, None] * full[:, :1], float("-inf"))
+    scores = scores.masked_fill(torch.arange(vocab, device=dev)[None, :] >= top_k[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
+    return probs, order
 
 
 def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], positions: list[int],
@@ -135,12 +153,15 @@ def token_logprobs(logits: torch.Tensor, params: list[SamplingParams], positions
 
 
 def _entries(lp: torch.Tensor, targets: torch.Tensor, ks: list[int]) -> list[TokenLogprob]:
-    """Per row of log-probabilities ``lp`` [N, V]: (the target's, its ``ks[row]`` most likely tokens')."""
-    chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+    """Per row of log-probabilities ``lp`` [N, V]: (the target's, its ``ks[row]`` most likely tokens', the target's
+    rank: how many tokens are at least as likely, itself included, as vLLM counts)."""
+    chosen = lp.gather(1, targets[:, None])
+    ranks = (lp >= chosen).sum(-1).tolist()
+    chosen = chosen.squeeze(1).tolist()
     k = max(ks)
     top_lp, top_id = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
     top_lp, top_id = top_lp.tolist(), top_id.tolist()
-    return [(chosen[j], tuple(zip(top_id[j][:n], top_lp[j][:n]))) for j, n in enumerate(ks)]
+    return [(chosen[j], tuple(zip(top_id[j][:n], top_lp[j][:n])), ranks[j]) for j, n in enumerate(ks)]
 
 
 def prompt_token_logprobs(logits: torch.Tensor, rows) -> tuple:

@@ -27,8 +27,9 @@ class Choice:
     last: RequestOutput | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list = field(default_factory=list)  # TokenLogprob per token, when asked
-    echo_text: str | None = None  # echo: the prompt's text, returned before the completion
-    prompt_logprobs: list | None = None  # echo with logprobs: the engine's entries for prompt tokens 1..
+    echo_text: str | None = None  # echo: the prompt's (chat: the assistant's last message's) text, returned first
+    echo_logprobs: int | None = None  # a completion's echo with logprobs: alternatives per prompt token
+    prompt_logprobs: list | None = None  # the engine's entries for prompt tokens 1.. (echo, prompt_logprobs)
     drop_output: bool = False  # max_tokens 0 with echo: one token is generated (the engine always samples) and hidden
 
     @property

@@ -1,7 +1,8 @@
 """OpenAI request bodies ⇄ the engine, for one replica: each request is validated against what only the replica
 knows (the served name, the tokenizer's vocabulary and chat template, max_model_len, tools), split into its
 choices (prompts × n) on the engine (``raytp.serve.fanout``), and answered as OpenAI bodies or SSE chunks (with
-logprobs, echo, tool calls). The deployment (``raytp.serve.server``) delegates its OpenAI methods here.
+logprobs, echo, tool calls, and vLLM's prompt_logprobs). The deployment (``raytp.serve.server``) delegates its
+OpenAI methods here.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import inspect
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -17,10 +19,16 @@ from ray import serve
 
 from raytp.api import openai as oai
 from raytp.api import tools as tool_calls
-from raytp.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from raytp.api.protocol import (
+    STANDARD_ROLES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 from raytp.config import ResolvedConfig
 from raytp.engine.protocol import EngineClient, RequestOutput
-from raytp.engine.structured import grammar_for
+from raytp.engine.structured import grammar_of
 from raytp.errors import InvalidRequestError, ModelNotFoundError
 from raytp.serve.fanout import Choice, Fanout
 
@@ -37,6 +45,17 @@ class OpenAIServing:
         self.tokenizer = tokenizer
         self.engine = engine
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="raytp-prepare")
+        # apply_chat_template's own arguments (this transformers version's): chat_template_kwargs cannot set them
+        self._template_params = frozenset(
+            name for name, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        # tool_choice auto's parser: configured, else what the chat template implies (decided once, here)
+        self.tool_call_parser = config.tool_call_parser
+        if self.tool_call_parser is None:
+            self.tool_call_parser = tool_calls.detect_parser(tokenizer)
+            logger.info("raytp: tool_call_parser not configured; %s", f"detected {self.tool_call_parser!r} from "
+                        "the chat template" if self.tool_call_parser else "none detected from the chat template "
+                        "(tool_choice auto is refused)")
 
     # ``request_id``: the HTTP request's id (X-Request-Id), passed on by the ingress; else Serve's or a new one.
     async def completion(self, body, chat: bool, request_id: str | None = None) -> dict:
@@ -60,10 +79,10 @@ class OpenAIServing:
     def tokenize(self, body) -> dict:
         req = oai.parse(TokenizeRequest, body)
         self._check_model(req.model)
-        if req.messages is not None:
-            ids = self._chat_ids(req.messages, req.add_generation_prompt)
+        if req.messages is not None:  # vLLM's defaults: special tokens are the template's (added for a prompt)
+            ids = self._chat_ids(req, add_special_tokens=bool(req.add_special_tokens))
         else:
-            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
         return {"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": list(ids)}
 
     def detokenize(self, body) -> dict:
@@ -78,22 +97,32 @@ class OpenAIServing:
             raise ModelNotFoundError(f"model {model!r} is not served here; "
                                      f"available: {self.config.served_model_name!r}")
 
-    def _choice_text_logprobs(self, c: Choice, texts: list[str], token_ids: list[int], entries: list, first: bool,
-                              offset: int, chat: bool) -> tuple[str, dict | None]:
+    def _choice_text_logprobs(self, req, c: Choice, texts: list[str], token_ids: list[int], entries: list,
+                              first: bool, offset: int, chat: bool) -> tuple[str, dict | None]:
         """A choice's text and logprobs object for these output tokens (the whole choice, or one stream delta):
-        echo puts the prompt (and its logprobs, the first one null) before the first piece; max_tokens 0 hides
-        the output."""
+        echo puts the prompt, or in chat the assistant's last message, before the first piece (a completion's
+        echo with logprobs puts the prompt's logprobs first, the first one null); max_tokens 0 hides the
+        output."""
         if c.drop_output:
             texts, token_ids, entries = [], [], []
         text = "".join(texts)
+        token_text = _token_id_text if req.return_tokens_as_token_ids else self._token_text
         if c.echo_text is not None and first:
             text = c.echo_text + text
-            if c.prompt_logprobs is not None:
-                prompt = oai.logprobs_body(self._token_text, list(c.prompt_ids), [None] + c.prompt_logprobs, chat, 0)
-                rest = oai.logprobs_body(self._token_text, token_ids, entries, chat,
+            if c.echo_logprobs is not None and c.prompt_logprobs is not None:
+                k = c.echo_logprobs  # the engine may hold more alternatives, for prompt_logprobs
+                scored = [None] + [(e[0], e[1][:k], e[2]) for e in c.prompt_logprobs]
+                prompt = oai.logprobs_body(token_text, list(c.prompt_ids), scored, chat, 0)
+                rest = oai.logprobs_body(token_text, token_ids, entries, chat,
                                          len("".join(prompt["tokens"]))) if entries else None
                 return text, oai.merge_logprobs(prompt, rest)
-        return text, oai.logprobs_body(self._token_text, token_ids, entries, chat, offset)
+        return text, oai.logprobs_body(token_text, token_ids, entries, chat, offset)
+
+    def _prompt_logprobs(self, req, c: Choice) -> list | None:
+        """vLLM's ``prompt_logprobs`` of a choice's prompt, if the request asked (never in a stream)."""
+        if req.prompt_logprobs is None or req.stream or c.prompt_logprobs is None:
+            return None
+        return oai.prompt_logprobs_body(self._token_text, c.prompt_ids, c.prompt_logprobs, req.prompt_logprobs)
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
@@ -114,6 +143,10 @@ class OpenAIServing:
             raise InvalidRequestError("max_tokens: must be at least 1 (0 only with echo: true)", param="max_tokens")
         grammar = self._grammar(req, chat)  # compiled once for every prompt and choice
         items = self._prompt_items(req, chat)
+        # prompt logprobs: a completion's echo with logprobs, and vLLM's prompt_logprobs (not streamed); the engine
+        # computes the larger number of alternatives once
+        echo_logprobs = req.logprobs if echo else None
+        wanted = [k for k in (echo_logprobs, None if req.stream else req.prompt_logprobs) if k is not None]
         choices = []
         for i, prompt_ids in enumerate(self._prompts(req, chat, items)):
             room = self.config.max_model_len - len(prompt_ids)
@@ -128,11 +161,11 @@ class OpenAIServing:
                     param="max_tokens", code="context_length_exceeded")
             # max_tokens 0 (echo: score the prompt only): the engine samples once after a prompt; that token is hidden
             params = oai.sampling_params(req, requested or room, len(self.tokenizer), grammar)
-            if echo and req.logprobs is not None:
-                params = replace(params, prompt_logprobs=req.logprobs)
-            text = self._prompt_text(items[i]) if echo else None
+            if wanted:
+                params = replace(params, prompt_logprobs=max(wanted))
+            text = self._echo_text(req, chat, items[i] if items else None, prompt_ids)
             choices += [Choice(i * req.n + j, prompt_ids, oai.for_choice(params, j), i * req.n, echo_text=text,
-                               drop_output=requested == 0) for j in range(req.n)]
+                               echo_logprobs=echo_logprobs, drop_output=requested == 0) for j in range(req.n)]
         request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
         logger.info("raytp: request %s: %d choices, %d prompt tokens, max_tokens %d", request_id, len(choices),
                     sum(len(c.prompt_ids) for c in choices if c.index == c.leader), choices[0].params.max_tokens)
@@ -145,19 +178,25 @@ class OpenAIServing:
             return None
         if choice != "auto":
             return "forced"
-        if not self.config.tool_call_parser:
+        if not self.tool_call_parser:
             raise InvalidRequestError(
-                "tool_choice auto (the default when tools are given) needs the server's tool_call_parser config "
-                "(e.g. hermes); or send tool_choice required, a named function, or none", param="tool_choice")
+                "tool_choice auto (the default when tools are given) needs a tool_call_parser: none is configured "
+                "and none was detected from the model's chat template; configure one (e.g. hermes), or send "
+                "tool_choice required, a named function, or none", param="tool_choice")
         return "auto"
 
     def _grammar(self, req, chat: bool) -> str | None:
         """What constrains the output: a forced tool call's JSON (required / a named function: it always
-        parses), else ``response_format`` (the request model refuses both at once), else nothing."""
+        parses), else the one of ``response_format`` / ``structured_outputs`` / ``guided_*`` the request sets
+        (two are a 400 naming the second; the request model refuses tool calls with any), else nothing."""
         if self._tool_mode(req, chat) == "forced":
             schema = tool_calls.forced_schema(req.tools, req.effective_tool_choice, req.parallel_tool_calls)
-            return grammar_for({"type": "json_schema", "json_schema": {"name": "tool_call", "schema": schema}})
-        return grammar_for(req.response_format.model_dump(by_alias=True) if req.response_format else None)
+            return grammar_of("json", schema, "tools")
+        found = req.structured_constraints()
+        if len(found) > 1:
+            raise InvalidRequestError(f"{found[1][0]}: only one output constraint per request, and {found[0][0]} "
+                                      "is set too", param=found[1][0])
+        return grammar_of(found[0][1], found[0][2], found[0][0]) if found else None
 
     @staticmethod
     def _prompt_items(req, chat: bool) -> list:
@@ -167,35 +206,64 @@ class OpenAIServing:
         p = req.prompt
         return p if isinstance(p, list) and p and not isinstance(p[0], int) else [p]
 
-    def _prompt_text(self, item) -> str:
-        """A completion prompt as text, for echo: as sent if it was text, else its tokens decoded."""
-        return item if isinstance(item, str) else self.tokenizer.decode(item)
+    def _echo_text(self, req, chat: bool, item, prompt_ids: tuple[int, ...]) -> str | None:
+        """What echo puts before the output: a completion's prompt (as sent if it was text and not truncated,
+        else its tokens decoded); in chat, the last message's content when it is the assistant's (vLLM's)."""
+        if not req.echo:
+            return None
+        if chat:
+            last = req.messages[-1]
+            return last.text if last.role == "assistant" else None
+        if isinstance(item, str) and req.truncate_prompt_tokens is None:
+            return item
+        return self.tokenizer.decode(prompt_ids)
 
     def _prompts(self, req, chat: bool, items: list) -> list[tuple[int, ...]]:
-        """Token ids of each prompt: the chat rendered by the model's template, or each completion prompt."""
+        """Token ids of each prompt: the chat rendered by the model's template, or each completion prompt; the
+        last ``truncate_prompt_tokens`` of each, if asked."""
         if chat:
             tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-            prompts = [self._chat_ids(req.messages, True, tools)]
+            prompts = [self._chat_ids(req, tools, req.add_special_tokens)]
         else:
-            prompts = [self.tokenizer.encode(x) if isinstance(x, str) else x for x in items]
+            prompts = [self.tokenizer.encode(x, add_special_tokens=req.add_special_tokens) if isinstance(x, str) else x
+                       for x in items]
             for ids in prompts:
                 self._check_ids(ids, "prompt")
         if not prompts or any(not ids for ids in prompts):
             raise InvalidRequestError("prompt is empty", param="messages" if chat else "prompt")
+        keep = req.truncate_prompt_tokens
+        if keep is not None:
+            keep = self.config.max_model_len if keep == -1 else keep
+            if keep > self.config.max_model_len:
+                raise InvalidRequestError(f"truncate_prompt_tokens ({keep}) exceeds max_model_len "
+                                          f"({self.config.max_model_len})", param="truncate_prompt_tokens")
+            prompts = [ids[-keep:] for ids in prompts]
         return [tuple(ids) for ids in prompts]
 
-    def _chat_ids(self, messages, add_generation_prompt: bool, tools: list | None = None) -> list[int]:
-        """The chat rendered by the model's template (with ``tools``, for templates that render them)."""
+    def _chat_ids(self, req, tools: list | None = None, add_special_tokens: bool = False) -> list[int]:
+        """The chat of ``req`` (a chat completion or /tokenize request) rendered by the model's template, with
+        ``tools`` for templates that render them and vLLM's template options: ``add_generation_prompt``,
+        ``continue_final_message`` (the prompt ends inside the final message: transformers strips what the template
+        puts after it), ``chat_template_kwargs`` (more template variables)."""
         if not self.tokenizer.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions", param="messages")
-        rendered = [m.for_template() for m in messages]
+        extra = dict(req.chat_template_kwargs or {})
+        taken = sorted(extra.keys() & self._template_params)
+        if taken:
+            raise InvalidRequestError(f"chat_template_kwargs: {', '.join(taken)} cannot be set here (arguments of "
+                                      "apply_chat_template itself; some are request fields)",
+                                      param="chat_template_kwargs")
+        rendered = [m.for_template() for m in req.messages]
         try:
-            text = self.tokenizer.apply_chat_template(rendered, tools=tools, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(
+                rendered, tools=tools, tokenize=False, add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message, **extra)
         except Exception as e:  # noqa: BLE001 - a template that refuses these messages (roles, order): the caller's
-            raise InvalidRequestError(f"the model's chat template cannot render these messages: {e}",
+            custom = sorted({m.role for m in req.messages} - set(STANDARD_ROLES))
+            roles = f" (custom roles here: {', '.join(repr(r) for r in custom)})" if custom else ""
+            raise InvalidRequestError(f"the model's chat template cannot render these messages{roles}: {e}",
                                       param="messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     async def _collect(self, req, fanout: Fanout, chat: bool) -> dict:
         choices = await fanout.collect()
@@ -203,14 +271,19 @@ class OpenAIServing:
             _log_finished(fanout.engine_id(c), c.last)
         body, mode = [], self._tool_mode(req, chat)
         for c in choices:
-            text, logprobs = self._choice_text_logprobs(c, c.text, c.token_ids, c.logprobs, True, 0, chat)
+            text, logprobs = self._choice_text_logprobs(req, c, c.text, c.token_ids, c.logprobs, True, 0, chat)
             calls = []
             if mode:
                 text, found = tool_calls.extract(text, mode, req.effective_tool_choice, c.last.finish_reason)
                 calls = tool_calls.tool_calls_body(found)
             body.append(oai.choice_body(c.index, text, logprobs, chat=chat, tool_calls=calls,
                                         finish_reason="tool_calls" if calls else c.last.finish_reason))
-        return oai.completion_body(fanout.request_id, req.model, body, oai.usage(*fanout.usage()), chat)
+            if not chat and req.prompt_logprobs is not None:  # vLLM: per choice in completions
+                body[-1]["prompt_logprobs"] = self._prompt_logprobs(req, c)
+        out = oai.completion_body(fanout.request_id, req.model, body, oai.usage(*fanout.usage()), chat)
+        if chat and req.prompt_logprobs is not None:  # vLLM: once, beside the choices, in chat (one prompt)
+            out["prompt_logprobs"] = self._prompt_logprobs(req, choices[0])
+        return out
 
     async def _stream(self, req, fanout: Fanout, chat: bool):
         if self._tool_mode(req, chat):
@@ -222,8 +295,8 @@ class OpenAIServing:
         offsets: dict[int, int] = {}  # per choice: characters of token text before this chunk's tokens
         async for c, out in fanout.stream():
             first = c.index not in started
-            text, logprobs = self._choice_text_logprobs(c, [out.text], out.token_ids, out.logprobs or [], first,
-                                                        offsets.get(c.index, 0), chat)
+            text, logprobs = self._choice_text_logprobs(req, c, [out.text], out.token_ids, out.logprobs or [],
+                                                        first, offsets.get(c.index, 0), chat)
             if logprobs and not chat:
                 offsets[c.index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
             chunk = oai.stream_chunk(fanout.request_id, req.model, c.index, replace(out, text=text), chat,
@@ -252,6 +325,11 @@ class OpenAIServing:
             yield oai.delta_chunk(fanout.request_id, model, c.index, {}, "tool_calls" if calls else out.finish_reason)
         if req.stream_options and req.stream_options.include_usage:
             yield oai.usage_chunk(fanout.request_id, model, oai.usage(*fanout.usage()), True)
+
+
+def _token_id_text(token_id: int) -> str:
+    """vLLM's ``return_tokens_as_token_ids``: a token as ``token_id:N`` (its text may not be valid UTF-8 alone)."""
+    return f"token_id:{token_id}"
 
 
 def _request_id(prefix: str, rid: str | None) -> str:

@@ -223,10 +223,10 @@ def test_logprobs_are_the_models_log_softmax(model, tiny_tokenizer):
     tokens, entries = asyncio.run(main())
     with torch.inference_mode():
         lp = torch.log_softmax(model(torch.tensor([prompt + tokens])).logits[0].float(), -1)
-    for i, (token, (chosen, top)) in enumerate(zip(tokens, entries)):
+    for i, (token, (chosen, top, rank)) in enumerate(zip(tokens, entries)):
         row = lp[len(prompt) - 1 + i]
         assert chosen == pytest.approx(row[token].item(), abs=1e-4)
-        assert [t for t, _ in top] == row.topk(3).indices.tolist() and top[0][0] == token
+        assert [t for t, _ in top] == row.topk(3).indices.tolist() and top[0][0] == token and rank == 1
 
 
 def test_echo_prompt_logprobs_are_the_models_across_chunks_and_cached_prefixes(model, tiny_tokenizer):
@@ -252,9 +252,10 @@ def test_echo_prompt_logprobs_are_the_models_across_chunks_and_cached_prefixes(m
         lp = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
     for entries in runs:
         assert len(entries) == len(prompt) - 1
-        for p, (chosen, top) in enumerate(entries, start=1):
+        for p, (chosen, top, rank) in enumerate(entries, start=1):
             assert chosen == pytest.approx(lp[p - 1, prompt[p]].item(), abs=1e-4)
             assert [t for t, _ in top] == lp[p - 1].topk(2).indices.tolist()
+            assert rank == int((lp[p - 1] >= lp[p - 1, prompt[p]]).sum())
 
 
 def test_json_schema_output_parses_and_validates_on_the_real_model(model, tiny_tokenizer):

@@ -24,10 +24,24 @@ def test_completion_defaults_follow_openai():
     ({"model": "m", "prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
     ({"model": "m", "prompt": "x", "logit_bias": {"a": 1}}, "logit_bias"),
     ({"model": "m", "prompt": "x", "min_tokens": -1}, "min_tokens"),
-    ({"model": "m", "prompt": "x", "tools": []}, "tools"),
     ({"model": "m", "prompt": "x", "response_format": {"type": "yaml"}}, "response_format.type"),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
+    ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+    ({"prompt": "x", "length_penalty": 0.5}, "length_penalty"),
+    ({"prompt": "x", "bad_words": ["no"]}, "bad_words"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p"),
+    ({"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids"),
+    ({"prompt": "x", "allowed_token_ids": ["a"]}, "allowed_token_ids.0"),
+    ({"prompt": "x", "prompt_logprobs": 2, "stream": True}, "prompt_logprobs"),  # vLLM's rule (0 passes)
+    ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"prompt": "x", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+    ({"prompt": "x", "structured_outputs": {"regex": "a+", "choice": ["b"]}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {}}, "structured_outputs"),
+    ({"prompt": "x", "structured_outputs": {"structural_tag": {"x": 1}}}, "structured_outputs.structural_tag"),
+    ({"prompt": "x", "guided_choice": []}, "guided_choice"),
+    ({"prompt": "x", "skip_special_tokens": "maybe"}, "skip_special_tokens"),
 ])
 def test_bad_completion_requests_name_the_param(body, param):
     with pytest.raises(InvalidRequestError) as e:
@@ -112,3 +126,73 @@ def test_seed_bounds_are_named_as_clients_parse_them():
         with pytest.raises(InvalidRequestError) as e:
             parse(CompletionRequest, {"prompt": "x", "seed": seed})
         assert e.value.param == "seed" and e.value.code == code
+
+
+def test_unknown_fields_are_ignored_and_logged_once_by_name(caplog):
+    """vLLM's leniency: unknown top-level, per-message and nested fields are accepted and dropped; each name is
+    logged once per process at INFO, never its value (it may be prompt text)."""
+    import logging
+
+    body = {"messages": [{"role": "user", "content": "hi", "x_secret_note": "PROMPT TEXT"}],
+            "x_vendor_option": "PROMPT TEXT", "response_format": {"type": "json_object", "x_extra": 1}}
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        req = parse(ChatCompletionRequest, body)
+        parse(ChatCompletionRequest, body)
+    assert req.messages[0].text == "hi" and req.response_format.type == "json_object"
+    assert "x_vendor_option" not in req.model_dump() and "x_secret_note" not in req.messages[0].model_dump()
+    lines = [r.getMessage() for r in caplog.records if "ignoring unknown request field" in r.getMessage()]
+    assert sorted(lines) == sorted(set(lines)) and len(lines) == 3, lines  # each name once, though sent twice
+    assert any("'request.x_vendor_option'" in ln for ln in lines) and any("'messages.x_secret_note'" in ln
+                                                                         for ln in lines)
+    assert not any("PROMPT TEXT" in r.getMessage() for r in caplog.records)
+    # known fields stay strict
+    with pytest.raises(InvalidRequestError) as e:
+        parse(ChatCompletionRequest, {**body, "temperature": "hot"})
+    assert e.value.param == "temperature"
+
+
+def test_any_role_string_parses_and_the_template_options_are_checked():
+    r = parse(ChatCompletionRequest, {"messages": [{"role": "reviewer", "content": "looks good"}]})
+    assert r.messages[0].for_template() == {"role": "reviewer", "content": "looks good"}
+    with pytest.raises(InvalidRequestError) as e:  # add_generation_prompt defaults to true, as in vLLM
+        parse(ChatCompletionRequest, {"messages": [{"role": "assistant", "content": "a"}],
+                                      "continue_final_message": True})
+    assert e.value.param == "continue_final_message" and "Cannot set both" in e.value.message
+    ok = parse(ChatCompletionRequest, {"messages": [{"role": "assistant", "content": "a"}], "echo": True,
+                                       "continue_final_message": True, "add_generation_prompt": False,
+                                       "chat_template_kwargs": {"enable_thinking": False}})
+    assert ok.continue_final_message and ok.chat_template_kwargs == {"enable_thinking": False}
+    for field, value in (("functions", [{"name": "f"}]), ("chat_template", "{{ x }}"), ("documents", [{}])):
+        with pytest.raises(InvalidRequestError) as e:
+            parse(ChatCompletionRequest, {"messages": [{"role": "user", "content": "a"}], field: value})
+        assert e.value.param == field and "not supported" in e.value.message
+
+
+def test_structured_output_fields_map_to_one_constraint_each():
+    def constraints(**fields):
+        return parse(CompletionRequest, {"prompt": "x", **fields}).structured_constraints()
+
+    assert constraints() == [] and constraints(response_format={"type": "text"}) == []
+    assert constraints(structured_outputs={"json": {"type": "object"}}) == [
+        ("structured_outputs.json", "json", {"type": "object"})]
+    assert constraints(structured_outputs={"choice": ["a", "b"]}) == [("structured_outputs.choice", "choice",
+                                                                       ["a", "b"])]
+    assert constraints(guided_regex="[0-9]+", guided_grammar="start: \"a\"") == [
+        ("guided_regex", "regex", "[0-9]+"), ("guided_grammar", "grammar", 'start: "a"')]
+    assert constraints(response_format={"type": "json_object"}) == [("response_format", "json_object", None)]
+
+
+def test_prompt_logprobs_body_is_vllms_shape():
+    """null first; then per prompt token {token id as a string: {logprob, rank, decoded_token}}, the prompt token
+    itself and its k most likely alternatives."""
+    from raytp.api.openai import prompt_logprobs_body
+
+    text = {1: "a", 2: "b", 3: "c"}.get
+    entries = [(-2.0, ((1, -0.1), (3, -1.0)), 3), (-0.1, ((1, -0.1), (2, -2.5)), 1)]
+    body = prompt_logprobs_body(text, [2, 2, 1], entries, 1)
+    assert body == [None,
+                    {"2": {"logprob": -2.0, "rank": 3, "decoded_token": "b"},
+                     "1": {"logprob": -0.1, "rank": 1, "decoded_token": "a"}},
+                    {"1": {"logprob": -0.1, "rank": 1, "decoded_token": "a"}}]
+    assert prompt_logprobs_body(text, [2, 2], entries[:1], 0) == [None, {"2": {"logprob": -2.0, "rank": 3,
+                                                                              "decoded_token": "b"}}]
