@@ -53,3 +53,27 @@ def test_flush_keeps_an_unfinished_character(tiny_tokenizer):
     d = IncrementalDetokenizer(tiny_tokenizer)
     text = "".join(d.add(t)[0] for t in ids) + d.flush()
     assert text == tiny_tokenizer.decode(ids) and text.endswith("\ufffd")
+
+
+def test_include_stop_str_keeps_the_stop_string_and_nothing_after(tiny_tokenizer):
+    """vLLM's include_stop_str_in_output: the text ends with the stop string that ended it, even across tokens."""
+    ids = tiny_tokenizer.encode("the model serves tokens across ranks", add_special_tokens=False)
+    d = IncrementalDetokenizer(tiny_tokenizer, ("s acr", "ranks"), include_stop_str=True)
+    out, hit = [], False
+    for t in ids:
+        delta, hit = d.add(t)
+        out.append(delta)
+        if hit:
+            break
+    assert hit and "".join(out) == "the model serves tokens acr"
+
+
+def test_special_tokens_are_skipped_unless_asked(tiny_tokenizer):
+    ids = tiny_tokenizer.encode("<|user|>the model</s>", add_special_tokens=False)
+    assert tiny_tokenizer.eos_token_id in ids
+
+    def text(**kw):
+        d = IncrementalDetokenizer(tiny_tokenizer, **kw)
+        return "".join(d.add(t)[0] for t in ids) + d.flush()
+
+    assert text() == "the model" and text(skip_special_tokens=False) == "<|user|>the model</s>"
