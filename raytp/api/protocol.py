@@ -1,72 +1,28 @@
 """OpenAI request schemas, validated with pydantic at the ingress (and again for handle callers).
 
 Parsing is lenient where vLLM's is: an unknown field, top-level or inside a message or any nested object, is
-accepted and ignored, and its name (never its value) is logged once per process at INFO, so a client that adds
-one field for another server still works. Known fields stay strict: wrong types and out-of-range values are a
-400 that names the field. Fields raytp knows but cannot honour are refused with a message that says why, never
-silently ignored (``best_of`` > 1, ``use_beam_search``, ``suffix``, the deprecated ``functions``, ...). Fields
-that only describe the caller (``user``, ``metadata``, ``store``, ``service_tier``, ``prompt_cache_key``,
-``safety_identifier``) are accepted and ignored by design: they change no output. vLLM's extensions (``top_k``,
-``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``allowed_token_ids``, ``ignore_eos``,
-``prompt_logprobs``, ``return_tokens_as_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``,
-``truncate_prompt_tokens``, ``structured_outputs`` and the older ``guided_*``, in chat ``echo``,
-``add_generation_prompt``, ``continue_final_message``, ``chat_template_kwargs``) are accepted with vLLM's
-meaning. A message's ``role`` is any string: which roles exist is the chat template's business.
+accepted and ignored, and its name (never its value) is logged once per process at INFO (``raytp.api.lenient``),
+so a client that adds one field for another server still works. Known fields stay strict: wrong types and
+out-of-range values are a 400 that names the field. Fields raytp knows but cannot honour are refused with a
+message that says why, never silently ignored (``best_of`` > 1, ``use_beam_search``, ``suffix``, the deprecated
+``functions``, ...). Fields that only describe the caller (``user``, ``metadata``, ``store``, ``service_tier``,
+``prompt_cache_key``, ``safety_identifier``) are accepted and ignored by design: they change no output. vLLM's
+extensions (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
+``allowed_token_ids``, ``ignore_eos``, ``prompt_logprobs``, ``return_tokens_as_token_ids``,
+``skip_special_tokens``, ``include_stop_str_in_output``, ``truncate_prompt_tokens``, ``add_special_tokens``,
+``structured_outputs`` and the older ``guided_*``, in chat ``echo``, ``add_generation_prompt``,
+``continue_final_message``, ``chat_template_kwargs``) are accepted with vLLM's meaning. A message's ``role`` is
+any string: which roles exist is the chat template's business.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-logger = logging.getLogger("ray.serve")
-_MAX_LOGGED_FIELDS = 256  # bounds the memory (and the log) a client inventing field names can take
-_logged_fields: set[str] = set()
-
-
-def _note_ignored(where: str, key: str) -> None:
-    """Log an ignored field's name once per process (names only: values may hold prompt text)."""
-    name = f"{where}.{key[:64]}"
-    if name in _logged_fields or len(_logged_fields) >= _MAX_LOGGED_FIELDS:
-        return
-    _logged_fields.add(name)
-    logger.info("raytp: ignoring unknown request field %r (accepted as vLLM does; logged once per process)", name)
-
-
-class _Lenient(BaseModel):
-    """vLLM's leniency: unknown keys are accepted and dropped (``extra="ignore"``), their names logged once."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    _where: ClassVar[str] = "request"  # how the log line names the object an unknown field was in
-
-    @model_validator(mode="before")
-    @classmethod
-    def _log_unknown(cls, data):
-        if isinstance(data, dict):
-            known = _known_keys(cls)
-            for key in data:
-                if isinstance(key, str) and key not in known:
-                    _note_ignored(cls._where, key)
-        return data
-
-
-def _known_keys(cls) -> frozenset[str]:
-    keys = _KNOWN.get(cls)
-    if keys is None:
-        keys = _KNOWN[cls] = frozenset(n for name, f in cls.model_fields.items() for n in (name, f.alias) if n)
-    return keys
-
-
-_KNOWN: dict[type, frozenset[str]] = {}
-
-
-def _refuse_set(value, info: ValidationInfo, why: str):
-    """A field raytp knows but cannot honour: refused once it asks for something (its default passes)."""
-    if value not in (None, False, [], {}):
-        raise ValueError(f"not supported: {why}")
-    return value
+from raytp.api.lenient import LenientModel as _Lenient
+from raytp.api.lenient import refuse_if_set as _refuse_set
 
 
 class _Sampling(_Lenient):
@@ -150,14 +106,14 @@ class _Sampling(_Lenient):
 
     @field_validator("length_penalty")
     @classmethod
-    def _no_length_penalty(cls, v, info: ValidationInfo):
-        return v if v in (None, 1.0) else _refuse_set(v, info, "length_penalty only applies to beam search, which "
+    def _no_length_penalty(cls, v):
+        return v if v in (None, 1.0) else _refuse_set(v, "length_penalty only applies to beam search, which "
                                                        "raytp does not do")
 
     @field_validator("bad_words", "logits_processors", "prompt_embeds")
     @classmethod
     def _not_supported(cls, v, info: ValidationInfo):
-        return _refuse_set(v, info, f"raytp does not implement {info.field_name}")
+        return _refuse_set(v, f"raytp does not implement {info.field_name}")
 
     @field_validator("logit_bias")
     @classmethod
@@ -227,8 +183,8 @@ class StructuredOutputs(_Lenient):
 
     @field_validator("structural_tag")
     @classmethod
-    def _no_structural_tag(cls, v, info: ValidationInfo):
-        return _refuse_set(v, info, "structural tags are not implemented; use json, regex, choice or grammar")
+    def _no_structural_tag(cls, v):
+        return _refuse_set(v, "structural tags are not implemented; use json, regex, choice or grammar")
 
     def set_kinds(self) -> list[tuple[str, object]]:
         kinds = [("json", self.json_), ("regex", self.regex), ("choice", self.choice), ("grammar", self.grammar)]
@@ -431,12 +387,12 @@ class ChatCompletionRequest(_Sampling, _ChatTemplateOptions):
     @field_validator("functions", "function_call")
     @classmethod
     def _deprecated(cls, v, info: ValidationInfo):
-        return _refuse_set(v, info, f"{info.field_name} is deprecated by OpenAI; use tools / tool_choice")
+        return _refuse_set(v, f"{info.field_name} is deprecated by OpenAI; use tools / tool_choice")
 
     @field_validator("chat_template", "documents")
     @classmethod
     def _template_inputs(cls, v, info: ValidationInfo):
-        return _refuse_set(v, info, f"{info.field_name}: requests cannot change the model's chat template or "
+        return _refuse_set(v, f"{info.field_name}: requests cannot change the model's chat template or "
                            "its inputs here")
 
     @model_validator(mode="after")
