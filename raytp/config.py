@@ -120,12 +120,19 @@ class RaytpConfig(BaseModel):
     )
     tool_call_parser: Literal["hermes"] | None = Field(
         None, description="How chat outputs with tool_choice auto are parsed into tool calls: 'hermes' "
-        "(<tool_call>{...}</tool_call>: Qwen 2.5+, Hermes and many fine-tunes). null: tool_choice auto is refused; "
-        "required / a named function / none always work.",
+        "(<tool_call>{...}</tool_call>: Qwen 2.5+, Hermes and many fine-tunes). null: detected from the chat "
+        "template on the replica (one that renders calls in <tool_call> tags: hermes), and tool_choice auto is "
+        "refused only when nothing is detected; required / a named function / none always work.",
     )
     scheduling: Literal["continuous", "static"] = Field(
         "continuous", description="'continuous': iteration-level batching (requests join and leave every step). "
         "'static': upstream DeepSpeed's policy (a batch runs to completion before the next starts), for comparison.",
+    )
+    async_scheduling: bool = Field(
+        True, description="With 'continuous' scheduling: send step N + 1 to the ranks while step N runs (vLLM's "
+        "async scheduling), so a rank never waits for the driver's round trip; outputs are the same as without it. "
+        "A request with a grammar (structured output, forced tool calls) is scheduled every other step: its next "
+        "mask needs the token before.",
     )
     max_queue_size: int = Field(
         256, ge=1, description="Most requests waiting for a batch slot per replica; more are rejected (HTTP 429)."
@@ -222,6 +229,7 @@ class ResolvedConfig:
     enforce_eager: bool = False
     tool_call_parser: str | None = None
     attention_backend: str = "auto"  # resolved on each rank (``Platform.attention_backend``)
+    async_scheduling: bool = True
 
 
 def bundle_device(device: str, *, local=None, cluster_resources=None) -> str:
@@ -294,6 +302,7 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         enforce_eager=cfg.enforce_eager,
         tool_call_parser=cfg.tool_call_parser,
         attention_backend=cfg.attention_backend,
+        async_scheduling=cfg.async_scheduling,
     )
 
 

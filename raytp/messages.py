@@ -20,6 +20,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k cut
+    min_p: float = 0.0  # after temperature, tokens below min_p x the most likely one's probability are cut
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -32,12 +33,17 @@ class SamplingParams:
     # no EOS / stop token (and no stop-string check) before this many output tokens
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the sequence (their text is not returned)
+    allowed_token_ids: tuple[int, ...] = ()  # if set, only these tokens may be sampled (a mask, like a grammar's)
     eos_token_ids: tuple[int, ...] = ()  # filled in by the engine: what min_tokens suppresses besides stop_token_ids
     # log-probabilities of each sampled token and of this many most likely alternatives (None: none), from the
     # distribution the token was drawn from: after logit_bias, penalties and temperature, before top-k / top-p
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo); no prefix reuse
     grammar: str | None = None  # structured output: an llguidance grammar the engine's matcher enforces
+    # the engine's detokenizer only: special tokens' text dropped (vLLM's default); the stop string or stop token
+    # that ended the sequence kept in its text
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
 
     def for_ranks(self) -> SamplingParams:
         """What ranks read: everything but the stop strings and the grammar (the engine applies those)."""
@@ -54,7 +60,7 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0
+        return self.needs_history or bool(self.logit_bias) or self.min_tokens > 0 or bool(self.allowed_token_ids)
 
 
 @dataclass(frozen=True)
@@ -73,12 +79,18 @@ class NewRequest:
     history: tuple[int, ...] = ()
 
 
+# A row's input token that the driver has not seen yet: the token the ranks sampled for this sequence in the
+# step before (async scheduling sends step N + 1 while step N runs). Rank 0 kept it; it shares it with the others.
+PENDING_TOKEN = -1
+
+
 @dataclass(frozen=True)
 class RowInput:
     """One sequence's share of a step: compute ``token_ids`` at positions ``start_pos ..``, writing their keys
     and values into the KV slots ``block_table[pos // block_size] * block_size + pos % block_size`` of the
     sequence's table (as the ranks hold it, after appending ``new_blocks``) and attending to every earlier
-    position of the sequence. A decode row has one token (the last one sampled); a prefill row a chunk of its
+    position of the sequence. A decode row has one token (the last one sampled, or ``PENDING_TOKEN`` when the
+    driver sent this step before that token came back); a prefill row a chunk of its
     prompt (or, after preemption, of prompt + output so far). ``sample``: this chunk reaches the sequence's end,
     so one token is sampled from its last position."""
 
@@ -132,8 +144,9 @@ def _unpack_step(new_requests, finished, handles, tokens, counts, starts, sample
     return StepInput(new_requests, tuple(rows), finished)
 
 
-# (log-probability of the sampled token, ((token id, log-probability), ...) of the most likely alternatives)
-TokenLogprob = tuple[float, tuple[tuple[int, float], ...]]
+# (log-probability of the sampled token, ((token id, log-probability), ...) of the most likely alternatives,
+# the token's rank: 1 + how many tokens are more likely; vLLM's prompt_logprobs report it)
+TokenLogprob = tuple[float, tuple[tuple[int, float], ...], int]
 
 
 @dataclass(frozen=True)

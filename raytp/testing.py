@@ -86,14 +86,16 @@ class ScriptedExecutor:
                 self._fuse = self.fail_prompt_after
             tokens.append(self._next_token(r, context))
             logprobs.append(self._logprob(r, tokens[-1]))
+        self.requests.record_sampled([r.slot for r in rows if r.sample], tokens)  # async scheduling's next inputs
         prompt = tuple(self._prompt_logprobs(r) for r in rows if r.prompt_targets)
         return StepOutput(tuple(tokens), tuple(logprobs) if any(logprobs) else (), prompt)
 
     @staticmethod
     def _prompt_logprobs(row):
-        """Scripted prompt logprobs (echo): -1 for every prompt token this chunk scores, no alternatives."""
+        """Scripted prompt logprobs (echo): -1 for every prompt token this chunk scores (rank 1), no other
+        alternatives."""
         k = row.params.prompt_logprobs
-        return row.seq_id, row.start_pos + 1, tuple((-1.0, ((t, -1.0),)[:k]) for t in row.prompt_targets)
+        return row.seq_id, row.start_pos + 1, tuple((-1.0, ((t, -1.0),)[:k], 1) for t in row.prompt_targets)
 
     def _logprob(self, row, token: int):
         """A scripted distribution for logprobs requests: the sampled token at -0.5, then the next vocabulary
@@ -103,7 +105,7 @@ class ScriptedExecutor:
             return None
         i = self.token_ids.index(token) if token in self.token_ids else 0
         alternatives = [token] + [self.token_ids[(i + k) % len(self.token_ids)] for k in range(1, n)]
-        return -0.5, tuple((t, -0.5 if k == 0 else -float(k)) for k, t in enumerate(alternatives[:n]))
+        return -0.5, tuple((t, -0.5 if k == 0 else -float(k)) for k, t in enumerate(alternatives[:n])), 1
 
     def _next_token(self, row, context: tuple[int, ...]) -> int:
         i = len(context) - row.num_prompt_tokens  # this is the sequence's i-th output token
@@ -113,6 +115,9 @@ class ScriptedExecutor:
         seed = 0 if row.params.greedy else row.params.seed
         digest = hashlib.blake2b(repr((context, seed)).encode(), digest_size=8).digest()
         start = int.from_bytes(digest, "little") % len(self.token_ids)
+        if row.params.allowed_token_ids:  # the first allowed token from the hashed place on, as a mask would give
+            order = self.token_ids[start:] + self.token_ids[:start]
+            return next((t for t in order if t in row.params.allowed_token_ids), row.params.allowed_token_ids[0])
         if row.allowed is None:
             return self.token_ids[start]
         # structured output: the first allowed token from the hashed place on, as a masked sampler would pick

@@ -15,15 +15,15 @@ import logging
 import random
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from raytp.engine.detokenizer import IncrementalDetokenizer
 from raytp.engine.protocol import EngineStatus, Executor, RequestOutput
-from raytp.engine.scheduler import SchedulerConfig, Sequence
+from raytp.engine.scheduler import SchedulerConfig, SchedulerOutput, Sequence
 from raytp.engine.stats import EngineStats
 from raytp.engine.structured import Grammars
 from raytp.errors import ConfigError, EngineDeadError, InvalidRequestError
-from raytp.messages import NewRequest, RowInput, SamplingParams, StepInput
+from raytp.messages import PENDING_TOKEN, NewRequest, RowInput, SamplingParams, StepInput
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,21 @@ class _Stream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.prompt_logprobs: dict[int, object] = {}  # prompt position -> TokenLogprob (echo), until sent
         self.sent_first = False
+
+
+@dataclass
+class _Launched:
+    """A step sent to the ranks: what was scheduled, the sequences it samples a token for (in row order), and
+    the future of rank 0's ``StepOutput``."""
+
+    out: SchedulerOutput
+    sampled: list[Sequence]
+    result: asyncio.Future
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def make_engine(config, executor: Executor, tokenizer, stats: EngineStats | None = None) -> Engine:
@@ -164,7 +179,9 @@ class Engine:
         except BaseException:
             self.grammars.drop(request_id)
             raise
-        stream = self._streams[request_id] = _Stream(seq, IncrementalDetokenizer(self.tokenizer, params.stop))
+        detok = IncrementalDetokenizer(self.tokenizer, params.stop, skip_special_tokens=params.skip_special_tokens,
+                                       include_stop_str=params.include_stop_str_in_output)
+        stream = self._streams[request_id] = _Stream(seq, detok)
         self._wake.set()
         try:
             while True:
@@ -185,9 +202,21 @@ class Engine:
 
     # ---- the loop --------------------------------------------------------------------------
     async def _run_loop(self) -> None:
+        """Launch a step, then finish the one before it (async scheduling: the ranks start step N + 1 as soon as
+        step N ends, while the driver turns N's tokens into outputs), or finish each step before the next."""
+        inflight: _Launched | None = None
         try:
             while True:
-                if not await self.step():
+                busy, launched = self._launch()
+                if inflight is not None:  # its tokens may finish requests or make others schedulable: loop again
+                    await self._finish(inflight)
+                    inflight, busy = None, True
+                if launched is not None:
+                    if self.scheduling.pipelined:
+                        inflight = launched
+                    else:
+                        await self._finish(launched)
+                if not busy and inflight is None:
                     self._wake.clear()
                     await self._wake.wait()
         except EngineDeadError as e:
@@ -201,14 +230,26 @@ class Engine:
             self._dead = EngineDeadError(f"engine loop crashed: {type(e).__name__}: {e}")
             self._fail_all(self._dead)
             self._died.set()
+        finally:
+            if inflight is not None:  # its outcome no longer matters (the gang died or the engine shut down)
+                inflight.result.cancel()
+                inflight.result.add_done_callback(_retrieve)
 
     async def step(self) -> bool:
-        """One iteration. Returns False when there was nothing to do."""
+        """One synchronous iteration: schedule, run, update. Returns False when there was nothing to do."""
+        busy, launched = self._launch()
+        if launched is not None:
+            await self._finish(launched)
+        return busy
+
+    def _launch(self) -> tuple[bool, _Launched | None]:
+        """Schedule a step and send it to the ranks. Returns (whether there was anything to do, the step sent:
+        None when nothing needed computing)."""
         kv = self.scheduler.kv
         queried, hits = kv.prefix_queried_tokens, kv.prefix_hit_tokens
         out = self.scheduler.schedule()  # 1. schedule
         if out.idle:
-            return False
+            return False, None
         if out.num_preempted:
             self.stats.on_preempted(out.num_preempted)
         if kv.prefix_queried_tokens != queried:
@@ -218,44 +259,56 @@ class Engine:
             if left is not None:
                 self._leaving.append(left[0])
         if not out.rows:
-            return True  # only departures: no round trip for them alone
+            return True, None  # only departures: no round trip for them alone
         now = time.monotonic()
-        new, rows = [], []
+        new, rows, sampled = [], [], []
         for seq, n in out.rows:
             if seq.scheduled_s is None:
                 seq.scheduled_s = now
                 self.stats.on_scheduled(now - seq.arrival_s)
             start = seq.num_computed
-            sample = start + n == len(seq.token_ids)
+            known = tuple(seq.token_ids[start:start + n])
+            tokens = known + (PENDING_TOKEN,) * (n - len(known))  # the token still in flight, if any
+            sample = start + n == len(seq.token_ids) + seq.num_inflight
             table = seq.kv.table
-            handle, known = self._on_ranks.get(seq.seq_id, (None, 0))
+            handle, known_blocks = self._on_ranks.get(seq.seq_id, (None, 0))
             if handle is None:  # joins the ranks' batch: what they keep of it, once
                 handle = self._take_handle()
                 history = tuple(seq.token_ids[:start]) if seq.params.needs_history else ()
                 new.append(NewRequest(seq.seq_id, handle, seq.params.for_ranks(), len(seq.prompt_ids), tuple(table),
                                       history))
-                known = len(table)
+                known_blocks = len(table)
             self._on_ranks[seq.seq_id] = (handle, len(table))
             prompt_next = seq.prompt_ids[start + n] if start + n < len(seq.prompt_ids) else None
             allowed = self.grammars.allowed(seq.seq_id) if sample and seq.params.grammar else None
-            rows.append(RowInput(handle, tuple(seq.token_ids[start:start + n]), start, sample, tuple(table[known:]),
-                                 prompt_next, allowed))
-        # 2. execute: the same step to every rank, one round trip
+            rows.append(RowInput(handle, tokens, start, sample, tuple(table[known_blocks:]), prompt_next, allowed))
+            if sample:
+                sampled.append(seq)
+        # 2. execute: the same step to every rank, one round trip (its result awaited by _finish)
         step = StepInput(tuple(new), tuple(rows), tuple(self._leaving))
         self._free_handles += self._leaving  # the ranks drop them before reading this step's arrivals
         self._leaving = []
-        result = await self.executor.step(step)
-        self.scheduler.update(out)  # 3. update: tokens computed, then the sampled ones appended
+        result = asyncio.ensure_future(self.executor.step(step))
+        self.scheduler.advance(out)  # the next step schedules what follows these tokens
+        for seq in sampled:
+            seq.num_inflight += 1
+        return True, _Launched(out, sampled, result)
+
+    async def _finish(self, launched: _Launched) -> None:
+        """3. update: wait for a launched step's tokens, append them, emit outputs, commit the full blocks."""
+        result = await launched.result
         for seq_id, first, entries in result.prompt_logprobs:  # echo: kept until the request's first output
             stream = self._streams.get(seq_id)
             if stream is not None:
                 for i, entry in enumerate(entries):  # a recomputation after preemption changes nothing
                     stream.prompt_logprobs.setdefault(first + i, entry)
-        sampled = [seq for (seq, _), row in zip(out.rows, rows) if row.sample]
-        assert len(result.tokens) == len(sampled), "workers and scheduler disagree on the rows"
-        self._update(sampled, result.tokens, result.logprobs or (None,) * len(sampled))
-        self.stats.on_step(self.scheduler.num_running, self.scheduler.num_waiting, kv.usage)
-        return True
+        assert len(result.tokens) == len(launched.sampled), "workers and scheduler disagree on the rows"
+        for seq in launched.sampled:
+            seq.num_inflight -= 1
+        self._update(launched.sampled, result.tokens, result.logprobs or (None,) * len(launched.sampled))
+        for seq, _ in launched.out.rows:
+            self.scheduler.commit(seq)
+        self.stats.on_step(self.scheduler.num_running, self.scheduler.num_waiting, self.scheduler.kv.usage)
 
     def _take_handle(self) -> int:
         if self._free_handles:
@@ -279,7 +332,9 @@ class Engine:
             # the sampler never picks EOS or a stop token before min_tokens; stop strings are not looked for then
             hit_eos = (token == self.eos_token_id and not params.ignore_eos) or token in params.stop_token_ids
             check_stop = seq.num_output_tokens >= params.min_tokens
-            delta, hit_stop = ("", False) if hit_eos else stream.detok.add(token, check_stop)
+            # a stop token's text (EOS: none unless special tokens are kept) only with include_stop_str_in_output
+            keep = not hit_eos or params.include_stop_str_in_output
+            delta, hit_stop = stream.detok.add(token, check_stop and not hit_eos) if keep else ("", False)
             complete = bool(params.grammar) and self.grammars.accept(seq.seq_id, token)  # structured output done
             if hit_eos or hit_stop or complete:
                 seq.finish_reason = "stop"

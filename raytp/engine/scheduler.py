@@ -46,6 +46,9 @@ class Sequence:
     num_computed: int = 0
     kv: KVState = field(default_factory=KVState)
     num_preemptions: int = 0
+    # tokens sampled by a step still running (async scheduling: 0 or 1): they count as known to the scheduler,
+    # which can schedule their computation before the driver has seen them (the row carries PENDING_TOKEN)
+    num_inflight: int = 0
 
     def __post_init__(self):
         if not self.token_ids:
@@ -61,8 +64,17 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        """Tokens known but not yet computed: the rest of the prompt, or the one token sampled last step."""
-        return len(self.token_ids) - self.num_computed
+        """Tokens known (or in flight) but not yet computed: the rest of the prompt, or the one token sampled
+        last step."""
+        return len(self.token_ids) + self.num_inflight - self.num_computed
+
+    @property
+    def ready(self) -> bool:
+        """Whether a step may compute this sequence now. Not while its token is in flight if that token may be
+        its last (max_tokens: the step would be wasted) or its grammar must see it first (the next step's mask)."""
+        if not self.num_inflight:
+            return True
+        return not self.params.grammar and self.num_output_tokens + self.num_inflight < self.params.max_tokens
 
     def append_token(self, token: int) -> None:
         self.token_ids.append(token)
@@ -128,13 +140,21 @@ class _Scheduler:
             self.kv.free(s.kv)
         self.running, self.waiting = [], deque()
 
-    def update(self, out: SchedulerOutput) -> None:
-        """After the ranks ran ``out``: its rows' tokens are computed (their full blocks become cacheable)."""
+    def advance(self, out: SchedulerOutput) -> None:
+        """``out`` is sent to the ranks: its rows' tokens count as computed from now on (the next step schedules
+        what follows them; the ranks run steps in order)."""
         for seq, n in out.rows:
             seq.num_computed += n
-            self.kv.commit(seq.kv, seq.token_ids, seq.num_computed)
+
+    def commit(self, seq: Sequence) -> None:
+        """Once ``seq``'s computed tokens are known to the driver: its full blocks become cacheable."""
+        if not seq.finished and seq.kv.table:
+            self.kv.commit(seq.kv, seq.token_ids, min(seq.num_computed, len(seq.token_ids)))
 
     def _release_finished(self) -> tuple[str, ...]:
+        # a preempted sequence whose token in flight finished it is done without running again (it holds no blocks)
+        if any(s.finished for s in self.waiting):
+            self.waiting = deque(s for s in self.waiting if not s.finished)
         finished = tuple(s.seq_id for s in self.running if s.finished)
         for s in self.running:
             if s.finished:
@@ -178,6 +198,9 @@ class ContinuousBatchScheduler(_Scheduler):
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if not seq.ready:
+                i += 1
+                continue
             n = min(seq.num_pending, budget)
             while not self.kv.allocate(seq.kv, seq.num_computed + n):
                 victim = self.running.pop()  # the newest
@@ -195,6 +218,8 @@ class ContinuousBatchScheduler(_Scheduler):
         # preempt: blocks are short).
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_inflight:  # preempted while its last token was in flight: recompute it once it is known
+                break
             n = self._admit(seq, budget)
             if n is None:
                 break
@@ -242,12 +267,17 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     block_size: int = 16
     enable_prefix_caching: bool = True
+    async_scheduling: bool = False  # the engine sends a step while the one before runs (continuous policy only)
 
     @classmethod
     def of(cls, config) -> SchedulerConfig:
         """From a ``ResolvedConfig``."""
         return cls(config.scheduling, config.max_num_seqs, config.max_queue_size, config.max_num_batched_tokens,
-                   config.block_size, config.enable_prefix_caching)
+                   config.block_size, config.enable_prefix_caching, config.async_scheduling)
+
+    @property
+    def pipelined(self) -> bool:
+        return self.async_scheduling and self.policy == "continuous"
 
     def build(self, num_blocks: int):
         cls = StaticBatchScheduler if self.policy == "static" else ContinuousBatchScheduler

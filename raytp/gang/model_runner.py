@@ -122,7 +122,7 @@ class ModelRunner:
     def step(self, step: StepInput) -> StepOutput:
         """Compute every row's tokens (writing their KV into their blocks), then sample one token per row with
         ``sample`` set. Only rank 0's output carries tokens."""
-        rows = self.requests.apply(step)
+        rows = self.requests.apply(step, self._shared_pending(step))
         for r in rows:
             if len(r.token_ids) > 1:  # prompt chunks (never their text): which request, how much, from where
                 logger.info("rank %d: prefill %d tokens from position %d", self.rank, len(r.token_ids), r.start_pos,
@@ -162,6 +162,21 @@ class ModelRunner:
             out = replace(out, prompt_logprobs=prompt_token_logprobs(logits, prompt_rows))
         return out
 
+    def _shared_pending(self, step: StepInput) -> list[int] | None:
+        """With TP > 1, the tokens of the step's pending rows (async scheduling), which only rank 0 sampled: one
+        small broadcast from rank 0. None: this rank's own record serves (TP = 1, or no pending row)."""
+        if self.world_size == 1:
+            return None
+        handles = RankRequests.pending_handles(step)
+        if not handles:
+            return None
+        import torch.distributed as dist
+
+        values = [self.requests.last_sampled[h] for h in handles] if self.rank == 0 else [0] * len(handles)
+        shared = torch.tensor(values, dtype=torch.long, device=self.device)
+        dist.broadcast(shared, src=0)
+        return shared.tolist()
+
     def _sync_tables(self) -> None:
         """Write the table entries this step's arrivals and rows added into the device tables (one copy)."""
         writes = self.requests.take_table_writes()
@@ -189,7 +204,9 @@ class ModelRunner:
         logprobs = ()
         if any(p.logprobs is not None for p in params):
             logprobs = tuple(token_logprobs(logits, params, positions, contexts, tokens, allowed))
-        return StepOutput(tuple(tokens.tolist()), logprobs)
+        chosen = tuple(tokens.tolist())
+        self.requests.record_sampled([r.slot for r in rows], chosen)  # the next step's pending inputs
+        return StepOutput(chosen, logprobs)
 
     def _forward(self, meta: attention.AttentionMetadata, ids, keep, probe: dict | None = None):
         """Logits [len(keep), V] of the positions ``keep`` (None: run for the cache only). No backend, no pool:

@@ -4,15 +4,17 @@
 blocks to its sequence's table, and returns the step's rows resolved against that state (``LiveRow``: what the
 model runner and the sampler read). A live sequence's handle (small, unique among live sequences, reused by the
 engine once a sequence has left) is also its row in the model runner's device block-table tensor, which
-``take_table_writes`` keeps in step with the host tables (only the entries that changed). The scripted test
-gang keeps the same state with the same class.
+``take_table_writes`` keeps in step with the host tables (only the entries that changed). Under async scheduling
+a decode row may arrive before the driver has seen its input token (``PENDING_TOKEN``): the rank that samples
+records what it sampled per handle (``record_sampled``) and ``apply`` fills such rows in from it (or from the
+tokens the caller passes: what rank 0 shared). The scripted test gang keeps the same state with the same class.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from raytp.messages import SamplingParams, StepInput
+from raytp.messages import PENDING_TOKEN, SamplingParams, StepInput
 
 
 @dataclass
@@ -59,25 +61,41 @@ class RankRequests:
         self.live: dict[int, _Live] = {}  # by handle
         self.num_slots = 0  # 1 + the largest handle seen (the device tables need at least this many rows)
         self._writes: list[tuple[int, int, int]] = []  # (slot, column, block) since take_table_writes
+        self.last_sampled: dict[int, int] = {}  # by handle: the token sampled for it last (the sampling rank only)
 
-    def apply(self, step: StepInput) -> list[LiveRow]:
+    @staticmethod
+    def pending_handles(step: StepInput) -> list[int]:
+        """The handles of the rows whose input token is the one sampled for them last step, in row order."""
+        return [r.handle for r in step.rows if r.token_ids and r.token_ids[0] == PENDING_TOKEN]
+
+    def record_sampled(self, handles, tokens) -> None:
+        self.last_sampled.update(zip(handles, tokens))
+
+    def apply(self, step: StepInput, pending_tokens: list[int] | None = None) -> list[LiveRow]:
+        """Update the state by ``step`` and return its rows. Rows waiting on a pending token take, in order,
+        ``pending_tokens`` if given, else what ``record_sampled`` recorded."""
         for handle in step.finished:
             self.live.pop(handle, None)
+            self.last_sampled.pop(handle, None)
         for new in step.new_requests:
             self.num_slots = max(self.num_slots, new.handle + 1)
             s = self.live[new.handle] = _Live(new.seq_id, new.params, new.num_prompt_tokens, [], new.handle,
                                               list(new.history))
             self._extend(s, new.block_table)
         rows = []
+        filled = iter(pending_tokens or ())
         for r in step.rows:
             s = self.live[r.handle]
             self._extend(s, r.new_blocks)
+            token_ids = r.token_ids
+            if token_ids and token_ids[0] == PENDING_TOKEN:
+                token_ids = (next(filled) if pending_tokens is not None else self.last_sampled[r.handle],)
             keeps_history = s.params.needs_history
-            rows.append(LiveRow(s.seq_id, r.token_ids, r.start_pos, s.table, s.handle, r.sample, s.params,
+            rows.append(LiveRow(s.seq_id, token_ids, r.start_pos, s.table, s.handle, r.sample, s.params,
                                 s.num_prompt_tokens, tuple(s.history) if keeps_history and r.sample else (),
                                 r.prompt_next, r.allowed))
             if keeps_history:
-                s.history.extend(r.token_ids)
+                s.history.extend(token_ids)
         return rows
 
     def take_table_writes(self) -> list[tuple[int, int, int]]:

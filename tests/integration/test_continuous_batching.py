@@ -1,5 +1,6 @@
-"""Iteration-level batching on a real TP=2 gang (float32): batched outputs equal solo outputs, short requests
-overtake long ones, cancelled rows are freed on every rank."""
+"""Iteration-level batching on a real TP=2 gang (float32), with async scheduling (rank 0 shares the tokens it
+sampled for the next step's rows): batched outputs equal solo outputs, short requests overtake long ones,
+cancelled rows are freed on every rank."""
 
 import asyncio
 import random
@@ -26,7 +27,8 @@ def engine(ray_session, loop, tiny_tokenizer):
     from raytp.gang.executor import RayExecutor
 
     cfg = resolve({"model": "raytp-tiny-llama", "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"})
-    engine = Engine(RayExecutor(cfg), tiny_tokenizer, SchedulerConfig("continuous", 4, 64, max_num_batched_tokens=48))
+    engine = Engine(RayExecutor(cfg), tiny_tokenizer, SchedulerConfig("continuous", 4, 64, max_num_batched_tokens=48,
+                                                                         async_scheduling=True))
     loop.run_until_complete(engine.start())
     yield engine
     engine.shutdown()

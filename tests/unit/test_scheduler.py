@@ -21,7 +21,9 @@ def run_step(s):
     sequences reaching max_tokens finish. Returns the step's [(seq_id, num_tokens)]."""
     out = s.schedule()
     sampled = [seq for seq, n in out.rows if seq.num_computed + n == len(seq.token_ids)]
-    s.update(out)
+    s.advance(out)
+    for seq, _ in out.rows:
+        s.commit(seq)
     for seq in sampled:
         seq.append_token(7)
         if seq.num_output_tokens >= seq.params.max_tokens:
