@@ -138,7 +138,8 @@ def raytp_engine(args, model, **overrides):
 
     base = RaytpConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                        kv_cache_memory_bytes=args.kv_cache_gb << 30 if args.kv_cache_gb else None,
-                       enforce_eager=args.enforce_eager, attention_backend=args.attention_backend, **overrides)
+                       enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
+                       async_scheduling=not args.sync_scheduling, **overrides)
     fields = {f: getattr(base, f) for f in ResolvedConfig.__dataclass_fields__ if hasattr(base, f)}
     cfg = ResolvedConfig(**{**fields, "model_path": args.model or "random", "served_model_name": "bench",
                             "tensor_parallel_size": 1, "device": args.device.split(":")[0], "dtype": args.dtype,
@@ -274,6 +275,7 @@ def main() -> int:
     ap.add_argument("--quantization", default=None, help="torchao format (int4, int8, fp8), as the config field")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the config field)")
     ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | triton (the config field)")
+    ap.add_argument("--sync-scheduling", action="store_true", help="async_scheduling: false (one step at a time)")
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -294,6 +296,7 @@ def main() -> int:
 
     results: dict = {"device": args.device, "dtype": args.dtype, "quantization": args.quantization,
                      "enforce_eager": args.enforce_eager, "attention_backend": args.attention_backend,
+                     "async_scheduling": not args.sync_scheduling,
                      "model": args.model or (
         f"random Llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
         f"vocab={args.vocab}"), "concurrency": args.concurrency, "argv": sys.argv[1:]}

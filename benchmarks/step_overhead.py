@@ -5,7 +5,8 @@ rank, now and at an earlier commit, in one run.
 
 For each batch size (``--batches``), that many requests (``--prompt-len`` random tokens, ``--new-tokens`` each,
 greedy; ``--penalty`` adds a repetition penalty, whose token history ranks read) run through the engine in
-process (``LocalExecutor``, TP=1, the config's CPU defaults). Per decode step (every row one token):
+process (``LocalExecutor``, TP=1, the config's CPU defaults). Steps run one at a time (``async_scheduling: false``), so each step's driver work is measured apart from the
+rank's. Per decode step (every row one token):
   bytes      the ``StepInput`` as pickled for a rank (what each Ray call to each rank carries);
   driver ms  ``Engine.step`` wall time minus the executor's step (scheduling, building the message, updating);
   rank ms    the rank's ``step`` wall time minus the model's forward (unpacking, metadata, sampling).
@@ -39,8 +40,14 @@ def measure(args) -> dict:
     from raytp.gang.local import LocalExecutor
     from raytp.messages import SamplingParams
 
-    cfg = resolve({"model": args.model, "tensor_parallel_size": 1, "device": "cpu",
-                   "max_num_seqs": max(args.batches), "max_num_batched_tokens": 8192})
+    # one step at a time (async_scheduling off: a field older checkouts do not know, hence only if this one does)
+    fields = {"model": args.model, "tensor_parallel_size": 1, "device": "cpu",
+              "max_num_seqs": max(args.batches), "max_num_batched_tokens": 8192}
+    from raytp.config import RaytpConfig
+
+    if "async_scheduling" in RaytpConfig.model_fields:
+        fields["async_scheduling"] = False
+    cfg = resolve(fields)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
     rng = random.Random(0)
     out = {}
@@ -86,7 +93,23 @@ def measure(args) -> dict:
                               current["rank"], current["fwd"]))
             return busy
 
-        runner.step, executor.step, engine.step = runner_step, exec_step, engine_step
+        runner.step, executor.step = runner_step, exec_step
+        if hasattr(engine, "_launch"):  # since async scheduling: the loop launches a step, then finishes it
+            real_launch, real_finish = engine._launch, engine._finish
+
+            def launch():
+                current.clear()
+                current["start"] = time.perf_counter()
+                return real_launch()
+
+            async def finish(launched):
+                await real_finish(launched)
+                steps.append((current["decode"], current["bytes"], time.perf_counter() - current["start"],
+                              current["exec"], current["rank"], current["fwd"]))
+
+            engine._launch, engine._finish = launch, finish
+        else:
+            engine.step = engine_step
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,
                                 repetition_penalty=1.1 if args.penalty else 1.0)
 
