@@ -5,10 +5,11 @@ rank, now and at an earlier commit, in one run.
 
 For each batch size (``--batches``), that many requests (``--prompt-len`` random tokens, ``--new-tokens`` each,
 greedy; ``--penalty`` adds a repetition penalty, whose token history ranks read) run through the engine in
-process (``LocalExecutor``, TP=1, the config's CPU defaults). Steps run one at a time (``async_scheduling: false``), so each step's driver work is measured apart from the
-rank's. Per decode step (every row one token):
+process (``LocalExecutor``, TP=1, the config's CPU defaults). Steps run one at a time (``async_scheduling:
+false``), so each step's driver work is measured apart from the rank's. Per decode step (every row one token):
   bytes      the ``StepInput`` as pickled for a rank (what each Ray call to each rank carries);
-  driver ms  ``Engine.step`` wall time minus the executor's step (scheduling, building the message, updating);
+  driver ms  a step's wall time (launch to finish) minus the executor's (scheduling, building the message,
+             updating);
   rank ms    the rank's ``step`` wall time minus the model's forward (unpacking, metadata, sampling).
 Medians over the decode steps. ``--compare REF`` runs the same measurement on a git worktree of REF (each side in
 its own subprocess, alternately). Results: benchmarks/results/step_overhead.json and .md.
