@@ -108,9 +108,11 @@ class RaytpConfig(BaseModel):
         "only the rest of a prompt is computed.",
     )
     enforce_eager: bool = Field(
-        False, description="Run every step eagerly. Otherwise (the default) decode steps on one CUDA device are "
-        "captured as CUDA graphs at start-up, one per batch-size and context-width bucket, and replayed (the "
-        "capture time is part of start-up and reported by /health); elsewhere steps are eager anyway.",
+        False, description="Run every step eagerly. Otherwise (the default), on one CUDA device, steps are "
+        "captured as CUDA graphs at start-up and replayed: with the triton backend whole steps, mixed ones too (one "
+        "graph per token-count bucket up to max_num_batched_tokens), with sdpa decode steps (one per batch-size and "
+        "context-width bucket). The capture time is part of start-up and reported by /health; elsewhere steps are "
+        "eager anyway.",
     )
     attention_backend: Literal["auto", "sdpa", "triton"] = Field(
         "auto", description="Attention over the paged KV cache (raytp/gang/attention): 'triton' (one fused paged "

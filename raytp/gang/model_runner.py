@@ -21,6 +21,7 @@ from raytp.gang.attention import hf
 from raytp.gang.requests import RankRequests
 from raytp.gang.sampler import prompt_token_logprobs, sample, token_logprobs
 from raytp.gang.static_decode import StaticDecoder
+from raytp.gang.static_step import StaticSteps
 from raytp.messages import StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class ModelRunner:
 
     def __init__(self, model, device: str, rank: int, world_size: int, *, block_size: int = 16,
                  kv_cache_bytes: int = 1 << 30, max_blocks: int | None = None, decode_mode: str | None = None,
-                 max_batch: int = 8, max_model_len: int = 2048, attention_backend: str = "sdpa"):
+                 max_batch: int = 8, max_model_len: int = 2048, attention_backend: str = "sdpa",
+                 max_step_tokens: int = 512):
         self.model = model
         self.device = device
         self.rank = rank
@@ -80,11 +82,17 @@ class ModelRunner:
             batch_decode = platforms.get(torch.device(device).type).batch_decode
             options = {"batch_decode": batch_decode} if attention_backend == "sdpa" else {}
             self.backend = attention.create(attention_backend, self.pool, **options)
-        # decode steps on bucketed fixed shapes (graph-captured on CUDA); None: every step eager
+        # steps on bucketed fixed shapes (graph-captured on CUDA): whole steps where the backend takes ragged
+        # rows, else decode steps; None: every step eager
         self.decoder = None
         if decode_mode and self.backend is not None and self.backend.graph_safe and self._keep_kwarg:
-            self.decoder = StaticDecoder(model, self.backend, device, max_batch=max_batch,
-                                         max_blocks=-(-max_model_len // block_size), mode=decode_mode)
+            width = -(-max_model_len // block_size)
+            if self.backend.ragged:
+                self.decoder = StaticSteps(model, self.backend, device, max_tokens=max(max_step_tokens, max_batch),
+                                           max_rows=max_batch, max_blocks=width, mode=decode_mode)
+            else:
+                self.decoder = StaticDecoder(model, self.backend, device, max_batch=max_batch, max_blocks=width,
+                                             mode=decode_mode)
             self.decoder.warm_up()
 
     @classmethod
@@ -101,7 +109,8 @@ class ModelRunner:
         return cls(model, device, rank, config.tensor_parallel_size, block_size=config.block_size,
                    kv_cache_bytes=budget, max_blocks=2 * config.max_num_seqs * per_seq + 1, decode_mode=mode,
                    max_batch=config.max_num_seqs, max_model_len=config.max_model_len,
-                   attention_backend=platform.attention_backend(config.attention_backend))
+                   attention_backend=platform.attention_backend(config.attention_backend),
+                   max_step_tokens=config.max_num_batched_tokens)
 
     def _count_layer(self, *_args) -> None:
         self.progress += 1
@@ -132,9 +141,12 @@ class ModelRunner:
         self._sync_tables()
         bucket = self.decoder.accepts(rows) if self.decoder is not None else None
         if bucket is not None:
-            logits = self.decoder.run(rows, bucket, self.tables)
+            logits = self.decoder.run(rows, bucket, self.tables)  # at each row's last token
             self.progress += 1  # a replayed graph runs no layer hooks
-            return self._sample(logits, rows)
+            sampled = [i for i, r in enumerate(rows) if r.sample]
+            if not sampled:
+                return StepOutput()
+            return self._sample(logits if len(sampled) == len(rows) else logits[sampled], [rows[i] for i in sampled])
         layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in rows]
         meta = attention.build_on_device(layout, self.block_size, self.tables, [r.slot for r in rows])
         if self.backend is not None:

@@ -11,7 +11,9 @@ harmless because every read of the null block is masked.
 Every bucket keeps one ``AttentionMetadata`` over views of persistent buffers, so the tensors a graph was
 captured with are the same at every replay; a step copies its rows into the buffers and replays. Prefill
 and mixed steps, and anything beyond the largest bucket, take the eager path. The attention is the rank's
-backend (``raytp.gang.attention``), which must be ``graph_safe`` for capture.
+backend (``raytp.gang.attention``), which must be ``graph_safe`` for capture. A backend that takes ragged rows
+in one launch (the triton kernel) runs whole steps, mixed ones too, on fixed shapes instead
+(``raytp.gang.static_step``); both share the capture (``FixedShapes``).
 """
 
 from __future__ import annotations
@@ -40,19 +42,69 @@ def bucket_for(n: int, sizes: list[int]) -> int | None:
     return next((s for s in sizes if s >= n), None)
 
 
-class StaticDecoder:
-    """Runs decode steps of up to ``max_batch`` rows and ``max_blocks`` blocks per row on bucketed fixed shapes.
+class FixedShapes:
+    """Steps on a fixed set of shapes (``bucket_keys``), each run by ``_model_forward(key)`` over persistent
+    buffers. ``mode``: 'eager' (fixed shapes, no capture: the reference the graphs must equal, testable on CPU)
+    or 'cuda_graphs' (each bucket captured as a graph at start-up by ``warm_up`` and replayed by ``_replay``)."""
 
-    ``mode``: 'eager' (fixed shapes, no capture: the reference graphs must equal, testable on CPU) or
-    'cuda_graphs' (each bucket captured as a CUDA graph at start-up by ``warm_up`` and replayed)."""
-
-    def __init__(self, model, backend: AttentionBackend, device: str, *, max_batch: int, max_blocks: int,
-                 mode: str):
+    def __init__(self, model, backend: AttentionBackend, device: str, mode: str):
         self.model = model
         self.backend = backend
         self.pool = backend.pool
         self.device = device
         self.mode = mode
+        self._graphs: dict = {}  # bucket -> (captured graph, its logits tensor)
+        self.warm_up_s = 0.0
+
+    def bucket_keys(self) -> list:
+        raise NotImplementedError
+
+    def _model_forward(self, key) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _replay(self, key) -> torch.Tensor:
+        """The bucket's logits: its graph replayed, or (eager) the forward run now."""
+        if key in self._graphs:
+            graph, logits = self._graphs[key]
+            graph.replay()
+            return logits
+        return self._model_forward(key)
+
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Capture every bucket now (start-up), so no user request pays for it; returns the seconds. The buffers
+        must hold a valid dummy step."""
+        if self.mode == "eager":
+            return 0.0
+        start = time.perf_counter()
+        g = platforms.get(torch.device(self.device).type).graphs()  # torch.cuda: CUDAGraph, graph, streams
+        pool = g.graph_pool_handle()
+        stream = g.Stream()
+        stream.wait_stream(g.current_stream())
+        with g.stream(stream):  # every bucket once outside capture: lazy inits, workspaces, kernel compilation
+            for key in self.bucket_keys():
+                self._model_forward(key)
+        g.current_stream().wait_stream(stream)
+        # largest first: smaller graphs reuse the memory of larger ones from the shared pool
+        for key in reversed(self.bucket_keys()):
+            graph = g.CUDAGraph()
+            with g.graph(graph, pool=pool):
+                logits = self._model_forward(key)
+            self._graphs[key] = (graph, logits)
+        g.synchronize()
+        self.warm_up_s = time.perf_counter() - start
+        logger.info("%s %s: %d buckets ready in %.1f s", type(self).__name__, self.mode, len(self._graphs),
+                    self.warm_up_s)
+        return self.warm_up_s
+
+
+class StaticDecoder(FixedShapes):
+    """Runs decode steps of up to ``max_batch`` rows and ``max_blocks`` blocks per row on bucketed fixed shapes
+    (a batch bucket × a table-width bucket)."""
+
+    def __init__(self, model, backend: AttentionBackend, device: str, *, max_batch: int, max_blocks: int,
+                 mode: str):
+        super().__init__(model, backend, device, mode)
         self.batch_sizes = buckets(max_batch)
         self.widths = buckets(max_blocks)
         long = dict(dtype=torch.long, device=device)
@@ -68,8 +120,10 @@ class StaticDecoder:
             block_tables=self.tables[:b, :w], slot_mapping=self.slots[:b], positions=self.positions[:, :b],
             fresh_blocks=self.fresh[:b], num_tokens=b, num_rows=b)
             for b in self.batch_sizes for w in self.widths}
-        self._graphs: dict[tuple[int, int], tuple] = {}  # bucket -> (captured graph, its logits tensor)
-        self.warm_up_s = 0.0
+        self.ctx_lens.fill_(1)  # the buffers hold a valid dummy step (token 0 at position 0, null block) to capture
+
+    def bucket_keys(self) -> list[tuple[int, int]]:
+        return [(b, w) for b in self.batch_sizes for w in self.widths]
 
     def accepts(self, rows) -> tuple[int, int] | None:
         """The (batch, width) bucket of a step's rows, or None if the step is not a decode step that fits."""
@@ -103,43 +157,10 @@ class StaticDecoder:
         self.ctx_lens[:b].copy_(host[4], non_blocking=True)
         mine = tables.index_select(0, host[6])[:, :w]
         self.tables[:b, :w].copy_(torch.where(self.columns[None, :w] < host[5][:, None], mine, 0))
-        if bucket in self._graphs:
-            graph, logits = self._graphs[bucket]
-            graph.replay()
-        else:
-            logits = self._model_forward(b, w)
-        return logits[:n]
+        return self._replay(bucket)[:n]
 
-    def _model_forward(self, b: int, w: int) -> torch.Tensor:
+    def _model_forward(self, key: tuple[int, int]) -> torch.Tensor:
+        b, w = key
         out = self.model(input_ids=self.ids[:, :b], position_ids=self.positions[:, :b], use_cache=False,
                          logits_to_keep=0, raytp_backend=self.backend, raytp_meta=self._metas[(b, w)])
         return out.logits[0]
-
-    @torch.inference_mode()
-    def warm_up(self) -> float:
-        """Capture every bucket now (start-up), so no user request pays for it; returns the seconds."""
-        if self.mode == "eager":
-            return 0.0
-        start = time.perf_counter()
-        self.ctx_lens.fill_(1)  # the buffers hold a valid dummy step: token 0 at position 0, null block
-        g = platforms.get(torch.device(self.device).type).graphs()  # torch.cuda: CUDAGraph, graph, streams
-        pool = g.graph_pool_handle()
-        stream = g.Stream()
-        stream.wait_stream(g.current_stream())
-        with g.stream(stream):  # every bucket once outside capture: lazy inits, workspaces, kernel compilation
-            for b in self.batch_sizes:
-                for w in self.widths:
-                    self._model_forward(b, w)
-        g.current_stream().wait_stream(stream)
-        # largest first: smaller graphs reuse the memory of larger ones from the shared pool
-        for b in reversed(self.batch_sizes):
-            for w in reversed(self.widths):
-                graph = g.CUDAGraph()
-                with g.graph(graph, pool=pool):
-                    logits = self._model_forward(b, w)
-                self._graphs[(b, w)] = (graph, logits)
-        g.synchronize()
-        self.warm_up_s = time.perf_counter() - start
-        logger.info("decode %s: %d batch x %d width buckets ready in %.1f s", self.mode, len(self.batch_sizes),
-                    len(self.widths), self.warm_up_s)
-        return self.warm_up_s

@@ -140,7 +140,8 @@ class Platform:
         return max(0, int(free * 0.9))
 
     def decode_mode(self, enforce_eager: bool, world_size: int) -> str | None:
-        """How decode steps run (``raytp.gang.static_decode``): None = eager, any shape."""
+        """How steps run on fixed shapes (``raytp.gang.static_decode`` / ``static_step``): None = eager, any
+        shape."""
         return None
 
     def graphs(self):

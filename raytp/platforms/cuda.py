@@ -38,8 +38,9 @@ class CudaPlatform(Platform):
                               f"Hopper); this one is {torch.cuda.get_device_capability(device)}: use int8 or int4.")
 
     def decode_mode(self, enforce_eager: bool, world_size: int) -> str | None:
-        """'cuda_graphs' on one device (captured at start-up, replayed per step); eager with ``enforce_eager`` and
-        for TP > 1 (NCCL all-reduce inside captured graphs is unverified here)."""
+        """'cuda_graphs' on one device (captured at start-up, replayed per step: whole steps with a ragged backend,
+        decode steps otherwise); eager with ``enforce_eager`` and for TP > 1 (NCCL all-reduce inside captured
+        graphs is unverified here)."""
         return None if enforce_eager or world_size > 1 else "cuda_graphs"
 
     def graphs(self):

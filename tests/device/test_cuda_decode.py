@@ -1,6 +1,7 @@
-"""One CUDA device, in process, no Ray (runs on a machine with torch and CUDA only): decode steps replayed from
-CUDA graphs give exactly the tokens of eager steps (through either attention backend), the triton backend gives the
-sdpa backend's tokens, and torchao int4 runs on CUDA's kernel. Skipped without CUDA."""
+"""One CUDA device, in process, no Ray (runs on a machine with torch and CUDA only): steps replayed from CUDA
+graphs give exactly the tokens of eager steps — decode steps through the sdpa backend, whole steps (mixed ones
+too) through the triton backend —, the triton backend gives the sdpa backend's tokens, and torchao int4 runs on
+CUDA's kernel. Skipped without CUDA."""
 
 import asyncio
 import random
@@ -49,16 +50,24 @@ def workload(seed: int, n: int = 7):
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_cuda_graph_decode_equals_eager_float32(backend):
+def test_cuda_graph_steps_equal_eager_float32(backend, monkeypatch):
+    from raytp.gang import static_step
+
+    replayed = []  # per whole step run on fixed shapes: (rows, tokens)
+    real_run = static_step.StaticSteps.run
+    monkeypatch.setattr(static_step.StaticSteps, "run", lambda self, rows, bucket, tables: replayed.append(
+        (len(rows), sum(len(r.token_ids) for r in rows))) or real_run(self, rows, bucket, tables))
     work = workload(0)
-    eager, (eager_report, _) = generate_all({"dtype": "float32", "enforce_eager": True,
-                                             "attention_backend": backend}, work)
-    graphs, (report, _) = generate_all({"dtype": "float32", "attention_backend": backend}, work)
+    chunked = {"dtype": "float32", "attention_backend": backend, "max_num_batched_tokens": 32}  # prompts chunk
+    eager, (eager_report, _) = generate_all({**chunked, "enforce_eager": True}, work)
+    graphs, (report, _) = generate_all(chunked, work)
     assert eager_report.decode_mode == "eager" and report.decode_mode == "cuda_graphs"
     assert report.attention_backend == backend
     assert report.decode_warm_up_s > 0
     assert graphs == eager
     assert [len(t) for t in graphs] == [n for _, n, _ in work]
+    if backend == "triton":  # whole steps replayed, mixed ones included
+        assert any(tokens > rows for rows, tokens in replayed) and any(tokens == rows for rows, tokens in replayed)
 
 
 def test_triton_backend_equals_sdpa_backend_float32():

@@ -28,10 +28,13 @@ class AttentionBackend:
     Contract of ``forward``: ``q`` [T, Hq, D], ``k`` / ``v`` [T, Hkv, D] (T = ``meta.num_tokens``, in the pool's
     dtype) → [T, Hq, D]; token t of row r attends to positions 0 .. its own of row r (causal). ``graph_safe``:
     for decode-only metadata whose tensors keep their storage, ``forward`` does no host sync and no
-    data-dependent allocation, so a step can be captured as a graph and replayed."""
+    data-dependent allocation, so a step can be captured as a graph and replayed. ``ragged``: also for any mix
+    of rows (prompt chunks and decodes) padded with empty rows and row-less tokens (``meta.padded``), so whole
+    steps can be (``raytp.gang.static_step``)."""
 
     name = ""
     graph_safe = False
+    ragged = False
 
     def __init__(self, pool: KVPool):
         self.pool = pool

@@ -2,8 +2,8 @@
 
 The kernel masks every key past a row's context, so blocks need no zeroing (``fresh_blocks`` is ignored) and
 the block tables' padding is never read. Its grid depends only on the token and row counts, and it reads
-everything else from the metadata's tensors: graph-safe. On CPU tensors it runs only under Triton's
-interpreter (``TRITON_INTERPRET=1``), which is how CI tests it.
+everything else from the metadata's tensors: graph-safe, for whole mixed steps too (``ragged``). On CPU tensors
+it runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests it.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from raytp.gang.attention.metadata import AttentionMetadata
 class TritonBackend(AttentionBackend):
     name = "triton"
     graph_safe = True
+    ragged = True
 
     def forward(self, layer: int, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         from raytp.gang.attention.triton_kernel import paged_attention
 
         self.pool.write(layer, k, v, meta.slot_mapping)
-        return paged_attention(torch.empty_like(q), q, self.pool.keys[layer], self.pool.values[layer],
+        # a padded step's row-less tokens get no output from the kernel: zeros keep them finite through the layers
+        out = torch.zeros_like(q) if meta.padded else torch.empty_like(q)
+        return paged_attention(out, q, self.pool.keys[layer], self.pool.values[layer],
                                meta.query_start_loc, meta.seq_lens, meta.block_tables, self.pool.block_size,
                                scale)
