@@ -150,3 +150,50 @@ class TransformersClient:
         result.ttft_s += waited
         result.e2e_s += waited
         return result
+
+
+class EngineClient:
+    """raytp's engine in this process (``LocalExecutor``: TP=1, no Ray, no Serve), on the same requests: what the
+    Serve path is measured against. ``config``: raytp config fields (a dict, as in serve_config.yaml's args)."""
+
+    def __init__(self, config: dict, ignore_eos: bool):
+        self.config = config
+        self.ignore_eos = ignore_eos
+        self.engine = None
+        self._next = 0
+
+    async def __aenter__(self):
+        from transformers import AutoTokenizer
+
+        from raytp.config import resolve
+        from raytp.engine.engine import make_engine
+        from raytp.gang.local import LocalExecutor
+
+        cfg = resolve({**self.config, "tensor_parallel_size": 1})
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_path, trust_remote_code=cfg.trust_remote_code)
+        self.engine = make_engine(cfg, LocalExecutor(cfg), tokenizer)
+        await self.engine.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        self.engine.shutdown()
+
+    async def send(self, req: BenchRequest) -> RequestResult:
+        from raytp.messages import SamplingParams
+
+        prompt = req.prompt if isinstance(req.prompt, list) else self.engine.tokenizer.encode(req.prompt)
+        params = SamplingParams(max_tokens=req.output_len, temperature=0.0, ignore_eos=self.ignore_eos)
+        self._next += 1
+        start = last = time.perf_counter()
+        ttft, itl, n = 0.0, [], 0
+        try:
+            async for out in self.engine.generate(f"bench-{self._next}", tuple(prompt), params):
+                now = time.perf_counter()
+                if n == 0:
+                    ttft = now - start
+                else:
+                    itl.append(now - last)
+                last, n = now, n + len(out.token_ids)
+        except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash of the benchmark
+            return RequestResult(False, error=f"{type(e).__name__}: {e}"[:200])
+        return RequestResult(True, len(prompt), n, ttft, time.perf_counter() - start, itl)

@@ -6,6 +6,8 @@
 ``NAME=transformers:k=v``   the in-process transformers baseline, one request at a time (``dtype=``)
 ``NAME=transformers-serve:k=v``  ``transformers serve --continuous-batching`` started here on the same checkpoint
                              (``dtype=``): transformers' own OpenAI server with its continuous batching
+``NAME=engine:k=v,...``     raytp's engine in this process with these config overrides (TP=1, no Ray, no Serve):
+                             what the same requests cost without the Serve path
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from dataclasses import dataclass
 
 import yaml
 
-from raytp.bench.clients import HTTPClient, TransformersClient
+from raytp.bench.clients import EngineClient, HTTPClient, TransformersClient
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
-    kind: str  # url | raytp | transformers
+    kind: str  # url | raytp | transformers | transformers-serve | engine
     url: str = ""
     options: tuple[tuple[str, object], ...] = ()
 
@@ -35,7 +37,7 @@ def parse(spec: str) -> Target:
     if rest.startswith(("http://", "https://")):
         return Target(name, "url", url=rest)
     kind, _, opts = rest.partition(":")
-    if kind not in ("raytp", "transformers", "transformers-serve"):
+    if kind not in ("raytp", "transformers", "transformers-serve", "engine"):
         raise ValueError(f"--compare {spec!r}: unknown target kind {kind!r}")
     options = []
     for item in filter(None, opts.split(",")):
@@ -68,6 +70,9 @@ async def open_target(target: Target, *, model: str, ignore_eos: bool, api_key: 
             raise ValueError(f"the transformers baseline needs a local checkpoint or raytp preset, not {model!r}")
         async with TransformersClient(path, str(opts.get("dtype", "bfloat16")), ignore_eos, opts.get("threads")) as c:
             yield c, 1
+    elif target.kind == "engine":
+        async with EngineClient({"model": model, **_cpu_threads(opts, 1)}, ignore_eos) as client:
+            yield client, 1
     elif target.kind == "transformers-serve":
         path = model_path(model)
         if path is None:
@@ -124,6 +129,13 @@ def _transformers_serve(dtype: str, port: int, timeout_s: float = 300.0):
         proc.wait(30)
 
 
+def _cpu_threads(opts: dict, tp: int) -> dict:
+    """On cpu, this machine's cores split among the ranks, unless ``num_cpus_per_worker`` is given."""
+    if opts.get("device", "cpu") != "cpu":
+        return opts
+    return {"num_cpus_per_worker": max(1, (os.cpu_count() or 1) // tp), **opts}
+
+
 @contextlib.contextmanager
 def _raytp_app(model: str, opts: dict, port: int, timeout_s: float = 900.0):
     import ray
@@ -134,10 +146,7 @@ def _raytp_app(model: str, opts: dict, port: int, timeout_s: float = 900.0):
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    args = {"model": model, **opts}
-    if args.get("device", "cpu") == "cpu":  # split this machine's cores among the ranks unless told otherwise
-        tp = int(args.get("tensor_parallel_size", 1))
-        args.setdefault("num_cpus_per_worker", max(1, (os.cpu_count() or 1) // tp))
+    args = {"model": model, **_cpu_threads(opts, int(opts.get("tensor_parallel_size", 1)))}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(args), name="raytp-bench", route_prefix="/")

@@ -94,3 +94,25 @@ def test_markdown_report_has_a_row_per_target_and_ratios():
                           "ratios": ratios})
     assert "| a | 4 | 3 | 0 |" in md and "| b | 4 | 3 | 0 | 6.00 |" in md and "Ratios to `a`" in md
     assert "3.00" in md.split("Ratios to `a`")[1]
+
+
+def test_engine_target_runs_the_requests_in_process(tiny_model_path):
+    """``NAME=engine:...``: raytp's engine in this process serves the bench's requests (token-id prompts, exact
+    output lengths with ignore_eos), concurrently, with the times the metrics need."""
+    import asyncio
+
+    from raytp.bench.workload import BenchRequest
+
+    target = targets.parse("eng=engine:device=cpu,dtype=float32,max_model_len=256")
+    requests = [BenchRequest([10 + i, 20, 30 + i], output_len=4 + i, prompt_len=3) for i in range(3)]
+
+    async def go():
+        async with targets.open_target(target, model="raytp-tiny-llama", ignore_eos=True, api_key=None,
+                                       port=0) as (client, tp):
+            together = await asyncio.gather(*(client.send(r) for r in requests))
+            return tp, together
+
+    tp, results = asyncio.run(go())
+    assert tp == 1 and all(r.ok for r in results), [r.error for r in results]
+    assert [(r.prompt_len, r.output_len) for r in results] == [(3, 4), (3, 5), (3, 6)]
+    assert all(r.e2e_s >= r.ttft_s > 0 and len(r.itl_s) == r.output_len - 1 for r in results)
