@@ -44,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-percentiles", default="50,90,99")
     p.add_argument("--compare", action="append", metavar="NAME=TARGET",
                    help="a target to run the same workload against (repeat); the first is the ratios' baseline. "
-                   "TARGET: http(s)://URL | raytp[:key=value,...] | transformers[:dtype=...] | transformers-serve[:dtype=...] | "
-                   "engine[:key=value,...] (raytp's engine in process, TP=1)")
+                   "TARGET: http(s)://URL | raytp[:key=value,...] | transformers[:dtype=...] | "
+                   "transformers-serve[:dtype=...] | engine[:key=value,...] (raytp's engine in process, TP=1)")
     p.add_argument("--roofline", action="store_true", help="also measure single-stream decode vs memory bandwidth")
     p.add_argument("--roofline-output-len", type=int, default=64)
     p.add_argument("--bandwidth-gbps", type=float, help="use this bandwidth (GB/s per device) instead of measuring")
