@@ -70,6 +70,7 @@ class Engine:
         self.scheduling = scheduling or SchedulerConfig()
         self.scheduler = None
         self.eos_token_id = tokenizer.eos_token_id
+        self.vocab_size = len(tokenizer)
         self.grammars = Grammars(tokenizer)  # structured output: a matcher per constrained request
         self._streams: dict[str, _Stream] = {}
         self._wake = asyncio.Event()
@@ -160,13 +161,17 @@ class Engine:
     async def generate(self, request_id: str, prompt_ids: tuple[int, ...], params: SamplingParams):
         """Yield ``RequestOutput`` deltas until one has ``finish_reason``. Closing the iterator aborts the request.
 
-        Raises ``EngineDeadError`` if the gang fails, ``QueueFullError`` if the replica is at capacity.
+        Raises ``EngineDeadError`` if the gang fails, ``QueueFullError`` if the replica is at capacity,
+        ``InvalidRequestError`` for a reused id or a prompt that is empty or has ids outside the tokenizer's.
         """
         self.check_health()
         if self.scheduler is None:
             raise EngineDeadError("engine is not started")
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use (X-Request-Id must be unique)")
+        if not prompt_ids or any(not 0 <= t < self.vocab_size for t in prompt_ids):  # one bad prompt must not
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size}) and not empty",  # kill
+                                      param="prompt")  # the gang (the OpenAI layer checks too; handles may not)
         if not params.greedy and params.seed is None:
             params = replace(params, seed=self._seeds.getrandbits(63))
         if params.min_tokens and self.eos_token_id is not None and not params.ignore_eos:

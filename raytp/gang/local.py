@@ -43,10 +43,17 @@ class LocalExecutor:
         if self._dead:
             raise EngineDeadError(f"executor is {self._dead}")
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._thread, self.worker.step, step)
+            return await asyncio.get_running_loop().run_in_executor(self._thread, self._step, step)
         except Exception as e:  # noqa: BLE001 - the engine turns this into failed requests, never a hang
             self._dead = f"failed: {type(e).__name__}: {e}"
             raise EngineDeadError(f"executor {self._dead}") from e
+
+    def _step(self, step: StepInput) -> StepOutput:
+        # async scheduling queues the next step before this one ends: once a step failed, the rank's state is
+        # not what the queued one assumes, so it must not run
+        if self._dead:
+            raise EngineDeadError(f"executor is {self._dead}")
+        return self.worker.step(step)
 
     async def pids(self) -> list[int]:
         return [self.worker.pid()]

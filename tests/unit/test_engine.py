@@ -318,3 +318,29 @@ def test_async_scheduling_outputs_equal_synchronous(tiny_tokenizer, seed):
     assert sync_overlap == 1 and overlap == 2, "async scheduling sends a step while the one before runs"
     assert any(r[2] == "stop" for rid, r in sync.items() if rid in stops), "a stop string ended some request"
     assert status.num_preemptions > 0, "the KV budget preempted sequences (some with a token in flight)"
+
+
+def test_prompt_ids_outside_the_vocabulary_fail_the_request_not_the_gang(tiny_tokenizer):
+    """A prompt with an id the model has no embedding for (a handle caller's, past the OpenAI layer's checks) is
+    refused with a typed error before it reaches the ranks; the engine keeps serving."""
+    from raytp.errors import InvalidRequestError
+
+    tok = tiny_tokenizer
+
+    async def main():
+        engine, ex = make(tok, {})
+        await engine.start(warmup=False)
+        try:
+            for bad in ((len(tok),), (-1,), ()):
+                with pytest.raises(InvalidRequestError) as e:
+                    await collect(engine, f"bad{bad}", bad, SamplingParams(max_tokens=2, temperature=0))
+                assert e.value.param == "prompt"
+            steps_before = list(ex.steps)
+            text, last = await collect(engine, "ok", (5, 6), SamplingParams(max_tokens=3, temperature=0))
+            return last.num_output_tokens, steps_before
+        finally:
+            engine.shutdown()
+
+    n, steps_before = asyncio.run(main())
+    assert steps_before == [], "no bad prompt reached the ranks"
+    assert n == 3, "the engine still serves"
