@@ -94,9 +94,16 @@ def peak_memory_mb(device: str) -> float:
 
 
 class NumberTokenizer:
-    """Enough of a tokenizer for the engine when the model has no real one: token ids as text."""
+    """Enough of a tokenizer for the engine when the model has no real one: token ids as text, ``vocab_size``
+    of them (the engine refuses prompt ids outside its tokenizer)."""
 
     eos_token_id = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __len__(self) -> int:
+        return self.vocab_size
 
     def encode(self, text, add_special_tokens=False):
         return [1, 2]
@@ -144,7 +151,7 @@ def raytp_engine(args, model, **overrides):
     cfg = ResolvedConfig(**{**fields, "model_path": args.model or "random", "served_model_name": "bench",
                             "tensor_parallel_size": 1, "device": args.device.split(":")[0], "dtype": args.dtype,
                             "max_model_len": 4096})
-    return make_engine(cfg, LocalExecutor(cfg, model=model), NumberTokenizer())
+    return make_engine(cfg, LocalExecutor(cfg, model=model), NumberTokenizer(model.config.vocab_size))
 
 
 async def run_raytp(engine, workload, device: str, sequential: bool = False):
