@@ -1,7 +1,10 @@
 """The engine loop: schedule → execute → update, over every live request of one replica.
 
 One asyncio task owns the gang: it alone sends steps to the executor, so ranks see one
-ordered command stream and requests never interleave wrongly. Requests enter through
+ordered command stream and requests never interleave wrongly. With async scheduling it sends
+step N + 1 before step N has returned (``_launch``), then turns step N's tokens into outputs
+(``_finish``): rows whose input is step N's token carry ``PENDING_TOKEN``, which the ranks fill
+in. Requests enter through
 ``generate`` (an async iterator of ``RequestOutput`` deltas) and leave when finished,
 aborted (the iterator is closed) or failed (``EngineDeadError``). ``Engine`` is the
 ``raytp.engine.protocol.EngineClient`` the server uses; its executor is any
@@ -239,13 +242,6 @@ class Engine:
             if inflight is not None:  # its outcome no longer matters (the gang died or the engine shut down)
                 inflight.result.cancel()
                 inflight.result.add_done_callback(_retrieve)
-
-    async def step(self) -> bool:
-        """One synchronous iteration: schedule, run, update. Returns False when there was nothing to do."""
-        busy, launched = self._launch()
-        if launched is not None:
-            await self._finish(launched)
-        return busy
 
     def _launch(self) -> tuple[bool, _Launched | None]:
         """Schedule a step and send it to the ranks. Returns (whether there was anything to do, the step sent:
