@@ -44,6 +44,12 @@ class InvalidRequestError(RaytpError):
     error_type = "invalid_request_error"
 
 
+def check_token_ids(ids, vocab_size: int, param: str) -> None:
+    """``InvalidRequestError`` naming ``param`` if any id is outside the vocabulary [0, vocab_size)."""
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab_size})", param=param)
+
+
 class ModelNotFoundError(InvalidRequestError):
     """The request names a model this app does not serve (HTTP 404, as OpenAI answers)."""
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
 from raytp.engine.protocol import RequestOutput
-from raytp.errors import InvalidRequestError
+from raytp.errors import InvalidRequestError, check_token_ids
 from raytp.messages import SamplingParams
 
 
@@ -34,12 +34,6 @@ def parse(model_cls, body):
         return model_cls.model_validate(body)
     except ValidationError as e:
         raise invalid_request(e.errors()) from None
-
-
-def check_token_ids(ids, vocab_size: int, param: str) -> None:
-    """``InvalidRequestError`` naming ``param`` if any id is outside the vocabulary."""
-    if any(not 0 <= t < vocab_size for t in ids):
-        raise InvalidRequestError(f"{param}: token ids must be in [0, {vocab_size})", param=param)
 
 
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int, vocab_size: int,

@@ -25,7 +25,7 @@ from raytp.engine.protocol import EngineStatus, Executor, RequestOutput
 from raytp.engine.scheduler import SchedulerConfig, SchedulerOutput, Sequence
 from raytp.engine.stats import EngineStats
 from raytp.engine.structured import Grammars
-from raytp.errors import ConfigError, EngineDeadError, InvalidRequestError
+from raytp.errors import ConfigError, EngineDeadError, InvalidRequestError, check_token_ids
 from raytp.messages import PENDING_TOKEN, NewRequest, RowInput, SamplingParams, StepInput
 
 logger = logging.getLogger(__name__)
@@ -172,9 +172,10 @@ class Engine:
             raise EngineDeadError("engine is not started")
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use (X-Request-Id must be unique)")
-        if not prompt_ids or any(not 0 <= t < self.vocab_size for t in prompt_ids):  # one bad prompt must not
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.vocab_size}) and not empty",  # kill
-                                      param="prompt")  # the gang (the OpenAI layer checks too; handles may not)
+        # one bad prompt must not kill the gang (the OpenAI layer checks too; a handle or in-process caller may not)
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty", param="prompt")
+        check_token_ids(prompt_ids, self.vocab_size, "prompt")
         if not params.greedy and params.seed is None:
             params = replace(params, seed=self._seeds.getrandbits(63))
         if params.min_tokens and self.eos_token_id is not None and not params.ignore_eos:

@@ -21,19 +21,10 @@ import json
 from raytp.errors import InvalidRequestError
 
 
-def grammar_for(response_format: dict | None) -> str | None:
-    """llguidance's grammar for an OpenAI ``response_format`` (``text`` or None: no grammar). Compact JSON (no
-    free whitespace between tokens), so a model cannot pad forever. ``InvalidRequestError`` for a bad schema."""
-    if not response_format or response_format["type"] == "text":
-        return None
-    if response_format["type"] == "json_object":
-        return grammar_of("json_object", None, "response_format")
-    return grammar_of("json", response_format["json_schema"].get("schema") or {}, "response_format")
-
-
 def grammar_of(kind: str, spec, param: str) -> str:
     """llguidance's grammar for one output constraint, vLLM's kinds: ``json`` (a JSON schema, a dict or its text;
-    compact, as ``grammar_for``), ``json_object`` (any object), ``regex``, ``choice`` (one of these strings,
+    compact: no free whitespace between tokens, so a model cannot pad forever), ``json_object`` (any object),
+    ``regex``, ``choice`` (one of these strings,
     exactly: an alternation of literals), ``grammar`` (Lark, llguidance's dialect, or GBNF). llguidance builds
     every one (its ``grammar_from``); ``InvalidRequestError`` naming ``param`` if it cannot, or if the grammar is
     unusable."""

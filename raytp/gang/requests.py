@@ -53,6 +53,11 @@ class LiveRow:
         return (self.token_ids[1:] + (self.prompt_next,))[:count]
 
 
+def _pending(row) -> bool:
+    """Whether a step's row waits on the token sampled for its sequence last step (async scheduling)."""
+    return bool(row.token_ids) and row.token_ids[0] == PENDING_TOKEN
+
+
 class RankRequests:
     """``track_writes``: record the table entries each step writes, for ``take_table_writes`` (a device mirror)."""
 
@@ -66,7 +71,7 @@ class RankRequests:
     @staticmethod
     def pending_handles(step: StepInput) -> list[int]:
         """The handles of the rows whose input token is the one sampled for them last step, in row order."""
-        return [r.handle for r in step.rows if r.token_ids and r.token_ids[0] == PENDING_TOKEN]
+        return [r.handle for r in step.rows if _pending(r)]
 
     def record_sampled(self, handles, tokens) -> None:
         self.last_sampled.update(zip(handles, tokens))
@@ -88,7 +93,7 @@ class RankRequests:
             s = self.live[r.handle]
             self._extend(s, r.new_blocks)
             token_ids = r.token_ids
-            if token_ids and token_ids[0] == PENDING_TOKEN:
+            if _pending(r):
                 token_ids = (next(filled) if pending_tokens is not None else self.last_sampled[r.handle],)
             keeps_history = s.params.needs_history
             rows.append(LiveRow(s.seq_id, token_ids, r.start_pos, s.table, s.handle, r.sample, s.params,

@@ -258,13 +258,13 @@ def test_async_scheduling_outputs_equal_synchronous(tiny_tokenizer, seed):
     request finished, and async steps do overlap (a step is sent before the one before it returned)."""
     import random
 
-    from raytp.engine.structured import grammar_for
+    from raytp.engine.structured import grammar_of
     from raytp.testing import plain_token_ids
 
     tok = tiny_tokenizer
     rng = random.Random(seed)
     vocab = plain_token_ids(tok)
-    grammar = grammar_for({"type": "json_object"})
+    grammar = grammar_of("json_object", None, "response_format")
     requests = []
     for i in range(8):
         prompt = tuple(rng.choice(vocab) for _ in range(rng.randint(1, 30)))

@@ -289,12 +289,12 @@ def test_json_schema_output_parses_and_validates_on_the_real_model(model, tiny_t
     object of the schema (greedy and sampled, alone and batched)."""
     import json
 
-    from raytp.engine.structured import grammar_for
+    from raytp.engine.structured import grammar_of
 
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]},
                                                 "n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["ok", "color", "n"], "additionalProperties": False}
-    grammar = grammar_for({"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    grammar = grammar_of("json", schema, "response_format")
 
     async def main():
         engine = make_engine(model, tiny_tokenizer)
