@@ -173,6 +173,6 @@ class LoadReport:
     kv_block_bytes: int = 0  # bytes of one block on this rank (its share of heads, every layer, keys + values)
     kv_block_size: int = 16  # tokens per block
     weight_bytes: int = 0  # bytes of this rank's weights as stored (quantized ones packed)
-    decode_mode: str = "eager"  # how decode steps run: eager | cuda_graphs (raytp.gang.static_decode)
-    decode_warm_up_s: float = 0.0  # start-up seconds spent capturing/compiling decode steps (part of load_s)
+    decode_mode: str = "eager"  # how steps run: eager | cuda_graphs (raytp.gang.graph_runner)
+    decode_warm_up_s: float = 0.0  # start-up seconds spent capturing graphs (part of load_s)
     attention_backend: str = "sdpa"  # raytp.gang.attention backend of this rank (legacy: transformers 4.x adapter)

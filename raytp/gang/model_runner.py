@@ -18,10 +18,9 @@ import torch
 
 from raytp.gang import attention
 from raytp.gang.attention import hf
+from raytp.gang.graph_runner import GraphRunner
 from raytp.gang.requests import RankRequests
 from raytp.gang.sampler import prompt_token_logprobs, sample, token_logprobs
-from raytp.gang.static_decode import StaticDecoder
-from raytp.gang.static_step import StaticSteps
 from raytp.messages import StepInput, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -40,10 +39,11 @@ class ModelRunner:
     """``kv_cache_bytes``: this rank's KV budget; ``max_blocks``: most blocks worth allocating (more would never be
     used). The pool is sized by a one-token probe forward that records every layer's key shape on this rank.
     ``attention_backend``: a name of ``raytp.gang.attention.BACKENDS`` (transformers 4.x has one path, the
-    compatibility adapter, whatever is asked)."""
+    compatibility adapter, whatever is asked). ``graph_capture``: the platform's capture strategy
+    (``Platform.graph_capture``); with it, the steps the backend's bucket policy accepts are replayed graphs."""
 
     def __init__(self, model, device: str, rank: int, world_size: int, *, block_size: int = 16,
-                 kv_cache_bytes: int = 1 << 30, max_blocks: int | None = None, decode_mode: str | None = None,
+                 kv_cache_bytes: int = 1 << 30, max_blocks: int | None = None, graph_capture=None,
                  max_batch: int = 8, max_model_len: int = 2048, attention_backend: str = "sdpa",
                  max_step_tokens: int = 512):
         self.model = model
@@ -82,18 +82,15 @@ class ModelRunner:
             batch_decode = platforms.get(torch.device(device).type).batch_decode
             options = {"batch_decode": batch_decode} if attention_backend == "sdpa" else {}
             self.backend = attention.create(attention_backend, self.pool, **options)
-        # steps on bucketed fixed shapes (graph-captured on CUDA): whole steps where the backend takes ragged
-        # rows, else decode steps; None: every step eager
-        self.decoder = None
-        if decode_mode and self.backend is not None and self.backend.graph_safe and self._keep_kwarg:
-            width = -(-max_model_len // block_size)
-            if self.backend.ragged:
-                self.decoder = StaticSteps(model, self.backend, device, max_tokens=max(max_step_tokens, max_batch),
-                                           max_rows=max_batch, max_blocks=width, mode=decode_mode)
-            else:
-                self.decoder = StaticDecoder(model, self.backend, device, max_batch=max_batch, max_blocks=width,
-                                             mode=decode_mode)
-            self.decoder.warm_up()
+        # steps on fixed shapes replayed as graphs: the backend's bucket policy, the platform's capture (None: eager)
+        self.graphs = None
+        shapes = None
+        if graph_capture is not None and self.backend is not None and self._keep_kwarg:
+            shapes = self.backend.shapes(max_tokens=max(max_step_tokens, max_batch), max_rows=max_batch,
+                                         max_blocks=-(-max_model_len // block_size))
+        if shapes is not None:
+            self.graphs = GraphRunner(model, self.backend, shapes, graph_capture)
+            self.graphs.warm_up()
 
     @classmethod
     def for_config(cls, model, config, rank: int, device: str) -> ModelRunner:
@@ -105,9 +102,9 @@ class ModelRunner:
         platform = platforms.get(config.device)
         budget = platform.kv_cache_budget(config.kv_cache_memory_bytes, config.gpu_memory_utilization)
         per_seq = -(-config.max_model_len // config.block_size)
-        mode = platform.decode_mode(config.enforce_eager, config.tensor_parallel_size)
         return cls(model, device, rank, config.tensor_parallel_size, block_size=config.block_size,
-                   kv_cache_bytes=budget, max_blocks=2 * config.max_num_seqs * per_seq + 1, decode_mode=mode,
+                   kv_cache_bytes=budget, max_blocks=2 * config.max_num_seqs * per_seq + 1,
+                   graph_capture=platform.graph_capture(config.enforce_eager, config.tensor_parallel_size),
                    max_batch=config.max_num_seqs, max_model_len=config.max_model_len,
                    attention_backend=platform.attention_backend(config.attention_backend),
                    max_step_tokens=config.max_num_batched_tokens)
@@ -139,9 +136,9 @@ class ModelRunner:
         if not rows:
             return StepOutput()
         self._sync_tables()
-        bucket = self.decoder.accepts(rows) if self.decoder is not None else None
+        bucket = self.graphs.accepts(rows) if self.graphs is not None else None
         if bucket is not None:
-            logits = self.decoder.run(rows, bucket, self.tables)  # at each row's last token
+            logits = self.graphs.run(rows, bucket, self.tables)  # at each row's last token
             self.progress += 1  # a replayed graph runs no layer hooks
             sampled = [i for i, r in enumerate(rows) if r.sample]
             if not sampled:

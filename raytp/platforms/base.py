@@ -139,15 +139,10 @@ class Platform:
         free = int(total * utilization) - mod.memory_reserved()
         return max(0, int(free * 0.9))
 
-    def decode_mode(self, enforce_eager: bool, world_size: int) -> str | None:
-        """How steps run on fixed shapes (``raytp.gang.static_decode`` / ``static_step``): None = eager, any
-        shape."""
+    def graph_capture(self, enforce_eager: bool, world_size: int):
+        """How steps are captured as graphs and replayed on this device (a ``raytp.platforms.graphs.DeviceGraphs``;
+        the graph runner, ``raytp.gang.graph_runner``, asks for it once at start-up); None: every step eager."""
         return None
-
-    def graphs(self):
-        """The torch module whose graph API (``CUDAGraph``, ``graph``, ``graph_pool_handle``, ``Stream``,
-        ``stream``, ``current_stream``, ``synchronize``) captures steps on this device, for ``decode_mode``."""
-        raise NotImplementedError(f"no graph capture on {self.name}")
 
     def attention_backend(self, requested: str, *, triton_importable=None) -> str:
         """The attention backend ``requested`` (auto | sdpa | triton) means on this rank

@@ -89,9 +89,8 @@ class CpuPlatform(Platform):
         """``configured``, else 4 GiB (vLLM's CPU default)."""
         return configured if configured is not None else 4 << 30
 
-    def decode_mode(self, enforce_eager: bool, world_size: int) -> str | None:
-        """Eager: there is no launch overhead for graphs to remove, and torch.compile of the fixed-shape decode
-        step took ~45 s per bucket to compile on 2 cores and then ran slower than eager (docs/performance.md)."""
+    def graph_capture(self, enforce_eager: bool, world_size: int):
+        """None (eager): there is no launch overhead for graphs to remove on a CPU."""
         return None
 
     @property

@@ -37,13 +37,14 @@ class CudaPlatform(Platform):
             raise ConfigError("quantization", f"fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, "
                               f"Hopper); this one is {torch.cuda.get_device_capability(device)}: use int8 or int4.")
 
-    def decode_mode(self, enforce_eager: bool, world_size: int) -> str | None:
-        """'cuda_graphs' on one device (captured at start-up, replayed per step: whole steps with a ragged backend,
-        decode steps otherwise); eager with ``enforce_eager`` and for TP > 1 (NCCL all-reduce inside captured
+    def graph_capture(self, enforce_eager: bool, world_size: int):
+        """CUDA graphs on one device (captured at start-up, replayed per step: whole steps with the triton backend,
+        decode steps with sdpa); none with ``enforce_eager`` and for TP > 1 (NCCL all-reduce inside captured
         graphs is unverified here)."""
-        return None if enforce_eager or world_size > 1 else "cuda_graphs"
-
-    def graphs(self):
+        if enforce_eager or world_size > 1:
+            return None
         import torch
 
-        return torch.cuda
+        from raytp.platforms.graphs import DeviceGraphs
+
+        return DeviceGraphs("cuda_graphs", torch.cuda, "CUDAGraph")

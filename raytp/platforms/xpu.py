@@ -60,7 +60,8 @@ class XpuPlatform(Platform):
 
         return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="plain_int32")  # oneDNN
 
-    def decode_mode(self, enforce_eager: bool, world_size: int) -> str | None:
-        """Eager: graph capture on XPU (``torch.xpu.XPUGraph`` in recent torch) is unverified here; the Triton
-        backend's grid is already fixed-shape, so it is the next step once an XPU is at hand."""
+    def graph_capture(self, enforce_eager: bool, world_size: int):
+        """None (eager): graph capture on XPU (``torch.xpu.XPUGraph`` in recent torch) is unverified here. The
+        triton backend's steps already run on fixed shapes; once verified on a device this returns
+        ``DeviceGraphs("xpu_graphs", torch.xpu, "XPUGraph")`` and nothing else changes."""
         return None

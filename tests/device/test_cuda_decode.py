@@ -1,7 +1,7 @@
 """One CUDA device, in process, no Ray (runs on a machine with torch and CUDA only): steps replayed from CUDA
-graphs give exactly the tokens of eager steps — decode steps through the sdpa backend, whole steps (mixed ones
-too) through the triton backend —, the triton backend gives the sdpa backend's tokens, and torchao int4 runs on
-CUDA's kernel. Skipped without CUDA."""
+graphs (counted: graphs captured but never replayed fail) give exactly the tokens of eager steps — decode steps
+through the sdpa backend, whole steps (mixed ones too) through the triton backend —, the triton backend gives the
+sdpa backend's tokens, and torchao int4 runs on CUDA's kernel. Skipped without CUDA."""
 
 import asyncio
 import random
@@ -35,8 +35,10 @@ def generate_all(overrides: dict, requests) -> tuple[list[list[int]], object]:
         await engine.start()
         try:
             out = list(await asyncio.gather(*(one(f"r{i}", *r) for i, r in enumerate(requests))))
-            layer = engine.executor.runner.model.model.layers[0]
-            return out, (engine.load_reports[0], type(layer.mlp.up_proj.weight).__name__)
+            runner = engine.executor.runner
+            layer = runner.model.model.layers[0]
+            replays = runner.graphs.replays if runner.graphs is not None else 0
+            return out, (engine.load_reports[0], type(layer.mlp.up_proj.weight).__name__, replays)
         finally:
             engine.shutdown()
 
@@ -51,23 +53,25 @@ def workload(seed: int, n: int = 7):
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_cuda_graph_steps_equal_eager_float32(backend, monkeypatch):
-    from raytp.gang import static_step
+    from raytp.gang.attention.shapes import StepShapes
 
-    replayed = []  # per whole step run on fixed shapes: (rows, tokens)
-    real_run = static_step.StaticSteps.run
-    monkeypatch.setattr(static_step.StaticSteps, "run", lambda self, rows, bucket, tables: replayed.append(
-        (len(rows), sum(len(r.token_ids) for r in rows))) or real_run(self, rows, bucket, tables))
+    loaded = []  # per step run on fixed shapes: (rows, tokens)
+    for policy in StepShapes.__subclasses__():
+        real = policy.load
+        monkeypatch.setattr(policy, "load", lambda self, rows, bucket, tables, real=real: loaded.append(
+            (len(rows), sum(len(r.token_ids) for r in rows))) or real(self, rows, bucket, tables))
     work = workload(0)
     chunked = {"dtype": "float32", "attention_backend": backend, "max_num_batched_tokens": 32}  # prompts chunk
-    eager, (eager_report, _) = generate_all({**chunked, "enforce_eager": True}, work)
-    graphs, (report, _) = generate_all(chunked, work)
-    assert eager_report.decode_mode == "eager" and report.decode_mode == "cuda_graphs"
-    assert report.attention_backend == backend
+    eager, (eager_report, _, eager_replays) = generate_all({**chunked, "enforce_eager": True}, work)
+    graphs, (report, _, replays) = generate_all(chunked, work)
+    assert eager_report.decode_mode == "eager" and eager_replays == 0
+    assert report.decode_mode == "cuda_graphs" and report.attention_backend == backend
     assert report.decode_warm_up_s > 0
+    assert replays == len(loaded) > 0, "steps ran as graph replays"
     assert graphs == eager
     assert [len(t) for t in graphs] == [n for _, n, _ in work]
     if backend == "triton":  # whole steps replayed, mixed ones included
-        assert any(tokens > rows for rows, tokens in replayed) and any(tokens == rows for rows, tokens in replayed)
+        assert any(tokens > rows for rows, tokens in loaded) and any(tokens == rows for rows, tokens in loaded)
 
 
 def test_triton_backend_equals_sdpa_backend_float32():
@@ -81,6 +85,6 @@ def test_triton_backend_equals_sdpa_backend_float32():
 def test_torchao_int4_on_cuda_with_graphs_equals_eager_int4():
     work = workload(1)
     eager, _ = generate_all({"quantization": "int4", "enforce_eager": True}, work)
-    graphs, (report, weight_type) = generate_all({"quantization": "int4"}, work)
-    assert report.decode_mode == "cuda_graphs" and weight_type.startswith("Int4")
+    graphs, (report, weight_type, replays) = generate_all({"quantization": "int4"}, work)
+    assert report.decode_mode == "cuda_graphs" and weight_type.startswith("Int4") and replays > 0
     assert graphs == eager

@@ -204,12 +204,15 @@ def test_int4_group_size_divides_every_shard_width():
         group_size_for([128, 64], 128)
 
 
-def test_decode_graphs_only_where_they_are_verified():
-    assert platforms.get("cuda").decode_mode(False, 1) == "cuda_graphs"
-    assert platforms.get("cuda").decode_mode(True, 1) is None  # enforce_eager
-    assert platforms.get("cuda").decode_mode(False, 2) is None
-    assert platforms.get("cpu").decode_mode(False, 1) is None
-    assert platforms.get("xpu").decode_mode(False, 1) is None
+def test_graphs_only_where_they_are_verified():
+    import torch
+
+    cuda = platforms.get("cuda").graph_capture(False, 1)
+    assert cuda.name == "cuda_graphs" and cuda.module is torch.cuda and cuda.graph_class == "CUDAGraph"
+    assert platforms.get("cuda").graph_capture(True, 1) is None  # enforce_eager
+    assert platforms.get("cuda").graph_capture(False, 2) is None
+    assert platforms.get("cpu").graph_capture(False, 1) is None
+    assert platforms.get("xpu").graph_capture(False, 1) is None
 
 
 def test_scheduling_limits_default_per_device_kind(model_dir):

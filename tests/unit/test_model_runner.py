@@ -68,26 +68,44 @@ def test_any_schedule_equals_plain_transformers(model, tiny_tokenizer, backend, 
     check_random_schedule(model, tiny_tokenizer, seed, attention_backend=backend)
 
 
-@pytest.mark.parametrize("backend,seed", [("sdpa", 0), ("sdpa", 3)])
-def test_fixed_shape_decode_steps_equal_plain_transformers(model, tiny_tokenizer, backend, seed, monkeypatch):
-    """Decode steps padded to batch and width buckets (the shapes CUDA graphs replay; here run eagerly, so on CPU):
-    padding rows, padded tables and null-block writes never change a token."""
-    from raytp.gang import static_decode
+class FixedShapesOnly:
+    """A capture strategy that records nothing: every "replay" runs the bucket's forward again over the persistent
+    buffers, so the fixed-shape path (padding, buffers, bucket choice) runs on CPU exactly as graphs would replay."""
+
+    name = "fixed_shapes"
+
+    def capture(self, keys, forward):
+        return {key: (lambda key=key: forward(key)) for key in keys}
+
+
+def runs_on_fixed_shapes(monkeypatch, policy) -> list:
+    """Force the graph runner on (with ``FixedShapesOnly``) and record each step it runs:
+    (rows, tokens, bucket, every row sampled)."""
     from raytp.gang.attention import hf
     from raytp.platforms.cpu import CpuPlatform
 
     if not hf.register():
-        pytest.skip("fixed-shape decode needs transformers' attention interface (transformers >= 5)")
-    needs_backend(backend)
-    monkeypatch.setattr(CpuPlatform, "decode_mode", lambda self, eager, tp: "eager")
+        pytest.skip("fixed-shape steps need transformers' attention interface (transformers >= 5)")
+    monkeypatch.setattr(CpuPlatform, "graph_capture", lambda self, eager, tp: FixedShapesOnly())
     runs = []
-    real_run = static_decode.StaticDecoder.run
-    monkeypatch.setattr(static_decode.StaticDecoder, "run",
-                        lambda self, rows, bucket, tables: runs.append((len(rows), bucket))
-                        or real_run(self, rows, bucket, tables))
-    check_random_schedule(model, tiny_tokenizer, seed, attention_backend=backend)
-    assert any(n < b for n, (b, _) in runs), "some decode steps were padded to a larger batch bucket"
-    assert len({w for _, (_, w) in runs}) > 1, "decode steps used several width buckets"
+    real_load = policy.load
+    monkeypatch.setattr(policy, "load", lambda self, rows, bucket, tables: runs.append(
+        (len(rows), sum(len(r.token_ids) for r in rows), bucket, all(r.sample for r in rows)))
+        or real_load(self, rows, bucket, tables))
+    return runs
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_fixed_shape_decode_steps_equal_plain_transformers(model, tiny_tokenizer, seed, monkeypatch):
+    """sdpa: decode steps padded to batch and width buckets (the shapes CUDA graphs replay; here run eagerly, so
+    on CPU): padding rows, padded tables and null-block writes never change a token."""
+    from raytp.gang.attention.shapes import DecodeBuckets
+
+    runs = runs_on_fixed_shapes(monkeypatch, DecodeBuckets)
+    status = check_random_schedule(model, tiny_tokenizer, seed, attention_backend="sdpa")
+    assert status["graph_replays"] == len(runs) > 0
+    assert any(n < b for n, _, (b, _), _ in runs), "some decode steps were padded to a larger batch bucket"
+    assert len({w for *_, (_, w), _ in runs}) > 1, "decode steps used several width buckets"
 
 
 @pytest.mark.parametrize("seed", [3, 4])
@@ -95,21 +113,12 @@ def test_fixed_shape_whole_steps_equal_plain_transformers(model, tiny_tokenizer,
     """With the triton kernel, whole steps — mixed ones too — run padded to token buckets (the shapes CUDA graphs
     replay; here eagerly, the kernel in Triton's interpreter): empty padding rows, row-less padding tokens and
     their null-block writes never change a token, under chunking, preemption and prefix hits."""
-    from raytp.gang import static_step
-    from raytp.gang.attention import hf
-    from raytp.platforms.cpu import CpuPlatform
+    from raytp.gang.attention.shapes import TokenBuckets
 
-    if not hf.register():
-        pytest.skip("fixed-shape steps need transformers' attention interface (transformers >= 5)")
     needs_backend("triton")
-    monkeypatch.setattr(CpuPlatform, "decode_mode", lambda self, eager, tp: "eager")
-    runs = []
-    real_run = static_step.StaticSteps.run
-    monkeypatch.setattr(static_step.StaticSteps, "run",
-                        lambda self, rows, bucket, tables: runs.append(
-                            (len(rows), sum(len(r.token_ids) for r in rows), bucket, all(r.sample for r in rows)))
-                        or real_run(self, rows, bucket, tables))
-    check_random_schedule(model, tiny_tokenizer, seed, attention_backend="triton")
+    runs = runs_on_fixed_shapes(monkeypatch, TokenBuckets)
+    status = check_random_schedule(model, tiny_tokenizer, seed, attention_backend="triton")
+    assert status["graph_replays"] == len(runs) > 0
     assert any(tokens > rows for rows, tokens, _, _ in runs), "steps with prompt chunks ran on fixed shapes"
     assert any(tokens == rows for rows, tokens, _, _ in runs), "decode-only steps too"
     assert any(tokens < bucket for _, tokens, bucket, _ in runs), "some steps were padded to a larger bucket"
@@ -137,15 +146,17 @@ def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
         await engine.start()
         try:
             got = await asyncio.gather(*(generate(engine, rid, p, n, d) for rid, p, n, d in requests))
-            return got, engine.status()
+            graphs = engine.executor.runner.graphs
+            return got, engine.status(), graphs.replays if graphs is not None else 0
         finally:
             engine.shutdown()
 
-    got, status = asyncio.run(main())
+    got, status, replays = asyncio.run(main())
     assert got == want
     assert status.num_preemptions > 0, "the budget was meant to force preemption"
     assert status.prefix_cache_hit_rate > 0, "shared prefixes were meant to hit the cache"
     assert status.kv_cache_tokens == 10 * BLOCK and status.kv_cache_usage == 0
+    return {"graph_replays": replays}
 
 
 def test_budget_below_one_block_fails_start_with_a_config_error(model, tiny_tokenizer):

@@ -14,6 +14,7 @@ import torch
 
 from raytp.gang.attention.kv_pool import KVPool
 from raytp.gang.attention.metadata import AttentionMetadata, Layout
+from raytp.gang.attention.shapes import StepShapes
 
 # name -> "module:class"; imported on use, so the portable backend never imports Triton
 BACKENDS = {
@@ -26,21 +27,22 @@ class AttentionBackend:
     """Writes a layer's new keys/values into the pool and attends every query token over its row's context.
 
     Contract of ``forward``: ``q`` [T, Hq, D], ``k`` / ``v`` [T, Hkv, D] (T = ``meta.num_tokens``, in the pool's
-    dtype) → [T, Hq, D]; token t of row r attends to positions 0 .. its own of row r (causal). ``graph_safe``:
-    for decode-only metadata whose tensors keep their storage, ``forward`` does no host sync and no
-    data-dependent allocation, so a step can be captured as a graph and replayed. ``ragged``: also for any mix
-    of rows (prompt chunks and decodes) padded with empty rows and row-less tokens (``meta.padded``), so whole
-    steps can be (``raytp.gang.static_step``)."""
+    dtype) → [T, Hq, D]; token t of row r attends to positions 0 .. its own of row r (causal). A backend whose
+    ``forward`` does no host sync and no data-dependent allocation on the metadata its ``shapes`` policy builds
+    can have those steps captured as graphs and replayed (``raytp.gang.graph_runner``)."""
 
     name = ""
-    graph_safe = False
-    ragged = False
 
     def __init__(self, pool: KVPool):
         self.pool = pool
 
     def prepare(self, meta: AttentionMetadata, layout: Layout) -> None:
         """Once per step, before the forward: anything the backend derives from the host layout (``meta.plan``)."""
+
+    def shapes(self, *, max_tokens: int, max_rows: int, max_blocks: int) -> StepShapes | None:
+        """The fixed shapes this backend's steps can be padded to for graph capture (``attention.shapes``), for
+        steps of up to ``max_tokens`` tokens in ``max_rows`` rows of up to ``max_blocks`` blocks; None: eager only."""
+        return None
 
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:

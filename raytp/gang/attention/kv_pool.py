@@ -12,6 +12,7 @@ class KVPool:
     def __init__(self, shapes: dict[int, tuple[int, int, torch.dtype]], num_blocks: int, block_size: int, device):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.device = device
         n = max(shapes) + 1
         self.keys: list[torch.Tensor | None] = [None] * n
         self.values: list[torch.Tensor | None] = [None] * n

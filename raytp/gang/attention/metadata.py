@@ -28,7 +28,7 @@ class AttentionMetadata:
     num_tokens: int
     num_rows: int
     plan: Any = field(default=None)  # the backend's own per-step plan (``AttentionBackend.prepare``), or None
-    # a fixed-shape step (``raytp.gang.static_step``): tokens past the last row's end and empty rows are padding
+    # a fixed-shape step (``attention.shapes.TokenBuckets``): tokens past the last row's end and empty rows are padding
     padded: bool = False
 
 

@@ -9,7 +9,7 @@ Rows are attended in three ways, cheapest first (the plan is made once per step,
 ``batch_decode``: every decode row goes to the one batched gather + SDPA, consecutive or not — on a GPU one
 call per layer for all decode rows costs less than one small kernel launch per row per layer (the view path is
 for the CPU, where the copy costs more than the call). Decode-only metadata without a plan (the fixed-shape
-decode steps of ``raytp.gang.static_decode``) take the batched path from the metadata's tensors alone, which is
+decode steps of ``attention.shapes.DecodeBuckets``) take the batched path from the metadata's tensors alone, which is
 graph-safe.
 """
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from raytp.gang.attention.backend import AttentionBackend
 from raytp.gang.attention.kv_pool import KVPool
 from raytp.gang.attention.metadata import AttentionMetadata, Layout
+from raytp.gang.attention.shapes import DecodeBuckets
 
 
 @dataclass
@@ -39,11 +40,14 @@ class _Plan:
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
-    graph_safe = True
 
     def __init__(self, pool: KVPool, batch_decode: bool = False):
         super().__init__(pool)
         self.batch_decode = batch_decode
+
+    def shapes(self, *, max_tokens: int, max_rows: int, max_blocks: int) -> DecodeBuckets:
+        """Decode-only steps: their metadata without a plan takes the batched path, from its tensors alone."""
+        return DecodeBuckets(self.pool.block_size, self.pool.device, max_batch=max_rows, max_blocks=max_blocks)
 
     def prepare(self, meta: AttentionMetadata, layout: Layout) -> None:
         bs = self.pool.block_size

@@ -2,7 +2,7 @@
 
 The kernel masks every key past a row's context, so blocks need no zeroing (``fresh_blocks`` is ignored) and
 the block tables' padding is never read. Its grid depends only on the token and row counts, and it reads
-everything else from the metadata's tensors: graph-safe, for whole mixed steps too (``ragged``). On CPU tensors
+everything else from the metadata's tensors: graph-safe, for whole mixed steps too (``TokenBuckets``). On CPU tensors
 it runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests it.
 """
 
@@ -12,12 +12,16 @@ import torch
 
 from raytp.gang.attention.backend import AttentionBackend
 from raytp.gang.attention.metadata import AttentionMetadata
+from raytp.gang.attention.shapes import TokenBuckets
 
 
 class TritonBackend(AttentionBackend):
     name = "triton"
-    graph_safe = True
-    ragged = True
+
+    def shapes(self, *, max_tokens: int, max_rows: int, max_blocks: int) -> TokenBuckets:
+        """Whole steps, mixed ones too: the grid depends only on the token and row counts."""
+        return TokenBuckets(self.pool.block_size, self.pool.device, max_tokens=max_tokens, max_rows=max_rows,
+                            max_blocks=max_blocks)
 
     def forward(self, layer: int, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         from raytp.gang.attention.triton_kernel import paged_attention
