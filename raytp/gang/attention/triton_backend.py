@@ -1,9 +1,11 @@
 """The fused backend: one Triton launch per layer for every row of a step (``triton_kernel``), on CUDA and XPU.
 
 The kernel masks every key past a row's context, so blocks need no zeroing (``fresh_blocks`` is ignored) and
-the block tables' padding is never read. Its grid depends only on the token and row counts, and it reads
-everything else from the metadata's tensors: graph-safe, for whole mixed steps too (``TokenBuckets``). On CPU tensors
-it runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests it.
+the block tables' padding is never read. Its grid and launch parameters depend only on shapes — the token and
+row counts and the tables' width; its split-KV segments (``triton_kernel.segments_for``) on the step's token
+count, which on fixed shapes is the bucket's padded count (``meta.num_tokens``) — and it reads everything else
+from the metadata's tensors: graph-safe, for whole mixed steps too (``TokenBuckets``). On CPU tensors it runs
+only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests it.
 """
 
 from __future__ import annotations
