@@ -114,6 +114,12 @@ class RaytpConfig(BaseModel):
         "context-width bucket). The capture time is part of start-up and reported by /health; elsewhere steps are "
         "eager anyway.",
     )
+    compile_model: bool | None = Field(
+        None, description="Compile the model step once with torch.compile (Inductor; one graph for every step shape, "
+        "attention an opaque op; compiled artefacts cached under RAYTP_CACHE_DIR/inductor across restarts, the "
+        "compile time reported by /health as ranks[].compile_s). null: the device's default (raytp/platforms). "
+        "enforce_eager turns it off.",
+    )
     attention_backend: Literal["auto", "sdpa", "triton"] = Field(
         "auto", description="Attention over the paged KV cache (raytp/gang/attention): 'triton' (one fused paged "
         "kernel per layer for every row of a step; CUDA and Intel XPU, needs the 'kernels' extra), 'sdpa' (torch's "
@@ -229,6 +235,7 @@ class ResolvedConfig:
     quantization: str | None = None
     quantization_group_size: int | None = None
     enforce_eager: bool = False
+    compile_model: bool | None = None
     tool_call_parser: str | None = None
     attention_backend: str = "auto"  # resolved on each rank (``Platform.attention_backend``)
     async_scheduling: bool = True
@@ -302,6 +309,7 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         quantization=cfg.quantization,
         quantization_group_size=cfg.quantization_group_size,
         enforce_eager=cfg.enforce_eager,
+        compile_model=cfg.compile_model,
         tool_call_parser=cfg.tool_call_parser,
         attention_backend=cfg.attention_backend,
         async_scheduling=cfg.async_scheduling,

@@ -18,6 +18,7 @@ import torch
 
 from raytp.gang import attention
 from raytp.gang.attention import hf
+from raytp.gang.compiled import CompiledModel
 from raytp.gang.graph_runner import GraphRunner
 from raytp.gang.requests import RankRequests
 from raytp.gang.sampler import prompt_token_logprobs, sample, token_logprobs
@@ -40,12 +41,13 @@ class ModelRunner:
     used). The pool is sized by a one-token probe forward that records every layer's key shape on this rank.
     ``attention_backend``: a name of ``raytp.gang.attention.BACKENDS`` (transformers 4.x has one path, the
     compatibility adapter, whatever is asked). ``graph_capture``: the platform's capture strategy
-    (``Platform.graph_capture``); with it, the steps the backend's bucket policy accepts are replayed graphs."""
+    (``Platform.graph_capture``); with it, the steps the backend's bucket policy accepts are replayed graphs.
+    ``compile_options``: Inductor options to compile the model step with (``raytp.gang.compiled``); None: eager."""
 
     def __init__(self, model, device: str, rank: int, world_size: int, *, block_size: int = 16,
                  kv_cache_bytes: int = 1 << 30, max_blocks: int | None = None, graph_capture=None,
                  max_batch: int = 8, max_model_len: int = 2048, attention_backend: str = "sdpa",
-                 max_step_tokens: int = 512):
+                 max_step_tokens: int = 512, compile_options: dict | None = None):
         self.model = model
         self.device = device
         self.rank = rank
@@ -65,6 +67,7 @@ class ModelRunner:
         # Decoder layers run so far; read from another thread by the worker's liveness ping, so the executor can
         # tell a slow step (the count moves) from a hung one (it does not).
         self.progress = 0
+        self.compiled = None
         for layer in decoder_layers(model):
             layer.register_forward_hook(self._count_layer)
         shapes = self._probe()
@@ -82,6 +85,10 @@ class ModelRunner:
             batch_decode = platforms.get(torch.device(device).type).batch_decode
             options = {"batch_decode": batch_decode} if attention_backend == "sdpa" else {}
             self.backend = attention.create(attention_backend, self.pool, **options)
+        # the model step compiled once (a compiled step counts as one unit of progress)
+        if compile_options is not None and self.backend is not None and self._keep_kwarg:
+            self.compiled = CompiledModel(model, compile_options)
+            self.compiled.warm_up(self.backend, device)
         # steps on fixed shapes replayed as graphs: the backend's bucket policy, the platform's capture (None: eager)
         self.graphs = None
         shapes = None
@@ -107,10 +114,12 @@ class ModelRunner:
                    graph_capture=platform.graph_capture(config.enforce_eager, config.tensor_parallel_size),
                    max_batch=config.max_num_seqs, max_model_len=config.max_model_len,
                    attention_backend=platform.attention_backend(config.attention_backend),
-                   max_step_tokens=config.max_num_batched_tokens)
+                   max_step_tokens=config.max_num_batched_tokens,
+                   compile_options=platform.compile_options(config.enforce_eager, config.compile_model))
 
     def _count_layer(self, *_args) -> None:
-        self.progress += 1
+        if not torch.compiler.is_compiling():  # traced, the count would be a guard: a recompile per step
+            self.progress += 1
 
     @torch.inference_mode()
     def _probe(self) -> dict:
@@ -163,8 +172,10 @@ class ModelRunner:
                 keep.append(offset + n - 1)
             offset += n
         if not keep:  # only prompt chunks that do not finish their prompts: fill the cache, sample nothing
-            self._forward(meta, ids, None)
-            return StepOutput()
+            if self.compiled is None:
+                self._forward(meta, ids, None)
+                return StepOutput()
+            keep = [offset - 1]  # the compiled step always keeps logits: one row more beats an eager step
         logits = self._forward(meta, ids, torch.tensor(keep, dtype=torch.long, device=self.device))
         out = self._sample(logits[sampled_at], [r for r in rows if r.sample]) if sampled_at else StepOutput()
         if prompt_rows and self.rank == 0:
@@ -220,6 +231,9 @@ class ModelRunner:
     def _forward(self, meta: attention.AttentionMetadata, ids, keep, probe: dict | None = None):
         """Logits [len(keep), V] of the positions ``keep`` (None: run for the cache only). No backend, no pool:
         the shape probe (plain attention over the given tokens)."""
+        if self.compiled is not None and probe is None and keep is not None:
+            self.progress += 1
+            return self.compiled(self.backend, meta, ids, keep)
         if self._interface:
             extra = {"raytp_probe": probe} if probe is not None else \
                 {"raytp_backend": self.backend, "raytp_meta": meta}

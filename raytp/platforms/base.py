@@ -33,6 +33,14 @@ def torch_extensions_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(sys.prefix, "torch_extensions")
 
 
+def inductor_cache_dir() -> str:
+    """Where Inductor keeps compiled graphs: TORCHINDUCTOR_CACHE_DIR, else under raytp's cache (not /tmp, which a
+    reboot empties)."""
+    from raytp.tiny_model import cache_dir
+
+    return os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(cache_dir(), "inductor")
+
+
 class Platform:
     """One device kind. Instances: ``raytp.platforms.get('cpu' | 'xpu' | 'cuda')``."""
 
@@ -78,6 +86,8 @@ class Platform:
             "OMP_NUM_THREADS": str(num_threads),
             "MKL_NUM_THREADS": str(num_threads),
             "TORCH_EXTENSIONS_DIR": torch_extensions_dir(),
+            # compiled model steps (raytp.gang.compiled) reuse Inductor's artefacts across restarts
+            "TORCHINDUCTOR_CACHE_DIR": inductor_cache_dir(),
             **self.extra_env(rank, world_size),
         }
 
@@ -143,6 +153,16 @@ class Platform:
         """How steps are captured as graphs and replayed on this device (a ``raytp.platforms.graphs.DeviceGraphs``;
         the graph runner, ``raytp.gang.graph_runner``, asks for it once at start-up); None: every step eager."""
         return None
+
+    compile_by_default = False  # compile the model step when the config's compile_model is null
+    inductor_options: dict = {}
+
+    def compile_options(self, enforce_eager: bool, requested: bool | None) -> dict | None:
+        """Inductor options for the compiled model step (``raytp.gang.compiled``), or None: eager.
+        ``requested``: the config's ``compile_model`` (null: this platform's default); ``enforce_eager`` wins."""
+        if enforce_eager or not (self.compile_by_default if requested is None else requested):
+            return None
+        return dict(self.inductor_options)
 
     def attention_backend(self, requested: str, *, triton_importable=None) -> str:
         """The attention backend ``requested`` (auto | sdpa | triton) means on this rank

@@ -125,6 +125,15 @@ def test_fixed_shape_whole_steps_equal_plain_transformers(model, tiny_tokenizer,
     assert any(not sampled for *_, sampled in runs), "some rows computed a chunk without sampling"
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_compiled_step_equals_plain_transformers_and_never_recompiles(model, tiny_tokenizer, backend):
+    """The model step compiled once (one graph, attention an opaque op): every step shape of a random schedule —
+    decodes, chunks, mixed steps, preemption, prefix hits — gives plain transformers' tokens with no recompile."""
+    needs_backend(backend)
+    counts = check_random_schedule(model, tiny_tokenizer, 5, attention_backend=backend, compile_model=True)
+    assert counts["recompiles"] == 0
+
+
 def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
     rng = random.Random(seed)
     shared = [rng.randrange(10, 400) for _ in range(11)]  # a "system prompt" of 2 full blocks + 3 tokens
@@ -146,17 +155,20 @@ def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
         await engine.start()
         try:
             got = await asyncio.gather(*(generate(engine, rid, p, n, d) for rid, p, n, d in requests))
-            graphs = engine.executor.runner.graphs
-            return got, engine.status(), graphs.replays if graphs is not None else 0
+            runner = engine.executor.runner
+            counts = {"graph_replays": runner.graphs.replays if runner.graphs is not None else 0,
+                      "recompiles": runner.compiled.compiles - runner.compiled.warm_up_compiles
+                      if runner.compiled is not None else None}
+            return got, engine.status(), counts
         finally:
             engine.shutdown()
 
-    got, status, replays = asyncio.run(main())
+    got, status, counts = asyncio.run(main())
     assert got == want
     assert status.num_preemptions > 0, "the budget was meant to force preemption"
     assert status.prefix_cache_hit_rate > 0, "shared prefixes were meant to hit the cache"
     assert status.kv_cache_tokens == 10 * BLOCK and status.kv_cache_usage == 0
-    return {"graph_replays": replays}
+    return counts
 
 
 def test_budget_below_one_block_fails_start_with_a_config_error(model, tiny_tokenizer):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raytp.gang.attention import op  # noqa: F401 - registers torch.ops.raytp.paged_attention
 from raytp.gang.attention.backend import AttentionBackend
 from raytp.gang.attention.kv_pool import KVPool
 from raytp.gang.attention.metadata import AttentionMetadata
@@ -33,6 +34,10 @@ ATTN_NAME = "raytp_paged"
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-interface signature: query [1, Hq, T, D], key/value [1, Hkv, T, D] → ([1, T, Hq, D],
     None). Without a ``raytp_backend`` (the shape probe at load), plain causal SDPA over the given keys."""
+    if kwargs.get("raytp_op"):  # a compiled step: one opaque op per layer (``attention.op``)
+        q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return torch.ops.raytp.paged_attention(q, k, v, module.layer_idx, scale).unsqueeze(0), None
     backend: AttentionBackend | None = kwargs.get("raytp_backend")
     probe: dict | None = kwargs.get("raytp_probe")
     if probe is not None:

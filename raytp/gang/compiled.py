@@ -1,0 +1,77 @@
+"""The model step compiled once: ``torch.compile`` (Inductor) of the Hugging Face model's forward, one graph for
+every step shape.
+
+What makes one graph serve every step (vLLM's CPU and GPU runners do the same):
+  - the token dimension (``input_ids`` / ``position_ids``) and the kept-logits dimension (``logits_to_keep``)
+    are *unbacked* dynamic sizes: the compiler assumes nothing about them, not even that they are not 1, so a
+    decode step of one token and a prefill chunk of 512 run the same code (no 0/1 specialisation, no recompile);
+  - attention, with its KV write, is one opaque operator per layer (``raytp.gang.attention.op``) that reads the
+    step's backend and metadata from a context, so block tables, plans and row counts never reach the compiler.
+Everything else — embeddings, RMSNorm, RoPE, the projections and the MLP (and, with TP > 1, DeepSpeed's
+``torch.ops.deepspeed.inference_all_reduce_``) — is one Inductor graph: fused elementwise work, no per-op Python.
+
+``compiles`` counts graphs compiled: every compile after ``warm_up`` is a recompile in steady state, which tests
+forbid. Compiled artefacts go to Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, set per rank by the
+platform), so a restart reuses them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from raytp.gang.attention import AttentionBackend, AttentionMetadata
+from raytp.gang.attention.op import step_context
+
+logger = logging.getLogger(__name__)
+
+
+class CompiledModel:
+    """``model``'s forward compiled with Inductor ``options`` (its config names, e.g. ``freezing``); calls give
+    the logits of the kept positions, as the eager forward does."""
+
+    def __init__(self, model, options: dict):
+        self.options = dict(options)
+        self.compiles = 0
+        self.warm_up_compiles = 0  # graphs compiled by ``warm_up``: any more are recompiles
+        self.warm_up_s = 0.0
+        self._fn = torch.compile(model, backend=self._compile, dynamic=True)
+
+    def _compile(self, graph_module, example_inputs):
+        import torch._inductor.config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        self.compiles += 1
+        with inductor_config.patch(self.options):
+            return compile_fx(graph_module, example_inputs)
+
+    def __call__(self, backend: AttentionBackend, meta: AttentionMetadata, ids: torch.Tensor,
+                 keep: torch.Tensor) -> torch.Tensor:
+        """Logits [len(keep), V] of a step: ``ids`` [1, T], ``keep`` [K] token indices whose logits are wanted."""
+        mark = torch._dynamo.decorators.mark_unbacked
+        mark(ids, 1)
+        mark(meta.positions, 1)
+        mark(keep, 0)
+        with step_context(backend, meta):
+            return self._fn(input_ids=ids, position_ids=meta.positions, use_cache=False, logits_to_keep=keep,
+                            raytp_op=True).logits[0]
+
+    def warm_up(self, backend: AttentionBackend, device: str) -> float:
+        """Compile now (start-up), on a dummy two-token step in the null block (whose contents every read masks),
+        so no request pays for it; returns the seconds."""
+        from raytp.gang.attention import build
+
+        start = time.perf_counter()
+        layout = [(2, 0, (0,))]
+        with torch.inference_mode():  # as steps run: inference tensors (their dispatch keys are guarded)
+            meta = build(layout, backend.pool.block_size, device)
+            backend.prepare(meta, layout)
+            self(backend, meta, torch.zeros((1, 2), dtype=torch.long, device=device),
+                 torch.tensor([0, 1], device=device))
+        self.warm_up_s = time.perf_counter() - start
+        self.warm_up_compiles = self.compiles
+        logger.info("model step compiled in %.1f s (%d graphs, inductor options %s)", self.warm_up_s, self.compiles,
+                    self.options)
+        return self.warm_up_s
