@@ -6,16 +6,24 @@ prefix caching) against transformers' own continuous batching (paged attention) 
     python benchmarks/engine.py --device cuda --targets decode --quantization int4 --enforce-eager
 
 Each target runs in its own subprocess (clean peak memory, no shared state):
-  decode      --decode-batches requests at once (32-token prompts, --decode-tokens each): decode tok/s per batch
-              size (batch / TPOT p50), batch 1 against the memory-bandwidth roofline (measured device copy
-              bandwidth / weight bytes as stored, ``raytp bench --roofline``'s convention), engine start-up
-              seconds (CUDA graph capture included) and weight bytes;
+  decode      --decode-batches requests at once (prompts of --decode-context tokens, 32 by default; --decode-tokens
+              each): decode tok/s per batch size (batch / TPOT p50), batch 1 against the memory-bandwidth roofline,
+              engine start-up seconds (CUDA graph capture included) and weight bytes. Roofline: measured device copy
+              bandwidth (read + write counted, ``raytp bench --roofline``'s convention) / bytes one batch-1 token
+              reads = weight bytes as stored + the K/V bytes of its context (layers x 2 x kv heads x head dim x
+              dtype size x context, at the mean context of the measured tokens: prompt + decode tokens / 2);
+              at the default 32-token prompts the K/V term is < 0.1 % of an 8B model's weights, at 2k it is ~1.7 %;
   raytp / hf  ``--concurrency`` requests at once, prompts 128–512 random tokens, outputs 128–256 (ignore_eos):
               output tok/s, TTFT and TPOT p50/p99, peak memory; hf = transformers' ContinuousBatchingManager (what
               ``generate_batch`` runs), each request with its own max_new_tokens;
   prefix_on / prefix_off  a shared 1,000-token system prompt + short user turns (``--prefix-requests`` requests,
               each sent when the previous one finished, as turns are): TTFT p50 with and without prefix caching.
-Imports no Ray. Results: benchmarks/results/engine_<device>.json and .md (printed). Ratios are within one run.
+Imports no Ray. Results: benchmarks/results/engine_<device>.json and .md (printed), or --output: a name there, or a
+path ending in .json (the .md beside it). Ratios are within one run. Timing: each token is timed when it reaches
+the consumer (the caller of ``generate``), with no device synchronisation in between: a token id on the host means
+its step's device work is done, and a synchronise on the event loop would stall the engine's next launch, which is
+what async scheduling overlaps (``--sync-scheduling`` compares). A target's stderr streams through as it runs, so a
+target killed by a timeout still leaves its log.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import random
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -81,6 +90,17 @@ def bandwidth(device: str, size_mb: int = 1024) -> float:
         sync(device)
         best = max(best, 2 * src.numel() / (time.perf_counter() - t))
     return best
+
+
+def kv_bytes_per_token(config, dtype: str, context: float) -> int:
+    """K and V bytes one decoded token reads from the cache at ``context`` tokens (the cache holds the model's
+    dtype): layers x 2 x kv heads x head dim x dtype size x context."""
+    import torch
+
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    itemsize = getattr(torch, dtype).itemsize
+    return int(config.num_hidden_layers * 2 * kv_heads * head_dim * itemsize * context)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -150,7 +170,7 @@ def raytp_engine(args, model, **overrides):
     fields = {f: getattr(base, f) for f in ResolvedConfig.__dataclass_fields__ if hasattr(base, f)}
     cfg = ResolvedConfig(**{**fields, "model_path": args.model or "random", "served_model_name": "bench",
                             "tensor_parallel_size": 1, "device": args.device.split(":")[0], "dtype": args.dtype,
-                            "max_model_len": 4096})
+                            "max_model_len": max(4096, args.decode_context + args.decode_tokens + 16)})
     return make_engine(cfg, LocalExecutor(cfg, model=model), NumberTokenizer(model.config.vocab_size))
 
 
@@ -160,8 +180,9 @@ async def run_raytp(engine, workload, device: str, sequential: bool = False):
     async def one(i, prompt, n):
         arrival, times = time.perf_counter(), []
         params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        # timed on arrival: no synchronise here (the token ids are on the host, so their step is done; a
+        # synchronise on the event loop would hold back the engine's next launch)
         async for out in engine.generate(f"r{i}", tuple(prompt), params):
-            sync(device)
             times += [time.perf_counter()] * len(out.token_ids)
         return arrival, times
 
@@ -170,6 +191,7 @@ async def run_raytp(engine, workload, device: str, sequential: bool = False):
         results = [await one(i, p, n) for i, (p, n) in enumerate(workload)]
     else:
         results = await asyncio.gather(*(one(i, p, n) for i, (p, n) in enumerate(workload)))
+    sync(device)  # the run's one boundary: nothing it launched is still running when the wall clock stops
     return summarize(results, time.perf_counter() - start, device)
 
 
@@ -197,20 +219,24 @@ def target(args) -> dict:
             report = engine.load_reports[0]
             out = {"device_name": name, "start_s": round(time.perf_counter() - t, 2), "decode_mode": report.decode_mode,
                    "decode_warm_up_s": round(report.decode_warm_up_s, 2)}
-            await run_raytp(engine, [([5] * 32, 8)], args.device)  # warm-up
+            await run_raytp(engine, [([5] * args.decode_context, 8)], args.device)  # warm-up, at the measured context
             for b in map(int, args.decode_batches.split(",")):
                 rng = random.Random(b)
-                work = [([rng.randrange(10, vocab - 1) for _ in range(32)], args.decode_tokens) for _ in range(b)]
+                work = [([rng.randrange(10, vocab - 1) for _ in range(args.decode_context)], args.decode_tokens)
+                        for _ in range(b)]
                 res = await run_raytp(engine, work, args.device)
                 out[f"tok_s_b{b}"] = round(b * 1e3 / res["tpot_p50_ms"], 2)
             engine.shutdown()
             weights = weight_bytes(model)
+            kv = kv_bytes_per_token(model.config, args.dtype, args.decode_context + args.decode_tokens / 2)
             bw = bandwidth(args.device)
-            # the convention of raytp.bench.roofline (and `raytp bench --roofline`): copy bandwidth, read + write
-            out.update({"weight_bytes": weights, "bandwidth_gb_s": round(bw / 1e9, 1),
-                        "roofline_tok_s": round(bw / weights, 2), "peak_memory_mb": round(peak_memory_mb(args.device))})
+            # the convention of raytp.bench.roofline (and `raytp bench --roofline`): copy bandwidth, read + write;
+            # the bytes of one batch-1 token: its weights and the K/V of its context (module docstring)
+            out.update({"decode_context": args.decode_context, "weight_bytes": weights, "kv_bytes_per_token_b1": kv,
+                        "bandwidth_gb_s": round(bw / 1e9, 1), "roofline_tok_s": round(bw / (weights + kv), 2),
+                        "peak_memory_mb": round(peak_memory_mb(args.device))})
             if "tok_s_b1" in out:
-                out["roofline_efficiency_b1"] = round(efficiency(out["tok_s_b1"], weights, bw), 3)
+                out["roofline_efficiency_b1"] = round(efficiency(out["tok_s_b1"], weights + kv, bw), 3)
             return out
         if args.target == "raytp":
             engine = raytp_engine(args, model)
@@ -261,6 +287,26 @@ def run_hf(args, model, workload) -> dict:
 
 
 # ---- driver -----------------------------------------------------------------------------------------------
+def run_streaming(argv: list[str], prefix: str) -> tuple[int, str, str]:
+    """Run a target: its stderr goes on to ours line by line as it comes (kept in the caller's log even if a
+    timeout kills us both), and is also returned with its stdout."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kept: list[str] = []
+
+    def forward():
+        for line in proc.stderr:
+            kept.append(line)
+            sys.stderr.write(prefix + line)
+            sys.stderr.flush()
+
+    reader = threading.Thread(target=forward, daemon=True)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join()
+    return proc.returncode, stdout, "".join(kept)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu | cuda | xpu")
@@ -279,6 +325,8 @@ def main() -> int:
     ap.add_argument("--kv-cache-gb", type=int, default=None)
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--decode-batches", default="1,8,16", help="batch sizes of the decode target")
+    ap.add_argument("--decode-context", type=int, default=32, help="prompt tokens of each decode-target request "
+                    "(the context its decode steps read; 2048 for batch 1 at a 2k context)")
     ap.add_argument("--quantization", default=None, help="torchao format (int4, int8, fp8), as the config field")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (the config field)")
     ap.add_argument("--attention-backend", default="auto", help="auto | sdpa | triton (the config field)")
@@ -286,7 +334,8 @@ def main() -> int:
     ap.add_argument("--prefix-requests", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--output", default=None, help="results file name (default engine_<device>)")
+    ap.add_argument("--output", default=None, help="results file name under benchmarks/results (default "
+                    "engine_<device>), or a path ending in .json")
     ap.add_argument("--targets", default="decode,raytp,hf,prefix_on,prefix_off")
     ap.add_argument("--repeat", type=int, default=1, help="run the raytp / hf pair this many times, alternating "
                     "(this host's speed drifts: each pair's ratio is reported, and their median)")
@@ -315,10 +364,10 @@ def main() -> int:
     for name in order:
         argv = [sys.executable, __file__, *sys.argv[1:], "--target", name]
         t = time.perf_counter()
-        proc = subprocess.run(argv, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not lines:
-            text = proc.stderr or proc.stdout
+        returncode, stdout, stderr = run_streaming(argv, f"[{name}] ")
+        lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+        if returncode or not lines:
+            text = stderr or stdout
             causes = [ln for ln in text.splitlines() if "Error" in ln or "error" in ln][:20]
             result = {"error": text[-2000:], "error_lines": causes}
         else:
@@ -353,7 +402,15 @@ def main() -> int:
     for key in ("raytp_over_hf_tok_s_per_pair", "raytp_over_hf_tok_s", "prefix_ttft_p50_ratio"):
         if key in results:
             lines.append(f"- **{key}**: {results[key]}")
-    _results.write(name, results, lines)
+    if name.endswith(".json"):  # a path: this run's files only, wherever the caller keeps them
+        os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
+        with open(name, "w") as f:
+            json.dump(results, f, indent=2)
+        with open(name[:-len(".json")] + ".md", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines))
+    else:
+        _results.write(name, results, lines)
     return 0
 
 

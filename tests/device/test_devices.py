@@ -1,4 +1,5 @@
-"""Real-device checks: run only where torch sees at least two devices of the kind; skipped elsewhere."""
+"""Real-device checks: run only where torch sees at least two devices of the kind and Ray is installed; skipped
+elsewhere (a lent single-GPU machine without Ray too). The skip checks come before any Ray fixture is set up."""
 
 import pytest
 
@@ -17,10 +18,12 @@ def _count(kind: str) -> int:
 
 @pytest.mark.parametrize("kind", [pytest.param("xpu", marks=pytest.mark.xpu),
                                   pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_tp2_on_device_matches_tp1(kind, ray_session, tiny_tokenizer):
+def test_tp2_on_device_matches_tp1(kind, request):
     if _count(kind) < 2:
         pytest.skip(f"needs 2 {kind} devices")
-    prompt = tiny_tokenizer.encode("the model serves tokens")
+    pytest.importorskip("ray", reason="needs Ray (the TP=2 gang runs on Ray actors)")
+    request.getfixturevalue("ray_session")  # only now: setting it up without Ray would be an error, not a skip
+    prompt = request.getfixturevalue("tiny_tokenizer").encode("the model serves tokens")
     cfg = {"model": "raytp-tiny-llama", "device": kind, "dtype": "float32"}
     tp1 = run_gang({**cfg, "tensor_parallel_size": 1}, [[prompt]], 16)
     tp2 = run_gang({**cfg, "tensor_parallel_size": 2}, [[prompt]], 16)
