@@ -2,13 +2,15 @@
 every step shape.
 
 What makes one graph serve every step (vLLM's CPU and GPU runners do the same):
-  - the token dimension (``input_ids`` / ``position_ids``) and the kept-logits dimension (``logits_to_keep``)
-    are *unbacked* dynamic sizes: the compiler assumes nothing about them, not even that they are not 1, so a
-    decode step of one token and a prefill chunk of 512 run the same code (no 0/1 specialisation, no recompile);
+  - the token dimension (``input_ids`` / ``position_ids``) is an *unbacked* dynamic size: the compiler assumes
+    nothing about it, not even that it is not 1, so a decode step of one token and a prefill chunk of 512 run
+    the same code (no 0/1 specialisation, no recompile);
   - attention, with its KV write, is one opaque operator per layer (``raytp.gang.attention.op``) that reads the
     step's backend and metadata from a context, so block tables, plans and row counts never reach the compiler.
-Everything else — embeddings, RMSNorm, RoPE, the projections and the MLP (and, with TP > 1, DeepSpeed's
-``torch.ops.deepspeed.inference_all_reduce_``) — is one Inductor graph: fused elementwise work, no per-op Python.
+Everything else of the decoder — embeddings, RMSNorm, RoPE, the projections and the MLP (and, with TP > 1,
+DeepSpeed's ``torch.ops.deepspeed.inference_all_reduce_``) — is one Inductor graph: fused elementwise work, no
+per-op Python. The LM head runs after it, eagerly, on the kept positions only: one matmul, and DeepSpeed's sharded
+head (a batched matmul over a data-dependent row count) does not lower in Inductor.
 
 ``compiles`` counts graphs compiled: every compile after ``warm_up`` is a recompile in steady state, which tests
 forbid. Compiled artefacts go to Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, set per rank by the
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 class CompiledModel:
-    """``model``'s forward compiled with Inductor ``options`` (its config names, e.g. ``freezing``); calls give
+    """``model``'s decoder compiled with Inductor ``options`` (its config names, e.g. ``freezing``); calls give
     the logits of the kept positions, as the eager forward does."""
 
     def __init__(self, model, options: dict):
@@ -37,7 +39,8 @@ class CompiledModel:
         self.compiles = 0
         self.warm_up_compiles = 0  # graphs compiled by ``warm_up``: any more are recompiles
         self.warm_up_s = 0.0
-        self._fn = torch.compile(model, backend=self._compile, dynamic=True)
+        self._decoder = torch.compile(model.get_decoder(), backend=self._compile, dynamic=True)
+        self._head = model.get_output_embeddings()
 
     def _compile(self, graph_module, example_inputs):
         import torch._inductor.config as inductor_config
@@ -50,13 +53,12 @@ class CompiledModel:
     def __call__(self, backend: AttentionBackend, meta: AttentionMetadata, ids: torch.Tensor,
                  keep: torch.Tensor) -> torch.Tensor:
         """Logits [len(keep), V] of a step: ``ids`` [1, T], ``keep`` [K] token indices whose logits are wanted."""
-        mark = torch._dynamo.decorators.mark_unbacked
-        mark(ids, 1)
-        mark(meta.positions, 1)
-        mark(keep, 0)
+        torch._dynamo.decorators.mark_unbacked(ids, 1)
+        torch._dynamo.decorators.mark_unbacked(meta.positions, 1)
         with step_context(backend, meta):
-            return self._fn(input_ids=ids, position_ids=meta.positions, use_cache=False, logits_to_keep=keep,
-                            raytp_op=True).logits[0]
+            hidden = self._decoder(input_ids=ids, position_ids=meta.positions, use_cache=False, raytp_op=True)
+        # [1, K, H] in: DeepSpeed's sharded head slices a 3-D input
+        return self._head(hidden.last_hidden_state[:, keep])[0]
 
     def warm_up(self, backend: AttentionBackend, device: str) -> float:
         """Compile now (start-up), on a dummy two-token step in the null block (whose contents every read masks),

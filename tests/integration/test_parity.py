@@ -34,7 +34,10 @@ def runs(ray_session, prompts):
     """Per TP size, one gang: each prompt alone, then both prompts batched together (padded rows)."""
     cfg = {"model": "raytp-tiny-llama", "dtype": "float32", "device": "cpu"}
     batches = [[p] for p in prompts] + [prompts]
-    return {tp: run_gang({**cfg, "tensor_parallel_size": tp}, batches, MAX_TOKENS) for tp in (1, 2)}
+    out = {tp: run_gang({**cfg, "tensor_parallel_size": tp}, batches, MAX_TOKENS) for tp in (1, 2)}
+    # TP=2 with the model step compiled: DeepSpeed's all-reduce op inside the compiled graph
+    out["2c"] = run_gang({**cfg, "tensor_parallel_size": 2, "compile_model": True}, batches, MAX_TOKENS)
+    return out
 
 
 def test_tp2_equals_tp1_equals_transformers(runs, hf_reference):
@@ -46,3 +49,7 @@ def test_tp2_equals_tp1_equals_transformers(runs, hf_reference):
 
 def test_tp2_batched_with_padding_equals_tp1_batched(runs, hf_reference):
     assert runs[2][-1] == runs[1][-1] == hf_reference
+
+
+def test_tp2_compiled_equals_tp2_eager(runs):
+    assert runs["2c"] == runs[2]
