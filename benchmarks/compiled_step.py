@@ -1,0 +1,128 @@
+"""The model step eager vs compiled (``raytp.gang.compiled``) with each set of Inductor options, on this machine, in
+one run: decode tok/s at batch 1 and 8 (one token per row, contexts of ``--context`` tokens) and a prefill chunk,
+through a rank's ``ModelRunner`` forward (paged KV, the sdpa backend), plus the compile seconds.
+
+    python benchmarks/compiled_step.py --model raytp-llama-0.5b --dtype bfloat16
+
+Each option set runs in its own process (a fresh compile cache entry) and times eager steps of the same model
+there too, interleaved with compiled ones, so every ratio is within one process and one minute. Results:
+benchmarks/results/compiled_step.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import _results  # noqa: E402 - benchmarks/ is on sys.path when run as a script
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+OPTION_SETS = {
+    "default": {},
+    "freezing": {"freezing": True},
+    "freezing+cpp_wrapper": {"freezing": True, "cpp_wrapper": True},
+    "max_autotune": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"},
+}
+
+
+def measure(args, options: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raytp import tiny_model
+    from raytp.compat import dtype_kwarg
+    from raytp.gang import attention
+    from raytp.gang.model_runner import ModelRunner
+
+    torch.set_num_threads(args.threads)
+    path = tiny_model.ensure(args.model) if args.model in tiny_model.PRESETS else args.model
+    model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(getattr(torch, args.dtype))).eval()
+    bs = 16
+    width = -(-(args.context + args.steps + args.chunk) // bs)
+    runner = ModelRunner(model, "cpu", 0, 1, block_size=bs, kv_cache_bytes=2 << 30, max_batch=8,
+                         max_model_len=width * bs, compile_options=options)
+    compile_s = runner.compiled.warm_up_s
+    compiled, runner.compiled = runner.compiled, None
+
+    def tables(batch):  # each row its own blocks, after the null block
+        return [tuple(range(1 + r * width, 1 + (r + 1) * width)) for r in range(batch)]
+
+    def step(layout, use_compiled):
+        runner.compiled = compiled if use_compiled else None
+        with torch.inference_mode():  # as a rank's steps: inference tensors
+            meta = attention.build(layout, bs, "cpu")
+            runner.backend.prepare(meta, layout)
+            ids = torch.randint(10, 400, (1, meta.num_tokens))
+            ends = torch.cumsum(torch.tensor([n for n, _, _ in layout]), 0) - 1
+            runner._forward(meta, ids, ends)
+
+    def decode_rate(batch, use_compiled):
+        t = tables(batch)
+        start = time.perf_counter()
+        for s in range(args.steps):
+            step([(1, args.context + s, t[r]) for r in range(batch)], use_compiled)
+        return batch * args.steps / (time.perf_counter() - start)
+
+    def chunk_s(use_compiled):
+        start = time.perf_counter()
+        step([(args.chunk, args.context, tables(1)[0])], use_compiled)
+        return time.perf_counter() - start
+
+    for r in range(8):  # every row's context written once (prefill), eagerly
+        step([(args.context, 0, tables(8)[r])], False)
+    out = {"compile_s": round(compile_s, 1)}
+    for mode in (False, True, False, True):  # interleaved: drift hits both alike
+        key = "compiled" if mode else "eager"
+        for batch in (1, 8):
+            out.setdefault(f"{key}_b{batch}_tok_s", []).append(decode_rate(batch, mode))
+        out.setdefault(f"{key}_chunk{args.chunk}_s", []).append(chunk_s(mode))
+    result = {k: (round(max(v), 2) if "tok_s" in k else round(min(v), 3)) if isinstance(v, list) else v
+              for k, v in out.items()}
+    for batch in (1, 8):
+        result[f"b{batch}_ratio"] = round(result[f"compiled_b{batch}_tok_s"] / result[f"eager_b{batch}_tok_s"], 2)
+    result["chunk_ratio"] = round(result[f"eager_chunk{args.chunk}_s"] / result[f"compiled_chunk{args.chunk}_s"], 2)
+    result["recompiles"] = compiled.compiles - compiled.warm_up_compiles
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="raytp-llama-0.5b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--options", default=",".join(OPTION_SETS), help="option sets to compare, comma-separated")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one option set in this process
+    p.add_argument("--output", default="compiled_step")
+    args = p.parse_args()
+    if args.one:
+        print(json.dumps(measure(args, OPTION_SETS[args.one])))
+        return
+    rows = {}
+    for name in args.options.split(","):
+        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--dtype", args.dtype,
+               *(f"--{k}={getattr(args, k)}" for k in ("threads", "context", "steps", "chunk"))]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            rows[name] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+        else:
+            rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(name, rows[name], flush=True)
+    meta = {k: getattr(args, k) for k in ("model", "dtype", "threads", "context", "steps", "chunk")}
+    cols = ["compile_s", "eager_b1_tok_s", "compiled_b1_tok_s", "b1_ratio", "eager_b8_tok_s", "compiled_b8_tok_s",
+            "b8_ratio", "chunk_ratio", "recompiles"]
+    md = ["| options | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    md += [f"| {n} | " + " | ".join(str(r.get(c, r.get("error", ""))) for c in cols) + " |" for n, r in rows.items()]
+    _results.write(args.output, {"config": meta, "results": rows}, md)
+
+
+if __name__ == "__main__":
+    main()
