@@ -87,7 +87,7 @@ def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
         model = model.to(device)
     # 5. torchao weight-only quantization of this rank's shard, by the device's kernels.
     if cfg.quantization:
-        quantize_shard(model, cfg.quantization, device, cfg.quantization_group_size)
+        quantize_shard(model, cfg.quantization, device, cfg.quantization_group_size, head=cfg.quantize_lm_head)
     return model
 
 
@@ -110,14 +110,31 @@ class RowParallelLinear(torch.nn.Linear):
         return out if self.row_bias is None else out + self.row_bias
 
 
-def _plain_linears(model: torch.nn.Module) -> None:
-    """Replace DeepSpeed's AutoTP linears (not the sharded lm_head) by ``nn.Linear`` over the same shards."""
+class ShardedHead(RowParallelLinear):
+    """DeepSpeed's sharded LM head (``LmHeadLinearAllreduce``) as an ``nn.Linear``: this rank's slice of the hidden
+    features times its weight shard, all-reduced."""
+
+    def __init__(self, head, group):
+        super().__init__(head.weight, head.bias, group)
+        sizes = head._partition_sizes
+        self.offset, self.size = sum(sizes[:head.tp_index]), sizes[head.tp_index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[..., self.offset:self.offset + self.size])
+
+
+def _plain_linears(model: torch.nn.Module, head: bool = False) -> None:
+    """Replace DeepSpeed's AutoTP linears by ``nn.Linear`` over the same shards (the sharded LM head too with
+    ``head``), so torchao quantizes them."""
     from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, LmHeadLinearAllreduce
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if (isinstance(child, LmHeadLinearAllreduce) or type(child) not in (LinearAllreduce, LinearLayer)
-                    or getattr(child, "gather_output", False)):
+            if isinstance(child, LmHeadLinearAllreduce):
+                if head:
+                    setattr(parent, name, ShardedHead(child, child.mp_group))
+                continue
+            if type(child) not in (LinearAllreduce, LinearLayer) or getattr(child, "gather_output", False):
                 continue
             w, b = child.weight, child.bias
             if isinstance(child, LinearAllreduce):
@@ -158,17 +175,24 @@ def torchao_config(fmt: str, device: str, group_size: int):
     return platforms.get(torch.device(device).type).int4_config(group_size)
 
 
-def quantize_shard(model: torch.nn.Module, fmt: str, device: str, group_size: int | None = None) -> None:
-    """torchao ``fmt`` on every linear of this rank's shard except ``lm_head`` (and embeddings, not linears)."""
+def quantize_shard(model: torch.nn.Module, fmt: str, device: str, group_size: int | None = None, *,
+                   head: bool = False) -> None:
+    """torchao ``fmt`` on every linear of this rank's shard; the LM head too with ``head`` (embeddings never: they
+    are not linears; a head tied to them gets its own quantized copy)."""
     from torchao.quantization import quantize_
 
     from raytp import platforms
 
     platforms.get(torch.device(device).type).check_quantization_on_rank(fmt, device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        _plain_linears(model)
+        _plain_linears(model, head=head)
     out_head = model.get_output_embeddings()
-    chosen = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not out_head]
+    if head and fmt == "int4" and out_head.out_features % 16:
+        from raytp.errors import ConfigError
+
+        raise ConfigError("quantize_lm_head", f"int4 packs weights in rows of 16 and this model's vocabulary "
+                          f"({out_head.out_features} rows) is not a multiple of 16: use quantization int8.")
+    chosen = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and (head or m is not out_head)]
     g = group_size_for([m.in_features for m in chosen], group_size) if fmt == "int4" else 0
     logger.info("torchao %s on %d linears of this shard%s", fmt, len(chosen), f" (group size {g})" if g else "")
     ids = {id(m) for m in chosen}

@@ -22,3 +22,15 @@ def test_tp2_quantized_equals_tp1_quantized(ray_session, tiny_tokenizer, fmt):
                      [prompts], MAX_TOKENS)
     assert tp2 == tp1
     assert tp1 != plain, "quantization changed the weights (the comparison can fail)"
+
+
+def test_quantized_lm_head_at_tp1_and_tp2_changes_the_output(ray_session, tiny_tokenizer):
+    """quantize_lm_head: DeepSpeed's sharded head becomes a plain row-parallel linear that torchao quantizes. (Not
+    TP=2 == TP=1 here: int8 is per output row, and a row-parallel shard's rows have their own scales, finer than
+    TP=1's; int4 groups would match, but the tiny model's 460-token vocabulary is not a multiple of 16.)"""
+    prompts = [tiny_tokenizer.encode(t) for t in ("the model serves tokens", "requests arrive and stream on xpu")]
+    cfg = {"model": "raytp-tiny-llama", "device": "cpu", "dtype": "float32", "quantization": "int8"}
+    out = {(tp, head): run_gang({**cfg, "tensor_parallel_size": tp, "quantize_lm_head": head}, [prompts], MAX_TOKENS)
+           for tp, head in ((1, True), (2, True), (2, False))}
+    assert out[2, True] != out[2, False], "the head's quantization changed the output (the comparison can fail)"
+    assert all(len(t) == MAX_TOKENS for run in out.values() for t in run[0])

@@ -77,6 +77,12 @@ def test_low_bit_unknown_format(model_dir):
         resolve({"model": model_dir, "device": "cpu", "low_bit": "int3"})
 
 
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_quantize_lm_head_needs_int4_or_int8(model_dir, quantization):
+    with pytest.raises(ConfigError, match="quantize_lm_head.*int4 or int8"):
+        resolve({"model": model_dir, "device": "cuda", "quantization": quantization, "quantize_lm_head": True})
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ipex_llm") is not None, reason="ipex-llm is installed here")
 def test_low_bit_needs_ipex_llm(model_dir):
     with pytest.raises(ConfigError, match="low_bit.*ipex-llm is not installed"):
