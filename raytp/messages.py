@@ -80,7 +80,7 @@ class NewRequest:
 
 
 # A row's input token that the driver has not seen yet: the token the ranks sampled for this sequence in the
-# step before (async scheduling sends step N + 1 while step N runs). Rank 0 kept it; it shares it with the others.
+# step before (async scheduling sends step N + 1 while step N runs). Every rank sampled it and kept it.
 PENDING_TOKEN = -1
 
 

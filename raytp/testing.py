@@ -73,6 +73,7 @@ class ScriptedExecutor:
             self._dead = "rank 1: scripted failure"
             raise EngineDeadError(f"TP gang is dead: {self._dead}")
         rows = self.requests.apply(step)
+        self.requests.take_table_writes()  # a rank mirrors them into its device tables; the script reads rows
         tokens, logprobs = [], []
         for r in rows:
             bs = self.block_size

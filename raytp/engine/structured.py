@@ -8,7 +8,7 @@ both llguidance and xgrammar as backends.
 
 The matchers live in the engine (the driver), next to the sequences they follow: before a step the engine asks
 each constrained row's matcher for the tokens allowed next and sends them as a packed bitmask in the row
-(``RowInput.allowed``); rank 0 masks those logits before sampling; after the step the engine feeds the sampled
+(``RowInput.allowed``); every rank masks those logits before it samples; after the step the engine feeds the sampled
 token to the matcher. Ranks keep no grammar state (TP lockstep and preemption need nothing new), and a
 recomputed sequence keeps its matcher (its tokens are not sampled again).
 """

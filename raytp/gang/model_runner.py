@@ -1,11 +1,17 @@
 """One rank's forward over a step: flat, unpadded tokens of every row through the model, attention over the
-rank's paged KV cache through the rank's attention backend (``raytp.gang.attention``), rank 0 samples.
+rank's paged KV cache through the rank's attention backend (``raytp.gang.attention``), then every rank samples.
 
 Every rank of a gang runs the same ``StepInput`` (DeepSpeed AutoTP all-reduces inside the forward) and
 holds the same KV blocks for its own heads. Ranks keep what they need of each live sequence (its sampling
 parameters and block table, ``raytp.gang.requests``) from the step it joins until the step that says it left;
 each step carries only the tokens, new blocks and arrivals (and sampling draws are a function of seed and
 position), so the driver alone decides what runs and where it is stored.
+
+Ranks are SPMD down to sampling: the all-reduce leaves every rank the same logits, bit for bit (gloo, DeepSpeed's
+shm op and NCCL hand every rank the one reduced result: ``docs/performance.md``), and the sampler is a pure
+function of logits, parameters and position, so every rank draws the same tokens and records them. A row whose
+input is last step's token (``PENDING_TOKEN``, async scheduling) is filled from the rank's own record: nothing is
+broadcast and nothing waits on the host before a forward. Only rank 0 returns what it sampled.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ class ModelRunner:
         self.rank = rank
         self.world_size = world_size
         self.block_size = block_size
-        self.requests = RankRequests(track_writes=True)
+        self.requests = RankRequests()
         # the live sequences' block tables on the device, one row per slot, written in place as they grow
         self.tables = torch.zeros((max(1, max_batch), -(-max_model_len // block_size)), dtype=torch.int32,
                                   device=device)
@@ -137,7 +143,7 @@ class ModelRunner:
     def step(self, step: StepInput) -> StepOutput:
         """Compute every row's tokens (writing their KV into their blocks), then sample one token per row with
         ``sample`` set. Only rank 0's output carries tokens."""
-        rows = self.requests.apply(step, self._shared_pending(step))
+        rows = self.requests.apply(step)
         for r in rows:
             if len(r.token_ids) > 1:  # prompt chunks (never their text): which request, how much, from where
                 logger.info("rank %d: prefill %d tokens from position %d", self.rank, len(r.token_ids), r.start_pos,
@@ -182,21 +188,6 @@ class ModelRunner:
             out = replace(out, prompt_logprobs=prompt_token_logprobs(logits, prompt_rows))
         return out
 
-    def _shared_pending(self, step: StepInput) -> list[int] | None:
-        """With TP > 1, the tokens of the step's pending rows (async scheduling), which only rank 0 sampled: one
-        small broadcast from rank 0. None: this rank's own record serves (TP = 1, or no pending row)."""
-        if self.world_size == 1:
-            return None
-        handles = RankRequests.pending_handles(step)
-        if not handles:
-            return None
-        import torch.distributed as dist
-
-        values = [self.requests.last_sampled[h] for h in handles] if self.rank == 0 else [0] * len(handles)
-        shared = torch.tensor(values, dtype=torch.long, device=self.device)
-        dist.broadcast(shared, src=0)
-        return shared.tolist()
-
     def _sync_tables(self) -> None:
         """Write the table entries this step's arrivals and rows added into the device tables (one copy)."""
         writes = self.requests.take_table_writes()
@@ -214,18 +205,19 @@ class ModelRunner:
         self.tables.view(-1).index_copy_(0, index, blocks.int())
 
     def _sample(self, logits, rows) -> StepOutput:
-        """Rank 0 samples one token per row from its logits row; the other ranks return nothing."""
-        if self.rank != 0:
-            return StepOutput()
+        """Every rank samples one token per row from its logits row (the same logits, so the same tokens) and
+        records them as the next step's pending inputs; rank 0 returns them, with logprobs if asked."""
         params, positions = [r.params for r in rows], [r.start_pos + len(r.token_ids) for r in rows]
         contexts = [(r.history + r.token_ids, r.num_prompt_tokens) for r in rows]
         allowed = [r.allowed for r in rows]
         tokens = sample(logits, params, positions, contexts, allowed)
+        chosen = tuple(tokens.tolist())  # after the forward: the step's one host sync
+        self.requests.record_sampled([r.slot for r in rows], chosen)
+        if self.rank != 0:
+            return StepOutput()
         logprobs = ()
         if any(p.logprobs is not None for p in params):
             logprobs = tuple(token_logprobs(logits, params, positions, contexts, tokens, allowed))
-        chosen = tuple(tokens.tolist())
-        self.requests.record_sampled([r.slot for r in rows], chosen)  # the next step's pending inputs
         return StepOutput(chosen, logprobs)
 
     def _forward(self, meta: attention.AttentionMetadata, ids, keep, probe: dict | None = None):

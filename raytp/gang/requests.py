@@ -5,9 +5,9 @@ blocks to its sequence's table, and returns the step's rows resolved against tha
 model runner and the sampler read). A live sequence's handle (small, unique among live sequences, reused by the
 engine once a sequence has left) is also its row in the model runner's device block-table tensor, which
 ``take_table_writes`` keeps in step with the host tables (only the entries that changed). Under async scheduling
-a decode row may arrive before the driver has seen its input token (``PENDING_TOKEN``): the rank that samples
-records what it sampled per handle (``record_sampled``) and ``apply`` fills such rows in from it (or from the
-tokens the caller passes: what rank 0 shared). The scripted test gang keeps the same state with the same class.
+a decode row may arrive before the driver has seen its input token (``PENDING_TOKEN``): every rank samples the
+same tokens and records them per handle (``record_sampled``), and ``apply`` fills such rows in from that record.
+The scripted test gang keeps the same state with the same class.
 """
 
 from __future__ import annotations
@@ -53,32 +53,19 @@ class LiveRow:
         return (self.token_ids[1:] + (self.prompt_next,))[:count]
 
 
-def _pending(row) -> bool:
-    """Whether a step's row waits on the token sampled for its sequence last step (async scheduling)."""
-    return bool(row.token_ids) and row.token_ids[0] == PENDING_TOKEN
-
-
 class RankRequests:
-    """``track_writes``: record the table entries each step writes, for ``take_table_writes`` (a device mirror)."""
-
-    def __init__(self, track_writes: bool = False):
-        self.track_writes = track_writes
+    def __init__(self):
         self.live: dict[int, _Live] = {}  # by handle
         self.num_slots = 0  # 1 + the largest handle seen (the device tables need at least this many rows)
         self._writes: list[tuple[int, int, int]] = []  # (slot, column, block) since take_table_writes
-        self.last_sampled: dict[int, int] = {}  # by handle: the token sampled for it last (the sampling rank only)
-
-    @staticmethod
-    def pending_handles(step: StepInput) -> list[int]:
-        """The handles of the rows whose input token is the one sampled for them last step, in row order."""
-        return [r.handle for r in step.rows if _pending(r)]
+        self.last_sampled: dict[int, int] = {}  # by handle: the token sampled for it last
 
     def record_sampled(self, handles, tokens) -> None:
         self.last_sampled.update(zip(handles, tokens))
 
-    def apply(self, step: StepInput, pending_tokens: list[int] | None = None) -> list[LiveRow]:
-        """Update the state by ``step`` and return its rows. Rows waiting on a pending token take, in order,
-        ``pending_tokens`` if given, else what ``record_sampled`` recorded."""
+    def apply(self, step: StepInput) -> list[LiveRow]:
+        """Update the state by ``step`` and return its rows; a row waiting on a pending token takes what
+        ``record_sampled`` recorded for its sequence."""
         for handle in step.finished:
             self.live.pop(handle, None)
             self.last_sampled.pop(handle, None)
@@ -88,13 +75,12 @@ class RankRequests:
                                               list(new.history))
             self._extend(s, new.block_table)
         rows = []
-        filled = iter(pending_tokens or ())
         for r in step.rows:
             s = self.live[r.handle]
             self._extend(s, r.new_blocks)
             token_ids = r.token_ids
-            if _pending(r):
-                token_ids = (next(filled) if pending_tokens is not None else self.last_sampled[r.handle],)
+            if token_ids and token_ids[0] == PENDING_TOKEN:
+                token_ids = (self.last_sampled[r.handle],)
             keeps_history = s.params.needs_history
             rows.append(LiveRow(s.seq_id, token_ids, r.start_pos, s.table, s.handle, r.sample, s.params,
                                 s.num_prompt_tokens, tuple(s.history) if keeps_history and r.sample else (),
@@ -109,6 +95,5 @@ class RankRequests:
         return writes
 
     def _extend(self, s: _Live, blocks) -> None:
-        if self.track_writes:
-            self._writes.extend((s.handle, len(s.table) + i, b) for i, b in enumerate(blocks))
+        self._writes.extend((s.handle, len(s.table) + i, b) for i, b in enumerate(blocks))
         s.table.extend(blocks)

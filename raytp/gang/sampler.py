@@ -1,10 +1,12 @@
-"""Token sampling for a whole batch in one pass (runs on rank 0 only; the tokens travel back to the driver).
+"""Token sampling for a whole batch in one pass (every rank runs it on the same logits; rank 0's tokens travel back
+to the driver, every rank keeps them as the next step's inputs).
 
 Greedy rows take the argmax. Sampled rows: temperature, min-p, top-k and top-p (vLLM's order) are per-row
 tensors applied to the rows' logits sorted once, then one inverse-CDF draw per row. The draw's uniform number
 is a hash of the request's seed and the position being sampled, not a stateful generator: a seeded request gets
 the same tokens alone or in any batch (each row's math only reads that row), across preemption and recompute, and
-ranks keep no sampling state at all.
+ranks keep no sampling state at all. Every step is a pure function of its inputs (ties sorted stably), so ranks
+holding the same logits draw the same tokens.
 """
 
 from __future__ import annotations
@@ -121,7 +123,8 @@ def sorted_distribution(logits: torch.Tensor, params: list[SamplingParams]) -> t
     temperature = torch.tensor([p.temperature for p in params], device=dev)
     top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev)
-    scores, order = (logits / temperature[:, None]).sort(dim=-1, descending=True)
+    # stable: equal scores in token order, whatever the sort kernel (every rank must choose the same token)
+    scores, order = (logits / temperature[:, None]).sort(dim=-1, descending=True, stable=True)
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=dev)
         full = torch.softmax(scores, dim=-1)

@@ -336,3 +336,37 @@ def test_json_schema_output_parses_and_validates_on_the_real_model(model, tiny_t
         value = json.loads(text)
         assert reason == "stop" and set(value) == {"ok", "color", "n"}
         assert isinstance(value["ok"], bool) and value["color"] in ("red", "green") and 0 <= value["n"] <= 99
+
+
+def test_every_rank_samples_and_fills_pending_rows_from_its_own_record(model, monkeypatch):
+    """SPMD sampling: a rank other than 0 samples the same tokens as rank 0 from the same logits (greedy and seeded
+    rows) and fills async scheduling's ``PENDING_TOKEN`` rows from its own record, with no collective before the
+    forward (any would fail here: there is no process group); the pending path gives the tokens explicit inputs
+    give."""
+    import torch.distributed as dist
+
+    from raytp.gang.model_runner import ModelRunner
+    from raytp.messages import PENDING_TOKEN, NewRequest, RowInput, StepInput
+
+    for name in ("broadcast", "all_reduce", "all_gather", "all_gather_object", "broadcast_object_list", "barrier"):
+        monkeypatch.setattr(dist, name, lambda *a, _n=name, **k: pytest.fail(f"{_n} called in a step"))
+    runners = [ModelRunner(model, "cpu", rank, 2, block_size=BLOCK, kv_cache_bytes=1 << 20, max_blocks=32)
+               for rank in (0, 1)]
+    explicit = ModelRunner(model, "cpu", 0, 1, block_size=BLOCK, kv_cache_bytes=1 << 20, max_blocks=32)
+    params = [SamplingParams(max_tokens=8, temperature=0.0), SamplingParams(max_tokens=8, temperature=0.9, seed=3)]
+    prompts = [(5, 6, 7), tuple(range(20, 29))]
+    new = tuple(NewRequest(str(h), h, params[h], len(p), tuple(range(1 + 5 * h, 6 + 5 * h)))
+                for h, p in enumerate(prompts))
+    first = StepInput(new, tuple(RowInput(h, p, 0, True) for h, p in enumerate(prompts)))
+    tokens = [runners[0].step(first).tokens]
+    assert runners[1].step(first).tokens == () and explicit.step(first).tokens == tokens[0]
+    for i in range(6):
+        pos = [len(p) + i for p in prompts]
+        pending = StepInput(rows=tuple(RowInput(h, (PENDING_TOKEN,), pos[h], True) for h in range(2)))
+        known = StepInput(rows=tuple(RowInput(h, (tokens[-1][h],), pos[h], True) for h in range(2)))
+        out = runners[0].step(pending).tokens
+        assert runners[1].step(pending).tokens == ()
+        assert [runners[1].requests.last_sampled[h] for h in range(2)] == list(out), f"step {i}: ranks disagree"
+        assert explicit.step(known).tokens == out
+        tokens.append(out)
+    assert len({t[1] for t in tokens}) > 1
