@@ -24,9 +24,10 @@ from raytp.engine.detokenizer import IncrementalDetokenizer
 from raytp.engine.protocol import EngineStatus, Executor, RequestOutput
 from raytp.engine.scheduler import SchedulerConfig, SchedulerOutput, Sequence
 from raytp.engine.stats import EngineStats
+from raytp.engine.step_builder import StepBuilder
 from raytp.engine.structured import Grammars
 from raytp.errors import ConfigError, EngineDeadError, InvalidRequestError, check_token_ids
-from raytp.messages import PENDING_TOKEN, NewRequest, RowInput, SamplingParams, StepInput
+from raytp.messages import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +83,7 @@ class Engine:
         self._died = asyncio.Event()
         self._seeds = random.Random(seed)
         self.load_reports = []
-        # the persistent batch: per sequence the ranks hold, its handle and how many of its blocks they know; the
-        # handles of sequences that left since the last step sent (they ride on the next step that computes
-        # something), and handles free for reuse
-        self._on_ranks: dict[str, tuple[int, int]] = {}
-        self._leaving: list[int] = []
-        self._free_handles: list[int] = []
-        self._num_handles = 0
+        self.steps = StepBuilder(self.grammars.allowed)  # the driver's mirror of the ranks' persistent batch
         self.finished_counts: Counter[str] = Counter()  # requests ended, by finish reason (incl. abort, error)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -247,54 +242,33 @@ class Engine:
     def _launch(self) -> tuple[bool, _Launched | None]:
         """Schedule a step and send it to the ranks. Returns (whether there was anything to do, the step sent:
         None when nothing needed computing)."""
-        kv = self.scheduler.kv
-        queried, hits = kv.prefix_queried_tokens, kv.prefix_hit_tokens
-        out = self.scheduler.schedule()  # 1. schedule
+        out = self._schedule()  # 1. schedule
         if out.idle:
             return False, None
-        if out.num_preempted:
-            self.stats.on_preempted(out.num_preempted)
-        if kv.prefix_queried_tokens != queried:
-            self.stats.on_prefix_lookup(kv.prefix_queried_tokens - queried, kv.prefix_hit_tokens - hits)
-        for seq_id in out.finished_ids + out.preempted_ids:
-            left = self._on_ranks.pop(seq_id, None)
-            if left is not None:
-                self._leaving.append(left[0])
-        if not out.rows:
-            return True, None  # only departures: no round trip for them alone
-        now = time.monotonic()
-        new, rows, sampled = [], [], []
-        for seq, n in out.rows:
-            if seq.scheduled_s is None:
-                seq.scheduled_s = now
-                self.stats.on_scheduled(now - seq.arrival_s)
-            start = seq.num_computed
-            known = tuple(seq.token_ids[start:start + n])
-            tokens = known + (PENDING_TOKEN,) * (n - len(known))  # the token still in flight, if any
-            sample = start + n == len(seq.token_ids) + seq.num_inflight
-            table = seq.kv.table
-            handle, known_blocks = self._on_ranks.get(seq.seq_id, (None, 0))
-            if handle is None:  # joins the ranks' batch: what they keep of it, once
-                handle = self._take_handle()
-                history = tuple(seq.token_ids[:start]) if seq.params.needs_history else ()
-                new.append(NewRequest(seq.seq_id, handle, seq.params.for_ranks(), len(seq.prompt_ids), tuple(table),
-                                      history))
-                known_blocks = len(table)
-            self._on_ranks[seq.seq_id] = (handle, len(table))
-            prompt_next = seq.prompt_ids[start + n] if start + n < len(seq.prompt_ids) else None
-            allowed = self.grammars.allowed(seq.seq_id) if sample and seq.params.grammar else None
-            rows.append(RowInput(handle, tokens, start, sample, tuple(table[known_blocks:]), prompt_next, allowed))
-            if sample:
-                sampled.append(seq)
-        # 2. execute: the same step to every rank, one round trip (its result awaited by _finish)
-        step = StepInput(tuple(new), tuple(rows), tuple(self._leaving))
-        self._free_handles += self._leaving  # the ranks drop them before reading this step's arrivals
-        self._leaving = []
-        result = asyncio.ensure_future(self.executor.step(step))
+        step, sampled = self.steps.build(out)
+        if step is None:
+            return True, None  # only departures: they ride on the next step that computes something
+        result = asyncio.ensure_future(self.executor.step(step))  # 2. execute (its result awaited by _finish)
         self.scheduler.advance(out)  # the next step schedules what follows these tokens
         for seq in sampled:
             seq.num_inflight += 1
         return True, _Launched(out, sampled, result)
+
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's next step, its preemptions, prefix lookups and first schedulings reported."""
+        kv = self.scheduler.kv
+        queried, hits = kv.prefix_queried_tokens, kv.prefix_hit_tokens
+        out = self.scheduler.schedule()
+        if out.num_preempted:
+            self.stats.on_preempted(out.num_preempted)
+        if kv.prefix_queried_tokens != queried:
+            self.stats.on_prefix_lookup(kv.prefix_queried_tokens - queried, kv.prefix_hit_tokens - hits)
+        now = time.monotonic()
+        for seq, _ in out.rows:
+            if seq.scheduled_s is None:
+                seq.scheduled_s = now
+                self.stats.on_scheduled(now - seq.arrival_s)
+        return out
 
     async def _finish(self, launched: _Launched) -> None:
         """3. update: wait for a launched step's tokens, append them, emit outputs, commit the full blocks."""
@@ -311,12 +285,6 @@ class Engine:
         for seq, _ in launched.out.rows:
             self.scheduler.commit(seq)
         self.stats.on_step(self.scheduler.num_running, self.scheduler.num_waiting, self.scheduler.kv.usage)
-
-    def _take_handle(self) -> int:
-        if self._free_handles:
-            return self._free_handles.pop()
-        self._num_handles += 1
-        return self._num_handles - 1
 
     def _update(self, seqs: list[Sequence], tokens: tuple[int, ...], logprobs: tuple) -> None:
         for seq, token, logprob in zip(seqs, tokens, logprobs):

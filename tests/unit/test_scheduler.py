@@ -120,3 +120,74 @@ def test_a_long_prompt_arriving_never_stalls_decoding_rows():
         assert rows[:3] == [("r0", 1), ("r1", 1), ("r2", 1)] and rows[3] == ("r3", 5)
     rows, _ = run_step(s)
     assert rows == [("r0", 1), ("r1", 1), ("r2", 1), ("r3", 1)]
+
+
+# ---- async scheduling: a step is scheduled while the one before still samples ------------------------------------
+def launch(s):
+    """Schedule and send a step without its tokens (async scheduling): its sampled rows' tokens are in flight."""
+    out = s.schedule()
+    sampled = [q for q, n in out.rows if q.num_computed + n == len(q.token_ids) + q.num_inflight]
+    s.advance(out)
+    for q in sampled:
+        q.num_inflight += 1
+    return out, sampled
+
+
+def land(seqs, token: int = 7):
+    """The in-flight tokens of ``seqs`` come back."""
+    for q in seqs:
+        q.num_inflight -= 1
+        q.append_token(token)
+
+
+def test_ready_waits_on_a_token_in_flight_only_when_it_may_be_the_last_or_a_grammar_needs_it():
+    plain = seq(0, max_tokens=4)
+    assert plain.ready
+    plain.num_inflight = 1
+    assert plain.ready, "its next row carries PENDING_TOKEN"
+    plain.token_ids += [7, 7]  # 2 outputs + 1 in flight: one more may still follow
+    assert plain.ready
+    plain.token_ids.append(7)  # 3 outputs + 1 in flight = max_tokens: that token is its last
+    assert not plain.ready
+    constrained = Sequence("g", (1, 2), SamplingParams(max_tokens=9, grammar="start: /a+/"))
+    constrained.num_inflight = 1
+    assert not constrained.ready, "its next mask needs the token in flight"
+
+
+def test_a_row_with_a_token_in_flight_is_scheduled_again_at_once():
+    s = build()
+    s.add(seq(0, max_tokens=5))
+    out, sampled = launch(s)
+    assert [(q.seq_id, n) for q, n in out.rows] == [("r0", 3)]
+    out, _ = launch(s)  # step 1's token has not come back: step 2 computes it anyway (PENDING_TOKEN)
+    assert [(q.seq_id, n) for q, n in out.rows] == [("r0", 1)] and sampled[0].num_inflight == 2
+
+
+def test_a_preempted_sequence_with_a_token_in_flight_blocks_admission_until_the_token_lands():
+    s = build(num_blocks=5, block_size=4, enable_prefix_caching=False)  # 4 usable blocks of 4
+    a, b = seq(0, n_prompt=4, max_tokens=8), seq(1, n_prompt=4, max_tokens=8, first=40)
+    s.add(a)
+    s.add(b)
+    in_flight = []
+    for _ in range(10):  # the async loop: launch step N + 1, then step N's tokens land
+        out, sampled = launch(s)
+        if out.num_preempted:
+            break
+        land(in_flight)
+        in_flight = sampled
+    assert out.preempted_ids == ("r1",) and s.waiting[0] is b and b.num_inflight == 1, "b went with a token out"
+    a.finish_reason = "length"  # a ends: blocks are plenty, but b's recompute must include its token in flight
+    assert not s.schedule().rows and s.waiting[0] is b
+    land(in_flight)
+    out = s.schedule()
+    assert [(q.seq_id, n) for q, n in out.rows] == [("r1", len(b.token_ids))], "recomputed with the landed token"
+
+
+def test_a_waiting_sequence_finished_by_its_token_in_flight_is_dropped():
+    s = build()
+    a = seq(0, max_tokens=4)
+    a.num_inflight = 1
+    a.finish_reason = "stop"  # e.g. preempted, then its token in flight was EOS
+    s.waiting.append(a)
+    out = s.schedule()
+    assert not out.rows and list(s.waiting) == [] and s.num_waiting == 0
