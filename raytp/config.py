@@ -73,6 +73,11 @@ class RaytpConfig(BaseModel):
         "'int8' (weight-only, per row; closest to bf16), 'fp8' (fp8 weights and activations; CUDA compute "
         "capability >= 8.9 only). Needs the 'torchao' extra; exclusive with low_bit. null = none.",
     )
+    prepack_weights: bool = Field(
+        True, description="cpu, without quantization, low_bit or compile_model: reorder each linear's weight once "
+        "into oneDNN's blocked layout at load (raytp/gang/linears.py); decode reads weights several times faster "
+        "than torch's plain linear does. false: plain torch linears.",
+    )
     quantize_lm_head: bool = Field(
         False, description="With quantization: the LM head too (int4/int8; for real vocabularies of 32k-150k tokens "
         "it is 15-30 % of the bytes read per decoded token). Off by default: the head is the layer most sensitive "
@@ -242,6 +247,7 @@ class ResolvedConfig:
     quantization: str | None = None
     quantization_group_size: int | None = None
     quantize_lm_head: bool = False
+    prepack_weights: bool = True
     enforce_eager: bool = False
     compile_model: bool | None = None
     tool_call_parser: str | None = None
@@ -317,6 +323,7 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         quantization=cfg.quantization,
         quantization_group_size=cfg.quantization_group_size,
         quantize_lm_head=cfg.quantize_lm_head,
+        prepack_weights=cfg.prepack_weights,
         enforce_eager=cfg.enforce_eager,
         compile_model=cfg.compile_model,
         tool_call_parser=cfg.tool_call_parser,

@@ -47,6 +47,9 @@ class CompiledModel:
         from torch._inductor.compile_fx import compile_fx
 
         self.compiles += 1
+        if self.warm_up_s:  # after start-up every compile is a recompile: a shape or guard the warm-up missed
+            logger.warning("model step recompiled (%d since start-up): steps stall while it compiles",
+                           self.compiles - self.warm_up_compiles)
         with inductor_config.patch(self.options):
             return compile_fx(graph_module, example_inputs)
 

@@ -1,4 +1,5 @@
-"""The only importer of deepspeed, ipex_llm and torchao: process group → load on CPU → AutoTP → low-bit → device.
+"""Where deepspeed, ipex_llm and torchao are imported (with ``raytp.gang.linears``): process group → load on CPU →
+AutoTP → low-bit → device.
 
 The order is upstream DeepSpeed/IPEX-LLM examples' own, and the only one that works: quantizing
 before AutoTP fails because low-bit weights are flat uint8 tensors DeepSpeed cannot
@@ -8,8 +9,8 @@ sharded ``LmHeadLinearAllreduce`` wrongly.
 torchao (``quantization``) runs after the move to the device, because its packed int4 layouts are made by
 the device's own packing op (tinygemm's on CUDA, oneDNN's on XPU, the CPU's ``_weight_int4pack_mm_for_cpu``).
 DeepSpeed's AutoTP layers compute ``matmul(x, weight.T)``, which torchao's weight tensors do not implement, so
-each is first turned into a plain ``nn.Linear`` over the same shard (row-parallel ones all-reduce after it,
-as DeepSpeed's do): torchao then quantizes them like any linear.
+each is first turned into a plain ``nn.Linear`` over the same shard (``raytp.gang.linears``): torchao then
+quantizes them like any linear. Unquantized CPU weights are prepacked for oneDNN instead (``prepack_weights``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 
 from raytp.compat import dtype_kwarg
 from raytp.config import ResolvedConfig
+from raytp.gang.linears import can_prepack, plain_linears, prepack_linears
 
 logger = logging.getLogger(__name__)
 
@@ -85,66 +87,16 @@ def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
     # 4. To the rank's device.
     if device != "cpu":
         model = model.to(device)
-    # 5. torchao weight-only quantization of this rank's shard, by the device's kernels.
+    # 5. torchao weight-only quantization of this rank's shard, by the device's kernels; or, on CPU, the plain
+    #    weights prepacked for oneDNN.
     if cfg.quantization:
         quantize_shard(model, cfg.quantization, device, cfg.quantization_group_size, head=cfg.quantize_lm_head)
+    elif cfg.prepack_weights and not (cfg.low_bit or cfg.compile_model) and device == "cpu" and can_prepack(dtype):
+        # (not under compile_model: Inductor does not lower the prepacked op from eager code; its freezing packs)
+        if tp > 1:
+            plain_linears(model, head=True)
+        logger.info("rank %d: %d linears prepacked for oneDNN", rank, prepack_linears(model))
     return model
-
-
-class RowParallelLinear(torch.nn.Linear):
-    """A DeepSpeed ``LinearAllreduce`` as an ``nn.Linear``: this rank's input slice times its weight shard,
-    all-reduced over the group, then the (replicated) bias — DeepSpeed's own order."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
-        super().__init__(1, 1, bias=False, device="meta")
-        self.weight = torch.nn.Parameter(weight.data, requires_grad=False)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.row_bias = bias
-        self.group = group
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from deepspeed import comm
-
-        out = super().forward(x)
-        comm.inference_all_reduce(out, group=self.group)
-        return out if self.row_bias is None else out + self.row_bias
-
-
-class ShardedHead(RowParallelLinear):
-    """DeepSpeed's sharded LM head (``LmHeadLinearAllreduce``) as an ``nn.Linear``: this rank's slice of the hidden
-    features times its weight shard, all-reduced."""
-
-    def __init__(self, head, group):
-        super().__init__(head.weight, head.bias, group)
-        sizes = head._partition_sizes
-        self.offset, self.size = sum(sizes[:head.tp_index]), sizes[head.tp_index]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x[..., self.offset:self.offset + self.size])
-
-
-def _plain_linears(model: torch.nn.Module, head: bool = False) -> None:
-    """Replace DeepSpeed's AutoTP linears by ``nn.Linear`` over the same shards (the sharded LM head too with
-    ``head``), so torchao quantizes them."""
-    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, LmHeadLinearAllreduce
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, LmHeadLinearAllreduce):
-                if head:
-                    setattr(parent, name, ShardedHead(child, child.mp_group))
-                continue
-            if type(child) not in (LinearAllreduce, LinearLayer) or getattr(child, "gather_output", False):
-                continue
-            w, b = child.weight, child.bias
-            if isinstance(child, LinearAllreduce):
-                new = RowParallelLinear(w, b, child.mp_group)
-            else:
-                new = torch.nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
-                new.weight = torch.nn.Parameter(w.data, requires_grad=False)
-                if b is not None:
-                    new.bias = torch.nn.Parameter(b.data, requires_grad=False)
-            setattr(parent, name, new)
 
 
 def group_size_for(in_features: list[int], requested: int | None) -> int:
@@ -185,7 +137,7 @@ def quantize_shard(model: torch.nn.Module, fmt: str, device: str, group_size: in
 
     platforms.get(torch.device(device).type).check_quantization_on_rank(fmt, device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        _plain_linears(model, head=head)
+        plain_linears(model, head=head)
     out_head = model.get_output_embeddings()
     if head and fmt == "int4" and out_head.out_features % 16:
         from raytp.errors import ConfigError

@@ -1,12 +1,14 @@
-"""The model step eager vs compiled (``raytp.gang.compiled``) with each set of Inductor options, on this machine, in
-one run: decode tok/s at batch 1 and 8 (one token per row, contexts of ``--context`` tokens) and a prefill chunk,
-through a rank's ``ModelRunner`` forward (paged KV, the sdpa backend), plus the compile seconds.
+"""One rank's model step, plain eager against each variant, on this machine, in one run: torch's plain linears vs
+oneDNN-prepacked ones (``raytp.gang.linears``, the ``prepack_weights`` default on CPU) and vs the step compiled
+(``raytp.gang.compiled``) with each set of Inductor options. Decode tok/s at batch 1 and 8 (one token per row,
+contexts of ``--context`` tokens) and a prefill chunk, through a rank's ``ModelRunner`` forward (paged KV, the
+sdpa backend), plus the compile seconds.
 
-    python benchmarks/compiled_step.py --model raytp-llama-0.5b --dtype bfloat16
+    python benchmarks/model_step.py --model raytp-llama-0.5b --dtype bfloat16
 
-Each option set runs in its own process (a fresh compile cache entry) and times eager steps of the same model
-there too, interleaved with compiled ones, so every ratio is within one process and one minute. Results:
-benchmarks/results/compiled_step.{json,md}.
+Each variant runs in its own process (a fresh compile cache entry) and times plain eager steps of the same model
+there too, interleaved with the variant's, so every ratio is within one process and one minute. Results:
+benchmarks/results/model_step.{json,md} (``--output``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import _results  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-OPTION_SETS = {
+OPTION_SETS = {  # variant -> Inductor options (None: eager, with prepacked linears)
+    "prepacked": None,
     "default": {},
     "freezing": {"freezing": True},
     "freezing+cpp_wrapper": {"freezing": True, "cpp_wrapper": True},
@@ -47,14 +50,25 @@ def measure(args, options: dict) -> dict:
     width = -(-(args.context + args.steps + args.chunk) // bs)
     runner = ModelRunner(model, "cpu", 0, 1, block_size=bs, kv_cache_bytes=2 << 30, max_batch=8,
                          max_model_len=width * bs, compile_options=options)
-    compile_s = runner.compiled.warm_up_s
-    compiled, runner.compiled = runner.compiled, None
+    variant, compile_s = None, 0.0
+    if options is None:  # a second copy of the model, its linears prepacked, over the same paged KV pool
+        from raytp.gang.linears import prepack_linears
+
+        packed = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(getattr(torch, args.dtype))).eval()
+        prepack_linears(packed)
+        plain = runner.model
+    else:
+        compile_s = runner.compiled.warm_up_s
+        variant, runner.compiled = runner.compiled, None
 
     def tables(batch):  # each row its own blocks, after the null block
         return [tuple(range(1 + r * width, 1 + (r + 1) * width)) for r in range(batch)]
 
-    def step(layout, use_compiled):
-        runner.compiled = compiled if use_compiled else None
+    def step(layout, use_variant):
+        if options is None:
+            runner.model = packed if use_variant else plain
+        else:
+            runner.compiled = variant if use_variant else None
         with torch.inference_mode():  # as a rank's steps: inference tensors
             meta = attention.build(layout, bs, "cpu")
             runner.backend.prepare(meta, layout)
@@ -62,32 +76,33 @@ def measure(args, options: dict) -> dict:
             ends = torch.cumsum(torch.tensor([n for n, _, _ in layout]), 0) - 1
             runner._forward(meta, ids, ends)
 
-    def decode_rate(batch, use_compiled):
+    def decode_rate(batch, use_variant):
         t = tables(batch)
         start = time.perf_counter()
         for s in range(args.steps):
-            step([(1, args.context + s, t[r]) for r in range(batch)], use_compiled)
+            step([(1, args.context + s, t[r]) for r in range(batch)], use_variant)
         return batch * args.steps / (time.perf_counter() - start)
 
-    def chunk_s(use_compiled):
+    def chunk_s(use_variant):
         start = time.perf_counter()
-        step([(args.chunk, args.context, tables(1)[0])], use_compiled)
+        step([(args.chunk, args.context, tables(1)[0])], use_variant)
         return time.perf_counter() - start
 
     for r in range(8):  # every row's context written once (prefill), eagerly
         step([(args.context, 0, tables(8)[r])], False)
     out = {"compile_s": round(compile_s, 1)}
+    chunk_s(True)  # the variant's first prefill-sized call (oneDNN creates a primitive per new shape)
     for mode in (False, True, False, True):  # interleaved: drift hits both alike
-        key = "compiled" if mode else "eager"
+        key = "variant" if mode else "eager"
         for batch in (1, 8):
             out.setdefault(f"{key}_b{batch}_tok_s", []).append(decode_rate(batch, mode))
         out.setdefault(f"{key}_chunk{args.chunk}_s", []).append(chunk_s(mode))
     result = {k: (round(max(v), 2) if "tok_s" in k else round(min(v), 3)) if isinstance(v, list) else v
               for k, v in out.items()}
     for batch in (1, 8):
-        result[f"b{batch}_ratio"] = round(result[f"compiled_b{batch}_tok_s"] / result[f"eager_b{batch}_tok_s"], 2)
-    result["chunk_ratio"] = round(result[f"eager_chunk{args.chunk}_s"] / result[f"compiled_chunk{args.chunk}_s"], 2)
-    result["recompiles"] = compiled.compiles - compiled.warm_up_compiles
+        result[f"b{batch}_ratio"] = round(result[f"variant_b{batch}_tok_s"] / result[f"eager_b{batch}_tok_s"], 2)
+    result["chunk_ratio"] = round(result[f"eager_chunk{args.chunk}_s"] / result[f"variant_chunk{args.chunk}_s"], 2)
+    result["recompiles"] = variant.compiles - variant.warm_up_compiles if variant is not None else None
     return result
 
 
@@ -101,7 +116,7 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--options", default=",".join(OPTION_SETS), help="option sets to compare, comma-separated")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one option set in this process
-    p.add_argument("--output", default="compiled_step")
+    p.add_argument("--output", default="model_step")
     args = p.parse_args()
     if args.one:
         print(json.dumps(measure(args, OPTION_SETS[args.one])))
@@ -117,9 +132,9 @@ def main() -> None:
             rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(name, rows[name], flush=True)
     meta = {k: getattr(args, k) for k in ("model", "dtype", "threads", "context", "steps", "chunk")}
-    cols = ["compile_s", "eager_b1_tok_s", "compiled_b1_tok_s", "b1_ratio", "eager_b8_tok_s", "compiled_b8_tok_s",
+    cols = ["compile_s", "eager_b1_tok_s", "variant_b1_tok_s", "b1_ratio", "eager_b8_tok_s", "variant_b8_tok_s",
             "b8_ratio", "chunk_ratio", "recompiles"]
-    md = ["| options | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    md = ["| variant | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
     md += [f"| {n} | " + " | ".join(str(r.get(c, r.get("error", ""))) for c in cols) + " |" for n, r in rows.items()]
     _results.write(args.output, {"config": meta, "results": rows}, md)
 

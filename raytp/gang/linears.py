@@ -1,0 +1,111 @@
+"""What a rank's linears become after loading: plain ``nn.Linear``s over DeepSpeed's AutoTP shards, and on CPU
+oneDNN linears over prepacked weights.
+
+DeepSpeed's AutoTP layers compute ``matmul(x, weight.T)`` themselves, which neither torchao's weight tensors nor a
+prepacked weight implement; so each becomes a module whose *local* product is a plain ``nn.Linear``
+(``plain_linears``), which torchao then quantizes (``raytp.gang.loader.quantize_shard``) or ``prepack_linears``
+replaces by a ``PackedLinear`` — the all-reduce of a row-parallel layer stays outside that local product.
+
+Why prepacking: at decode sizes (a few rows) a bf16 ``F.linear`` on CPU reads its weight at about a quarter of the
+machine's bandwidth; oneDNN's matmul over a weight reordered once into its blocked layout (the op Inductor's
+freezing pass emits, ``torch.ops.mkldnn._linear_pointwise``; vLLM's CPU backend does the same through its own
+oneDNN handle) streams it several times faster (``benchmarks/compiled_step.py`` and docs/performance.md measure
+it). Same numbers: oneDNN computes the same products in fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowParallelLinear(torch.nn.Module):
+    """A DeepSpeed ``LinearAllreduce``: this rank's input slice times its weight shard (``local``, an ``nn.Linear``
+    or what replaced it), all-reduced over the group, then the (replicated) bias — DeepSpeed's own order."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group):
+        super().__init__()
+        self.local = _linear(weight, None)
+        self.row_bias = bias
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from deepspeed import comm
+
+        out = self.local(x)
+        comm.inference_all_reduce(out, group=self.group)
+        return out if self.row_bias is None else out + self.row_bias
+
+
+class ShardedHead(RowParallelLinear):
+    """DeepSpeed's sharded LM head (``LmHeadLinearAllreduce``): this rank's slice of the hidden features times its
+    weight shard, all-reduced."""
+
+    def __init__(self, head, group):
+        super().__init__(head.weight, head.bias, group)
+        sizes = head._partition_sizes
+        self.offset, self.size = sum(sizes[:head.tp_index]), sizes[head.tp_index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[..., self.offset:self.offset + self.size])
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.nn.Linear:
+    """An ``nn.Linear`` over these tensors (no copy)."""
+    new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    new.weight = torch.nn.Parameter(weight.data, requires_grad=False)
+    if bias is not None:
+        new.bias = torch.nn.Parameter(bias.data, requires_grad=False)
+    return new
+
+
+def plain_linears(model: torch.nn.Module, head: bool = False) -> None:
+    """Replace DeepSpeed's AutoTP linears by modules whose local products are ``nn.Linear``s over the same shards
+    (the sharded LM head too with ``head``)."""
+    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer, LmHeadLinearAllreduce
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LmHeadLinearAllreduce):
+                if head:
+                    setattr(parent, name, ShardedHead(child, child.mp_group))
+                continue
+            if type(child) not in (LinearAllreduce, LinearLayer) or getattr(child, "gather_output", False):
+                continue
+            if isinstance(child, LinearAllreduce):
+                setattr(parent, name, RowParallelLinear(child.weight, child.bias, child.mp_group))
+            else:
+                setattr(parent, name, _linear(child.weight, child.bias))
+
+
+class PackedLinear(torch.nn.Module):
+    """``F.linear`` of a CPU weight reordered once into oneDNN's blocked layout (the original is dropped)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # batch-size hint 1: decode rows are what is bandwidth-bound; larger batches stay compute-bound either way
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none",
+                                                 [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def can_prepack(dtype: torch.dtype) -> bool:
+    """oneDNN is in this torch build and computes ``dtype`` here (bf16 needs the CPU's native support)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def prepack_linears(model: torch.nn.Module) -> int:
+    """Replace every plain ``nn.Linear`` of a CPU model by a ``PackedLinear``; returns how many."""
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, PackedLinear(child))
+                count += 1
+    return count
