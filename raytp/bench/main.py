@@ -45,7 +45,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="append", metavar="NAME=TARGET",
                    help="a target to run the same workload against (repeat); the first is the ratios' baseline. "
                    "TARGET: http(s)://URL | raytp[:key=value,...] | transformers[:dtype=...] | "
-                   "transformers-serve[:dtype=...] | engine[:key=value,...] (raytp's engine in process, TP=1)")
+                   "transformers-serve[:dtype=...] | engine[:key=value,...] (raytp's engine in process, TP=1) | "
+                   "vllm[:venv=...,dtype=...,kv_cache_gb=...] (vLLM's server from its own venv)")
+    p.add_argument("--single-stream-prompts", type=int, help="at --max-concurrency 1, send only the first N "
+                   "prompts (a single stream is slow; its tok/s needs few)")
     p.add_argument("--roofline", action="store_true", help="also measure single-stream decode vs memory bandwidth")
     p.add_argument("--roofline-output-len", type=int, default=64)
     p.add_argument("--bandwidth-gbps", type=float, help="use this bandwidth (GB/s per device) instead of measuring")
@@ -100,20 +103,24 @@ async def bench(args) -> tuple[dict, dict]:
     result = {"config": {k: (v if v != float("inf") else "inf") for k, v in vars(args).items()}, "targets": {}}
     samples: dict[str, list[dict]] = {}
     for target in chosen:
+        started = time.perf_counter()
         async with targets.open_target(target, model=args.model, ignore_eos=args.ignore_eos, api_key=args.api_key,
                                        port=args.raytp_port) as (client, tp):
+            ready_s = time.perf_counter() - started  # a server started here: until it answered (load, compile)
             for req in reqs[:args.num_warmups]:
                 await client.send(req)
             runs, samples[target.name] = [], []
             for c in concurrencies:
-                results, duration = await run_load(client, reqs, delays, c, f"{target.name} c={c}", args.disable_tqdm)
+                n = args.single_stream_prompts if c == 1 and args.single_stream_prompts else len(reqs)
+                results, duration = await run_load(client, reqs[:n], delays[:n], c, f"{target.name} c={c}",
+                                                   args.disable_tqdm)
                 summary = {"max_concurrency": c, **metrics.summarize(results, duration, percentiles, slos)}
                 runs.append(summary)
                 samples[target.name].append(metrics.samples_ms(results))
                 print(f"{target.name} c={c}: {summary['completed']} ok, {summary['failed']} failed, "
                       f"{summary['output_throughput']:.1f} output tok/s, TTFT p50 {summary['median_ttft_ms']:.0f} ms, "
                       f"TPOT p50 {summary['median_tpot_ms']:.1f} ms", flush=True)
-            entry = {"kind": target.kind, "tp": tp, "runs": runs}
+            entry = {"kind": target.kind, "tp": tp, "ready_s": round(ready_s, 1), "runs": runs}
             if args.roofline:
                 entry["roofline"] = await _roofline(client, tp, args, bandwidth)
             result["targets"][target.name] = entry

@@ -20,6 +20,10 @@ def markdown(result: dict) -> str:
             cells = [f"{run[k]:.2f}" for k, _ in KEY_METRICS]
             lines.append(f"| {name} | {run['max_concurrency']} | {run['completed']} | {run['failed']} | "
                          + " | ".join(cells) + " |")
+    ready = {n: t["ready_s"] for n, t in result["targets"].items() if t.get("ready_s") is not None}
+    if ready:
+        lines += ["", "Ready after (s; a server started here: from its start until it answered, so load and any "
+                  "compile): " + ", ".join(f"`{n}` {s:.1f}" for n, s in ready.items())]
     if result.get("ratios"):
         base = next(iter(result["targets"]))
         lines += ["", f"Ratios to `{base}` (same workload, same run):", "",

