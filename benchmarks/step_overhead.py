@@ -69,7 +69,7 @@ def measure(args) -> dict:
 
         runner.model.register_forward_pre_hook(pre)
         runner.model.register_forward_hook(post)
-        real_runner_step, real_exec_step, real_engine_step = runner.step, executor.step, engine.step
+        real_runner_step, real_exec_step, real_engine_step = runner.step, executor.step, getattr(engine, "step", None)
 
         def runner_step(step):
             start = time.perf_counter()
@@ -95,8 +95,9 @@ def measure(args) -> dict:
             return busy
 
         runner.step, executor.step = runner_step, exec_step
-        if hasattr(engine, "_launch"):  # since async scheduling: the loop launches a step, then finishes it
-            real_launch, real_finish = engine._launch, engine._finish
+        loop_owner = getattr(engine, "core", engine)  # since issue 26 the loop is the engine core's (own thread)
+        if hasattr(loop_owner, "_launch"):  # since async scheduling: the loop launches a step, then finishes it
+            real_launch, real_finish = loop_owner._launch, loop_owner._finish
 
             def launch():
                 current.clear()
@@ -108,7 +109,7 @@ def measure(args) -> dict:
                 steps.append((current["decode"], current["bytes"], time.perf_counter() - current["start"],
                               current["exec"], current["rank"], current["fwd"]))
 
-            engine._launch, engine._finish = launch, finish
+            loop_owner._launch, loop_owner._finish = launch, finish
         else:
             engine.step = engine_step
         params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True,

@@ -46,7 +46,9 @@ class EngineStatus:
 
 class Executor(Protocol):
     """Drives a gang of ranks. Every method but ``shutdown`` raises ``EngineDeadError`` once the gang failed
-    (a dead rank, a worker exception, a stalled collective); a failed gang is never used again."""
+    (a dead rank, a worker exception, a stalled collective); a failed gang is never used again. ``start`` runs on
+    the engine's caller's event loop (a Serve replica's: its placement group is that task's), ``step`` on the engine
+    core's loop (another thread), ``pids`` on either; ``shutdown`` from any thread."""
 
     async def start(self) -> list[LoadReport]:
         """Start every rank, join the process group and load the model; one report per rank, in rank order."""

@@ -109,6 +109,7 @@ class _Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self._departed: list[str] = []  # released since the last step: the ranks hear of them with the next one
 
     def add(self, seq: Sequence) -> None:
         """Queue ``seq``. Raises ``InvalidRequestError`` if it could never fit in the KV cache, ``QueueFullError``
@@ -151,16 +152,21 @@ class _Scheduler:
         if not seq.finished and seq.kv.table:
             self.kv.commit(seq.kv, seq.token_ids, min(seq.num_computed, len(seq.token_ids)))
 
-    def _release_finished(self) -> tuple[str, ...]:
+    def release_finished(self) -> None:
+        """Free the blocks of every sequence that finished or was aborted, now (the engine calls it as soon as a
+        step's outputs are known, so the cache's usage is current); the next step tells the ranks."""
         # a preempted sequence whose token in flight finished it is done without running again (it holds no blocks)
         if any(s.finished for s in self.waiting):
             self.waiting = deque(s for s in self.waiting if not s.finished)
-        finished = tuple(s.seq_id for s in self.running if s.finished)
         for s in self.running:
             if s.finished:
                 self.kv.free(s.kv)
+                self._departed.append(s.seq_id)
         self.running = [s for s in self.running if not s.finished]
-        return finished
+
+    def _take_departed(self) -> tuple[str, ...]:
+        departed, self._departed = tuple(self._departed), []
+        return departed
 
     def _admit(self, seq: Sequence, num_tokens) -> int | None:
         """Take ``seq``'s cached prefix and blocks for its first chunk (at most ``num_tokens`` tokens, or all
@@ -190,7 +196,8 @@ class _Scheduler:
 
 class ContinuousBatchScheduler(_Scheduler):
     def schedule(self) -> SchedulerOutput:
-        finished = self._release_finished()
+        self.release_finished()
+        finished = self._take_departed()
         budget = self.max_num_batched_tokens
         rows: list[tuple[Sequence, int]] = []
         preempted: list[str] = []
@@ -239,9 +246,10 @@ class ContinuousBatchScheduler(_Scheduler):
 class StaticBatchScheduler(_Scheduler):
     def schedule(self) -> SchedulerOutput:
         live = [s for s in self.running if not s.finished]
-        if live:
-            return SchedulerOutput(tuple((s, s.num_pending) for s in live))
-        finished = self._release_finished()
+        if live:  # the batch runs on; blocks of its finished sequences are freed only if the engine released them
+            return SchedulerOutput(tuple((s, s.num_pending) for s in live), self._take_departed())
+        self.release_finished()
+        finished = self._take_departed()
         rows = []
         while self.waiting and len(self.running) < self.max_num_seqs:
             n = self._admit(self.waiting[0], None)

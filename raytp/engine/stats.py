@@ -1,7 +1,8 @@
 """What the engine reports about itself, as a small observer interface (no Ray, no Prometheus here).
 
-The engine calls these hooks from its loop; ``raytp.serve.metrics`` turns them into Prometheus
-metrics through Ray, and unit tests record them. Hooks must be cheap and must not raise.
+The engine core calls these hooks from its own thread, once per event or per step (never per token);
+``raytp.serve.metrics`` turns them into Prometheus metrics through Ray, and unit tests record them. Hooks must be
+cheap and must not raise.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ class EngineStats:
     def on_scheduled(self, queue_s: float) -> None:
         """A request got a batch slot after waiting ``queue_s`` in the queue."""
 
-    def on_token(self, latency_s: float, first: bool) -> None:
-        """A request received a token: time to first token (``first``) or since its previous token."""
+    def on_tokens(self, first_s: list[float], gaps_s: list[float]) -> None:
+        """Once per step, the tokens it gave requests: times to first token (``first_s``: from arrival, one per
+        request whose first token this was) and times since each other request's previous token (``gaps_s``)."""
 
     def on_finished(self, reason: str, e2e_s: float, num_prompt_tokens: int, num_output_tokens: int) -> None:
         """A request ended: ``reason`` is stop | length | abort | error; ``e2e_s`` from arrival to end."""

@@ -3,8 +3,8 @@
 (one load path); TP=1 only.
 
 ``model`` may be given already built (e.g. a random-weight model made directly on the device); else the
-config's checkpoint is loaded by the worker as a rank would. Steps run on one dedicated thread, so the event
-loop streams tokens to callers while the next step computes, as it does with Ray.
+config's checkpoint is loaded by the worker as a rank would. Steps run on one dedicated thread, so the engine
+core's loop takes requests and finishes the step before while the next one computes, as it does with Ray.
 """
 
 from __future__ import annotations

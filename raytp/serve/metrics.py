@@ -95,9 +95,12 @@ class ServerMetrics(EngineStats):
     def on_scheduled(self, queue_s: float) -> None:
         self.queue.observe(queue_s)
 
-    def on_token(self, latency_s: float, first: bool) -> None:
-        (self.ttft if first else self.itl).observe(latency_s)
-        self.generation_tokens.inc()
+    def on_tokens(self, first_s: list[float], gaps_s: list[float]) -> None:
+        for latency_s in first_s:
+            self.ttft.observe(latency_s)
+        for latency_s in gaps_s:
+            self.itl.observe(latency_s)
+        self.generation_tokens.inc(len(first_s) + len(gaps_s))
 
     def on_finished(self, reason: str, e2e_s: float, num_prompt_tokens: int, num_output_tokens: int) -> None:
         self.finished.inc(tags={"finished_reason": reason})

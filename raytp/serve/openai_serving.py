@@ -29,6 +29,7 @@ from raytp.api.protocol import (
 from raytp.config import ResolvedConfig
 from raytp.engine.protocol import EngineClient, RequestOutput
 from raytp.engine.structured import grammar_of
+from raytp.engine.tokenizer import LockedTokenizer
 from raytp.errors import InvalidRequestError, ModelNotFoundError
 from raytp.serve.fanout import Choice, Fanout
 
@@ -36,23 +37,24 @@ logger = logging.getLogger("ray.serve")
 
 
 class OpenAIServing:
-    """Requests are prepared (validated, templated, tokenized, grammars compiled) on one worker thread, not on the
-    replica's event loop, which also runs the engine loop: a long prompt or a large schema then never delays the
-    next step of the requests already running. One thread keeps the tokenizer's use serial."""
+    """Requests are prepared (validated, templated, tokenized, grammars compiled) on a worker thread, not on the
+    replica's event loop, which streams every request's results: a long prompt or a large schema then never delays
+    another request's tokens (the engine steps on a thread of its own). That thread and the loop (``/tokenize``,
+    ``/detokenize``, logprobs' token texts) share the tokenizer through a lock (``raytp.engine.tokenizer``)."""
 
     def __init__(self, config: ResolvedConfig, tokenizer, engine: EngineClient):
         self.config = config
-        self.tokenizer = tokenizer
+        self.tokenizer = LockedTokenizer(tokenizer)
         self.engine = engine
         self._prep = ThreadPoolExecutor(1, thread_name_prefix="raytp-prepare")
         # apply_chat_template's own arguments (this transformers version's): chat_template_kwargs cannot set them
         self._template_params = frozenset(
-            name for name, p in inspect.signature(tokenizer.apply_chat_template).parameters.items()
+            name for name, p in inspect.signature(self.tokenizer.apply_chat_template).parameters.items()
             if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
         # tool_choice auto's parser: configured, else what the chat template implies (decided once, here)
         self.tool_call_parser = config.tool_call_parser
         if self.tool_call_parser is None:
-            self.tool_call_parser = tool_calls.detect_parser(tokenizer)
+            self.tool_call_parser = tool_calls.detect_parser(self.tokenizer)
             logger.info("raytp: tool_call_parser not configured; %s", f"detected {self.tool_call_parser!r} from "
                         "the chat template" if self.tool_call_parser else "none detected from the chat template "
                         "(tool_choice auto is refused)")
@@ -131,7 +133,8 @@ class OpenAIServing:
         oai.check_token_ids(ids, len(self.tokenizer), param)
 
     def _prepare(self, body, chat: bool, request_id: str | None = None):
-        """Validate a request; return it with its id and its choices (prompts × n), each with engine params."""
+        """Validate a request; return it, its choices (prompts × n, each with engine params) on the engine, ``chat``
+        and its tool-call mode (``_tool_mode``, decided once)."""
         req = oai.parse(ChatCompletionRequest if chat else CompletionRequest, body)
         if not req.model:  # absent or "": the one served model (vLLM's behaviour); responses name it
             req = req.model_copy(update={"model": self.config.served_model_name})
@@ -141,7 +144,8 @@ class OpenAIServing:
         echo = not chat and req.echo
         if requested == 0 and not echo:
             raise InvalidRequestError("max_tokens: must be at least 1 (0 only with echo: true)", param="max_tokens")
-        grammar = self._grammar(req, chat)  # compiled once for every prompt and choice
+        mode = self._tool_mode(req, chat)
+        grammar = self._grammar(req, mode)  # compiled once for every prompt and choice
         items = self._prompt_items(req, chat)
         # prompt logprobs: a completion's echo with logprobs, and vLLM's prompt_logprobs (not streamed); the engine
         # computes the larger number of alternatives once
@@ -169,7 +173,7 @@ class OpenAIServing:
         request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
         logger.info("raytp: request %s: %d choices, %d prompt tokens, max_tokens %d", request_id, len(choices),
                     sum(len(c.prompt_ids) for c in choices if c.index == c.leader), choices[0].params.max_tokens)
-        return req, Fanout(self.engine, request_id, choices, self.config.enable_prefix_caching), chat
+        return req, Fanout(self.engine, request_id, choices, self.config.enable_prefix_caching), chat, mode
 
     def _tool_mode(self, req, chat: bool) -> str | None:
         """None (no tool parsing), 'forced' (required / a named function) or 'auto' (parsed by tool_call_parser)."""
@@ -185,11 +189,11 @@ class OpenAIServing:
                 "tool_choice required, a named function, or none", param="tool_choice")
         return "auto"
 
-    def _grammar(self, req, chat: bool) -> str | None:
+    def _grammar(self, req, tool_mode: str | None) -> str | None:
         """What constrains the output: a forced tool call's JSON (required / a named function: it always
         parses), else the one of ``response_format`` / ``structured_outputs`` / ``guided_*`` the request sets
         (two are a 400 naming the second; the request model refuses tool calls with any), else nothing."""
-        if self._tool_mode(req, chat) == "forced":
+        if tool_mode == "forced":
             schema = tool_calls.forced_schema(req.tools, req.effective_tool_choice, req.parallel_tool_calls)
             return grammar_of("json", schema, "tools")
         found = req.structured_constraints()
@@ -265,11 +269,11 @@ class OpenAIServing:
                                       param="messages") from None
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    async def _collect(self, req, fanout: Fanout, chat: bool) -> dict:
+    async def _collect(self, req, fanout: Fanout, chat: bool, mode: str | None) -> dict:
         choices = await fanout.collect()
         for c in choices:
             _log_finished(fanout.engine_id(c), c.last)
-        body, mode = [], self._tool_mode(req, chat)
+        body = []
         for c in choices:
             text, logprobs = self._choice_text_logprobs(req, c, c.text, c.token_ids, c.logprobs, True, 0, chat)
             calls = []
@@ -285,9 +289,9 @@ class OpenAIServing:
             out["prompt_logprobs"] = self._prompt_logprobs(req, choices[0])
         return out
 
-    async def _stream(self, req, fanout: Fanout, chat: bool):
-        if self._tool_mode(req, chat):
-            async for chunk in self._stream_tool_calls(req, fanout):
+    async def _stream(self, req, fanout: Fanout, chat: bool, mode: str | None):
+        if mode:
+            async for chunk in self._stream_tool_calls(req, fanout, mode):
                 yield chunk
             return
         options = req.stream_options
@@ -310,10 +314,10 @@ class OpenAIServing:
         if options and options.include_usage:
             yield oai.usage_chunk(fanout.request_id, req.model, oai.usage(*fanout.usage()), chat)
 
-    async def _stream_tool_calls(self, req, fanout: Fanout):
+    async def _stream_tool_calls(self, req, fanout: Fanout, mode: str):
         """Chat with tool calls, streamed: a call is known only once its output is whole, so each choice's answer
         is sent when it finishes, as OpenAI's deltas (role and content, one delta per call, the finish reason)."""
-        mode, model = self._tool_mode(req, True), req.model
+        model = req.model
         async for c, out in fanout.stream():
             if not out.finished:
                 continue

@@ -18,7 +18,9 @@ async def collect(engine, rid, prompt, params):
 
 
 def make(tok, scripts, **kw):
-    ex = ScriptedExecutor(scripts=scripts, fail_after_steps=kw.pop("fail_after", None))
+    # steps of a millisecond: the core runs in its own thread, and a caller's abort or a new request reaches it
+    # within a step or two of real time (instant steps would let it run hundreds meanwhile)
+    ex = ScriptedExecutor(scripts=scripts, fail_after_steps=kw.pop("fail_after", None), step_delay_s=0.001)
     scheduling = SchedulerConfig(max_num_seqs=kw.pop("max_num_seqs", 4), max_queue_size=kw.pop("max_queue_size", 16),
                                  max_num_batched_tokens=64)
     return Engine(ex, tok, scheduling), ex
@@ -135,8 +137,9 @@ class RecordingStats(EngineStats):
     def on_scheduled(self, queue_s):
         self.queued.append(queue_s)
 
-    def on_token(self, latency_s, first):
-        (self.first if first else self.gaps).append(latency_s)
+    def on_tokens(self, first_s, gaps_s):
+        self.first += first_s
+        self.gaps += gaps_s
 
     def on_finished(self, reason, e2e_s, num_prompt_tokens, num_output_tokens):
         self.finished.append((reason, num_prompt_tokens, num_output_tokens, e2e_s))
@@ -148,7 +151,7 @@ def test_stats_hooks_see_every_token_and_finish(tiny_tokenizer):
     stats = RecordingStats()
 
     async def main():
-        ex = ScriptedExecutor(scripts=scripts)
+        ex = ScriptedExecutor(scripts=scripts, step_delay_s=0.001)
         engine = Engine(ex, tok, SchedulerConfig("continuous", 1, 16, 64), stats=stats)  # 1 slot: b queues behind a
         await engine.start(warmup=False)
         await asyncio.gather(
@@ -344,3 +347,114 @@ def test_prompt_ids_outside_the_vocabulary_fail_the_request_not_the_gang(tiny_to
     n, steps_before = asyncio.run(main())
     assert steps_before == [], "no bad prompt reached the ranks"
     assert n == 3, "the engine still serves"
+
+
+# ---- the core on its own thread: nothing hangs, the serving loop never waits on a step -------------------------------
+def test_shutdown_fails_every_waiting_request_and_later_ones(tiny_tokenizer):
+    tok = tiny_tokenizer
+
+    async def main():
+        engine, ex = make(tok, {1: [5] * 400}, max_num_seqs=2)
+        await engine.start(warmup=False)
+        runs = [asyncio.ensure_future(collect(engine, f"r{i}", (1,), SamplingParams(max_tokens=400, temperature=0)))
+                for i in range(4)]  # two running, two waiting
+        await asyncio.sleep(0.02)
+        engine.shutdown()
+        results = await asyncio.wait_for(asyncio.gather(*runs, return_exceptions=True), timeout=5)
+        assert all(isinstance(r, EngineDeadError) for r in results), results
+        assert ex.shut and not engine.core._thread.is_alive()
+        with pytest.raises(EngineDeadError):
+            engine.check_health()
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "late", (1,), SamplingParams(max_tokens=1, temperature=0))
+        engine.shutdown()  # idempotent
+
+    asyncio.run(main())
+
+
+def test_a_bug_in_the_core_fails_every_request_with_a_typed_error(tiny_tokenizer, monkeypatch):
+    tok = tiny_tokenizer
+
+    async def main():
+        engine, _ = make(tok, {1: [5] * 100}, max_num_seqs=1)
+        await engine.start(warmup=False)
+        real_update, calls = engine.core._update, [0]
+
+        def update(*args):
+            calls[0] += 1
+            if calls[0] == 3:
+                raise KeyError("a bug")
+            return real_update(*args)
+
+        monkeypatch.setattr(engine.core, "_update", update)
+        results = await asyncio.wait_for(asyncio.gather(
+            *(collect(engine, f"r{i}", (1,), SamplingParams(max_tokens=50, temperature=0)) for i in range(3)),
+            return_exceptions=True), timeout=5)
+        assert all(isinstance(r, EngineDeadError) and "KeyError" in str(r) for r in results), results
+        error = await asyncio.wait_for(engine.wait_dead(), timeout=1)
+        assert "crashed" in str(error)
+        with pytest.raises(EngineDeadError):
+            engine.check_health()
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_caller_aborts_its_request_and_the_engine_serves_on(tiny_tokenizer):
+    """A client that disconnects: the task awaiting the stream is cancelled; the core frees the row and counts an
+    abort; other requests are unaffected."""
+    tok = tiny_tokenizer
+
+    async def main():
+        engine, _ = make(tok, {1: [5] * 500}, max_num_seqs=2)
+        await engine.start(warmup=False)
+        doomed = asyncio.ensure_future(collect(engine, "gone", (1,), SamplingParams(max_tokens=500, temperature=0)))
+        other = asyncio.ensure_future(collect(engine, "stays", (2,), SamplingParams(max_tokens=20, temperature=0,
+                                                                                    ignore_eos=True)))
+        await asyncio.sleep(0.02)
+        doomed.cancel()
+        _, last = await asyncio.wait_for(other, timeout=5)
+        assert last.num_output_tokens == 20
+        for _ in range(100):  # the abort reaches the core at its next step
+            if engine.status().num_finished.get("abort"):
+                break
+            await asyncio.sleep(0.01)
+        status = engine.status()
+        assert status.num_finished == {"abort": 1, "length": 1} and status.num_running == 0
+        assert status.kv_cache_usage == 0
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_the_serving_loop_never_waits_on_a_step(tiny_tokenizer):
+    """A step that holds the core's thread for 100 ms (as a CPU-heavy step would) leaves the caller's event loop
+    free: its timers fire on time while tokens keep coming."""
+    import time
+
+    tok = tiny_tokenizer
+
+    async def main():
+        ex = ScriptedExecutor(scripts={1: [5] * 10})
+        real_step = ex.step
+
+        async def blocking_step(step):
+            time.sleep(0.1)  # the core's thread is busy; the GIL is released, as in a torch kernel
+            return await real_step(step)
+
+        ex.step = blocking_step
+        engine = Engine(ex, tok, SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=64))
+        await engine.start(warmup=False)
+        run = asyncio.ensure_future(collect(engine, "a", (1,), SamplingParams(max_tokens=5, temperature=0,
+                                                                             ignore_eos=True)))
+        lags = []
+        while not run.done():
+            start = time.perf_counter()
+            await asyncio.sleep(0.005)
+            lags.append(time.perf_counter() - start - 0.005)
+        await run
+        engine.shutdown()
+        return lags
+
+    lags = asyncio.run(main())
+    assert len(lags) > 40 and max(lags) < 0.05, f"the loop waited {max(lags):.3f}s"
