@@ -394,7 +394,7 @@ def _check_model(cfg: RaytpConfig, model_path: str) -> int:
 
 
 def _check_attention(hf, max_model_len: int) -> None:
-    """raytp's paged attention (``raytp.gang.paged_attention``) is plain causal attention over the whole context:
+    """raytp's paged attention (``raytp.gang.attention``, every backend) is causal attention over the whole context:
     refuse models whose attention is something else, rather than answer wrongly."""
     window = getattr(hf, "sliding_window", None)
     if window and getattr(hf, "use_sliding_window", True) and max_model_len > window:

@@ -122,7 +122,7 @@ class BlockManager:
 
     def _place(self, table: list[int]) -> int:
         """The free block a sequence holding ``table`` should grow into. Consecutive blocks let the ranks attend
-        to a view of the pool instead of copying the blocks out (``raytp.gang.paged_attention``), so: the block
+        to a view of the pool instead of copying the blocks out (``raytp.gang.attention.sdpa``), so: the block
         right after its last one if free and caching nothing; else the middle of the longest run of free blocks
         that cache nothing (the first half is room for whichever sequence ends just before it); else the least
         recently freed."""

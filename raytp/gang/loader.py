@@ -82,7 +82,7 @@ def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
 
         logger.info("rank %d: IPEX-LLM optimize_model(low_bit=%s)", rank, cfg.low_bit)
         # optimize_llm=False: convert the linears only. Its model-level rewrites replace HF's attention and cache
-        # with IPEX-LLM's own, which would bypass raytp's paged KV cache (raytp.gang.paged_attention).
+        # with IPEX-LLM's own, which would bypass raytp's paged KV cache (raytp.gang.attention).
         model = optimize_model(model, low_bit=cfg.low_bit, modules_to_not_convert=["lm_head"], optimize_llm=False)
     # 4. To the rank's device.
     if device != "cpu":
