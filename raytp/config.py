@@ -132,9 +132,9 @@ class RaytpConfig(BaseModel):
     )
     attention_backend: Literal["auto", "sdpa", "triton"] = Field(
         "auto", description="Attention over the paged KV cache (raytp/gang/attention): 'triton' (one fused paged "
-        "kernel per layer for every row of a step; CUDA and Intel XPU, needs the 'kernels' extra), 'sdpa' (torch's "
-        "scaled_dot_product_attention per row or batch of decode rows; every device), 'auto' (triton on cuda/xpu "
-        "when Triton is installed, else sdpa). Resolved on each rank and reported by /health.",
+        "kernel per layer for every row of a step; CUDA and Intel XPU, whose torch builds bring Triton), 'sdpa' "
+        "(torch's scaled_dot_product_attention per row or batch of decode rows; every device), 'auto' (triton on "
+        "cuda/xpu when Triton is installed, else sdpa). Resolved on each rank and reported by /health.",
     )
     tool_call_parser: Literal["hermes"] | None = Field(
         None, description="How chat outputs with tool_choice auto are parsed into tool calls: 'hermes' "

@@ -130,9 +130,6 @@ class ScriptedExecutor:
     async def pids(self) -> list[int]:
         return [os.getpid()] * self.world_size
 
-    async def memory_stats(self) -> list[dict]:
-        return [{"rank": r, "rss_mb": 0.0, "pss_mb": 0.0, "peak_rss_mb": 0.0} for r in range(self.world_size)]
-
     def shutdown(self) -> None:
         self.shut = True
         self._dead = self._dead or "shut down"

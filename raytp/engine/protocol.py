@@ -59,9 +59,6 @@ class Executor(Protocol):
     async def pids(self) -> list[int]:
         """Process ids of the ranks, in rank order."""
 
-    async def memory_stats(self) -> list[dict]:
-        """Host memory of every rank (rss_mb, pss_mb, peak_rss_mb), in rank order."""
-
     def shutdown(self) -> None:
         """Stop every rank and free what the gang holds. Idempotent; never raises."""
 

@@ -275,7 +275,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     block_size: int = 16
     enable_prefix_caching: bool = True
-    async_scheduling: bool = False  # the engine sends a step while the one before runs (continuous policy only)
+    async_scheduling: bool = True  # the engine sends a step while the one before runs (continuous policy only)
 
     @classmethod
     def of(cls, config) -> SchedulerConfig:

@@ -159,6 +159,8 @@ class RayExecutor:
         return await self._wait([w.pid.remote() for w in self.workers], 30, "pid", all_results=True)
 
     async def memory_stats(self) -> list[dict]:
+        """Host memory of every rank (rss_mb, pss_mb, peak_rss_mb), in rank order: for benchmarks (the engine
+        does not ask)."""
         return await self._wait([w.memory_stats.remote() for w in self.workers], 30, "memory_stats", all_results=True)
 
     async def _wait(self, refs: list, timeout_s: float, what: str, all_results: bool = False):

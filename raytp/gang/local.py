@@ -58,9 +58,6 @@ class LocalExecutor:
     async def pids(self) -> list[int]:
         return [self.worker.pid()]
 
-    async def memory_stats(self) -> list[dict]:
-        return [self.worker.memory_stats()]
-
     def shutdown(self) -> None:
         self._dead = self._dead or "shut down"
         self.worker.runner = None
