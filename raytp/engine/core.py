@@ -232,6 +232,8 @@ class EngineCore:
         try:
             while True:
                 busy, launched = self._launch()
+                if launched is not None:  # one turn of this loop: the step's coroutine sends it to the ranks now,
+                    await asyncio.sleep(0)  # not once the step before has been finished
                 if inflight is not None:  # its tokens may finish requests or make others schedulable: loop again
                     await self._finish(inflight)
                     inflight, busy = None, True

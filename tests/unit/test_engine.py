@@ -277,7 +277,7 @@ def test_async_scheduling_outputs_equal_synchronous(tiny_tokenizer, seed):
         requests.append((f"r{i}", prompt, params))
 
     async def run(pipelined: bool, stops: dict[str, tuple[str, ...]]):
-        ex = ScriptedExecutor(vocab, num_kv_blocks=17, block_size=4)  # 16 usable blocks of 4: preemption
+        ex = ScriptedExecutor(vocab, num_kv_blocks=17, block_size=4, step_delay_s=0.001)  # 16 blocks of 4: preemption
         engine = Engine(ex, tok, SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=12, block_size=4,
                                                  async_scheduling=pipelined))
         in_flight, overlapped, real_step = [0], [0], ex.step
