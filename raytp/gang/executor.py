@@ -94,18 +94,19 @@ class RayExecutor:
         """Create, connect and load the gang. Raises ``ConfigError`` if a rank finds the config cannot work on
         its node (e.g. no such device), ``EngineDeadError`` if any phase fails or times out."""
         cfg = self.config
-        accel = platforms.get(cfg.device)
+        bundle = platforms.get(cfg.device).bundle(cfg.num_cpus_per_worker)  # one rank's resources, the platform's
         pg = get_current_placement_group()
         if pg is None:  # outside Serve (tests, benchmarks): make the group a Serve replica would own
-            pg = self._own_pg = placement_group([accel.bundle(cfg.num_cpus_per_worker)] * self.world_size,
-                                                strategy=cfg.placement_strategy)
+            pg = self._own_pg = placement_group([bundle] * self.world_size, strategy=cfg.placement_strategy)
         actor_cls = ray_worker_cls(self.worker_cls)
-        num_gpus = 1 if accel.ray_device_resource == "GPU" else 0
+        extra = dict(bundle)  # each rank's actor takes its whole bundle, whatever the platform puts in it
+        num_cpus, num_gpus = extra.pop("CPU", 0), extra.pop("GPU", 0)
         # 1. One actor per bundle, pinned to it.
         self.workers = [
             actor_cls.options(
-                num_cpus=cfg.num_cpus_per_worker,
+                num_cpus=num_cpus,
                 num_gpus=num_gpus,
+                resources=extra or None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=rank,
                     placement_group_capture_child_tasks=True,
