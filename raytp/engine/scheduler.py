@@ -95,7 +95,9 @@ class SchedulerOutput:
 
     @property
     def idle(self) -> bool:
-        return not self.rows and not self.finished_ids
+        """Nothing computed and nobody left: a preemption alone is news for the ranks (they must drop the
+        sequence's blocks before it rejoins with others)."""
+        return not self.rows and not self.finished_ids and not self.preempted_ids
 
 
 class _Scheduler:

@@ -191,3 +191,16 @@ def test_a_waiting_sequence_finished_by_its_token_in_flight_is_dropped():
     s.waiting.append(a)
     out = s.schedule()
     assert not out.rows and list(s.waiting) == [] and s.num_waiting == 0
+
+
+def test_a_step_that_only_preempts_is_not_idle():
+    """The newest running sequence preempts itself and nothing else can run: the step computes nothing, but the
+    ranks must still hear that the sequence left (it will rejoin with other blocks)."""
+    s = build(num_blocks=3, block_size=4, enable_prefix_caching=False)  # 2 usable blocks
+    a, b = seq(0, n_prompt=3, max_tokens=1), seq(1, n_prompt=4, max_tokens=4, first=40)
+    s.add(a)
+    s.add(b)
+    launch(s)  # both prefilled, a block each; a's only token and b's first are in flight
+    out, _ = launch(s)  # a waits on its last token; b needs a 2nd block for position 4: none free, b is the newest
+    assert out.rows == () and out.preempted_ids == ("r1",)
+    assert not out.idle
