@@ -77,13 +77,16 @@ class BlockManager:
     # ---- per sequence -----------------------------------------------------------------------------
     def reuse_prefix(self, kv: KVState, token_ids: list[int]) -> int:
         """Give an empty ``kv`` the cached blocks of ``token_ids``' longest cached prefix; return the number of
-        tokens they hold. At least one token is always left to compute (its logits give the next token)."""
+        tokens they hold. At least two tokens are always left to compute (the last one's logits give the next
+        token): a one-token chunk runs every linear at M = 1, which CPU GEMM libraries compute by another path, with
+        other rounding, than the same row inside a longer chunk, so the cache would change the answer (oneDNN here:
+        bf16 and float32 rows agree for every M >= 2, not at M = 1; tests/unit/test_deterministic.py)."""
         assert not kv.table, "prefix reuse is for a sequence that holds no blocks"
         if not self.enable_prefix_caching:
             return 0
         bs = self.block_size
         parent = b""
-        for i in range((len(token_ids) - 1) // bs):
+        for i in range((len(token_ids) - 2) // bs):
             h = block_hash(parent, token_ids[i * bs:(i + 1) * bs])
             block = self._cached.get(h)
             if block is None:

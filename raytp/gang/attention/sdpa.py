@@ -4,13 +4,14 @@ Rows are attended in three ways, cheapest first (the plan is made once per step,
 * a prompt's first chunk attends to its own keys (causal), no cache read;
 * a row whose written blocks are consecutive in the pool (the block manager places sequences so they
   usually are) attends to a view of the pool, no copy;
-* other rows gather their whole blocks; decode rows are gathered together, padded to the longest with the
-  null block and masked, for one SDPA call.
-``batch_decode``: every decode row goes to the one batched gather + SDPA, consecutive or not — on a GPU one
-call per layer for all decode rows costs less than one small kernel launch per row per layer (the view path is
-for the CPU, where the copy costs more than the call). Decode-only metadata without a plan (the fixed-shape
-decode steps of ``attention.shapes.DecodeBuckets``) take the batched path from the metadata's tensors alone, which is
-graph-safe.
+* other rows gather their blocks and attend to exactly their context, as a view would hold it (same shape and
+  layout, so the same numbers: which path a row takes depends on where the block manager put its blocks, e.g.
+  whether its prefix came from the cache, and must not change its answer).
+``batch_decode``: every decode row goes to one batched gather + SDPA, padded to the longest row with the null
+block and masked, consecutive or not — on a GPU one call per layer for all decode rows costs less than one small
+kernel launch per row per layer (the per-row paths are for the CPU, where the copy costs more than the call).
+Decode-only metadata without a plan (the fixed-shape decode steps of ``attention.shapes.DecodeBuckets``) take the
+batched path from the metadata's tensors alone, which is graph-safe.
 """
 
 from __future__ import annotations
@@ -60,12 +61,11 @@ class SdpaBackend(AttentionBackend):
             mask = None if n == 1 else _offset_causal(start, n, device)
             if start == 0 and n > 1:
                 plan.own.append((offset, n))
-            elif not (self.batch_decode and n == 1) and used[-1] - used[0] == len(used) - 1 and \
-                    all(b - a == 1 for a, b in zip(used, used[1:])):
-                plan.views.append((offset, n, used[0] * bs, ctx_len, mask))
-            elif n == 1:
+            elif self.batch_decode and n == 1:
                 decode_rows.append((row, offset, len(used)))
-            else:
+            elif used[-1] - used[0] == len(used) - 1 and all(b - a == 1 for a, b in zip(used, used[1:])):
+                plan.views.append((offset, n, used[0] * bs, ctx_len, mask))
+            else:  # exactly the keys a view would hold, in the same layout: the same numbers wherever the blocks are
                 plan.gathers.append((offset, n, ctx_len, row, mask))
             offset += n
         if decode_rows:
