@@ -139,11 +139,11 @@ app.add_middleware(BodySizeLimit)
 
 async def _sse(gen, first, route: str, started: float):
     """OpenAI SSE framing; a mid-stream failure becomes an error event, then [DONE]."""
-    try:
+    try:  # the server sends lists of the chunks ready together (one Ray object): one write, one event per chunk
         if first is not None:
-            yield f"data: {json.dumps(first)}\n\n"
-        async for chunk in gen:
-            yield f"data: {json.dumps(chunk)}\n\n"
+            yield "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in first)
+        async for batch in gen:
+            yield "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in batch)
     except Exception as e:  # noqa: BLE001
         err = to_raytp_error(e)
         _metrics().error(err.error_type, err.status_code)
@@ -256,16 +256,14 @@ class OpenAIIngress:
     async def http_completions(self, body: CompletionRequest, request: Request):
         started, rid = time.perf_counter(), _http_request_id()
         if body.stream:
-            return await self._stream(request, started,
-                                      lambda: self.server.options(stream=True).completions_stream.remote(body, rid))
+            return await self._stream(request, started, lambda: self._batches("completions", body, rid))
         return await self._unary(request, started, lambda: self.server.completions.remote(body, rid))
 
     @app.post("/v1/chat/completions")
     async def http_chat(self, body: ChatCompletionRequest, request: Request):
         started, rid = time.perf_counter(), _http_request_id()
         if body.stream:
-            return await self._stream(
-                request, started, lambda: self.server.options(stream=True).chat_completions_stream.remote(body, rid))
+            return await self._stream(request, started, lambda: self._batches("chat_completions", body, rid))
         return await self._unary(request, started, lambda: self.server.chat_completions.remote(body, rid))
 
     async def _unary(self, request: Request, started: float, call):
@@ -278,6 +276,10 @@ class OpenAIIngress:
                 result = error_response(to_raytp_error(e))
         _metrics().request_s.observe(time.perf_counter() - started, tags={"route": _route(request)})
         return result
+
+    def _batches(self, kind: str, body, request_id: str | None = None):
+        """A streaming call of the server's ``<kind>_stream_batches``: lists of the chunks ready together."""
+        return getattr(self.server.options(stream=True), f"{kind}_stream_batches").remote(body, request_id)
 
     async def _stream(self, request: Request, started: float, call):
         """SSE of the chunks ``call()`` (a streaming handle call) yields. Errors before the first chunk (bad
@@ -318,12 +320,14 @@ class OpenAIIngress:
         return await self.server.chat_completions.remote(body)
 
     async def completions_stream(self, body: dict):
-        async for chunk in self.server.options(stream=True).completions_stream.remote(body):
-            yield chunk
+        async for batch in self._batches("completions", body):
+            for chunk in batch:
+                yield chunk
 
     async def chat_completions_stream(self, body: dict):
-        async for chunk in self.server.options(stream=True).chat_completions_stream.remote(body):
-            yield chunk
+        async for batch in self._batches("chat_completions", body):
+            for chunk in batch:
+                yield chunk
 
     async def models(self) -> dict:
         return await self.server.models.remote()

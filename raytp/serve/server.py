@@ -28,6 +28,45 @@ logger = logging.getLogger("ray.serve")
 EXIT_GRACE_S = 0.25  # after its gang fails, a replica lives this long so error events reach clients, then exits
 
 
+async def ready_batches(chunks):
+    """Lists of the items of the async iterator ``chunks`` that are ready together: one item is awaited, then
+    whatever else has arrived meanwhile joins it. An error ends the iteration after the items before it, as it
+    would have; closing this closes ``chunks`` (a disconnected client aborts its request)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump():
+        try:
+            async for chunk in chunks:
+                queue.put_nowait(chunk)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, in order
+            queue.put_nowait(e)
+        else:
+            queue.put_nowait(end)
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            batch, item = [], await queue.get()
+            while True:
+                if item is end or isinstance(item, BaseException):
+                    if batch:
+                        yield batch
+                    if item is end:
+                        return
+                    raise item
+                batch.append(item)
+                if queue.empty():
+                    break
+                item = queue.get_nowait()
+            yield batch
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def default_engine_factory(config: ResolvedConfig, tokenizer, stats) -> EngineClient:
     """The real engine: a TP gang of Ray actors in this replica's placement group."""
     from raytp.engine.engine import make_engine
@@ -143,6 +182,17 @@ class LLMServer:
     async def chat_completions_stream(self, body, request_id: str | None = None):
         async for chunk in self.openai.completion_stream(body, True, request_id):
             yield chunk
+
+    # The ingress streams through these: the same chunks, in lists of those ready together, so the chunks of a
+    # stream that pile up while this replica or Serve is busy cross the Ray hop to the ingress as one object (each
+    # is still one SSE event for the client). Nothing waits to fill a list.
+    async def completions_stream_batches(self, body, request_id: str | None = None):
+        async for batch in ready_batches(self.openai.completion_stream(body, False, request_id)):
+            yield batch
+
+    async def chat_completions_stream_batches(self, body, request_id: str | None = None):
+        async for batch in ready_batches(self.openai.completion_stream(body, True, request_id)):
+            yield batch
 
     # ---- plain Python ----------------------------------------------------------------------
     async def generate(self, prompt: str, **sampling) -> str:
