@@ -10,7 +10,9 @@ Why prepacking: at decode sizes (a few rows) a bf16 ``F.linear`` on CPU reads it
 machine's bandwidth; oneDNN's matmul over a weight reordered once into its blocked layout (the op Inductor's
 freezing pass emits, ``torch.ops.mkldnn._linear_pointwise``; vLLM's CPU backend does the same through its own
 oneDNN handle) streams it several times faster (``benchmarks/compiled_step.py`` and docs/performance.md measure
-it). Same numbers: oneDNN computes the same products in fp32 accumulation.
+it). The products agree with ``F.linear`` within rounding (fp32 accumulation in both), not bit for bit: oneDNN's
+path for a single row (M = 1) rounds differently from the same row in a longer matrix, which the prefix cache
+allows for (``raytp.engine.kv_cache`` leaves at least two tokens to compute).
 """
 
 from __future__ import annotations
