@@ -27,7 +27,8 @@ def memory_stats(rank: int) -> dict:
 
 def weight_bytes(model) -> int:
     """Bytes of a model's parameters and buffers as stored: a quantized tensor subclass (torchao) counts its
-    packed inner tensors, not its logical shape."""
+    packed inner tensors, not its logical shape; an opaque oneDNN weight (``PackedLinear``) counts its logical
+    elements (its blocked layout pads little, and its storage cannot be read)."""
 
     def nbytes(t) -> int:
         if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Tensor", "Parameter"):

@@ -36,3 +36,16 @@ def test_prepack_linears_replaces_plain_linears_only():
     assert prepack_linears(block) == 2
     assert isinstance(block.proj, PackedLinear) and isinstance(block.inner[0], PackedLinear)
     assert isinstance(block.norm, torch.nn.LayerNorm)
+
+
+def test_prepacked_weights_count_in_the_rank_report():
+    """The load report's weight bytes (and the roofline built on them) include prepacked weights, which live in
+    opaque oneDNN tensors rather than parameters."""
+    from raytp.gang.report import weight_bytes
+
+    if not can_prepack(torch.float32):
+        pytest.skip("no oneDNN in this torch build")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16, bias=False))
+    before = weight_bytes(model)
+    assert prepack_linears(model) == 2
+    assert weight_bytes(model) == before == (64 * 32 + 32 + 32 * 16) * 4
