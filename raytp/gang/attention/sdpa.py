@@ -95,14 +95,13 @@ class SdpaBackend(AttentionBackend):
             s = slice(start, start + n)
             o[:, :, s] = _sdpa(qh[:, :, s], kh[:, :, s], vh[:, :, s], None, True, scale)
         for start, n, slot, ctx_len, mask in plan.views:
-            s, kv = slice(start, start + n), slice(slot, slot + ctx_len)
-            o[:, :, s] = _sdpa(qh[:, :, s], k_pool[kv].transpose(0, 1).unsqueeze(0),
-                               v_pool[kv].transpose(0, 1).unsqueeze(0), mask, False, scale)
+            kv = slice(slot, slot + ctx_len)
+            _attend_row(out, q, start, n, k_pool[kv], v_pool[kv], mask, scale)
         for start, n, ctx_len, row, mask in plan.gathers:
-            s = slice(start, start + n)
             blocks = meta.block_tables[row:row + 1, :-(-ctx_len // pool.block_size)]
-            o[:, :, s] = _sdpa(qh[:, :, s], pool.gather(k_pool, blocks)[:, :, :ctx_len],
-                               pool.gather(v_pool, blocks)[:, :, :ctx_len], mask, False, scale)
+            # [1, H, W * bs, D] views of [W * bs, H, D] copies: transposed back, the layout of a pool slice
+            keys, values = (pool.gather(t, blocks)[0, :, :ctx_len].transpose(0, 1) for t in (k_pool, v_pool))
+            _attend_row(out, q, start, n, keys, values, mask, scale)
         if plan.decode_q is not None:
             out[plan.decode_q] = self._attend_blocks(layer, q.index_select(0, plan.decode_q), plan.decode_tables,
                                                      plan.decode_mask, scale)
@@ -119,6 +118,30 @@ class SdpaBackend(AttentionBackend):
 def _offset_causal(start: int, n: int, device) -> torch.Tensor:
     """[n, start + n] bool: query i (at position start + i) sees keys 0 .. start + i."""
     return torch.arange(start + n, device=device)[None, :] <= torch.arange(start, start + n, device=device)[:, None]
+
+
+def _attend_row(out, q, start: int, n: int, k, v, mask, scale) -> None:
+    """One row's ``n`` queries ``q[start:start + n]`` (q, out: [T, H_q, D]) over its context ``k`` / ``v``
+    [L, H_kv, D] (a pool slice, or a gathered copy in the same layout) into ``out``."""
+    if n == 1:
+        out[start] = _decode_one(q[start], k, v, scale)
+        return
+    s = slice(start, start + n)
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[s], k, v))  # [1, H, len, D], as SDPA wants them
+    out[s] = _sdpa(qh, kh, vh, mask, False, scale)[0].transpose(0, 1)
+
+
+def _decode_one(q, k, v, scale) -> torch.Tensor:
+    """One query token, q [H_q, D], over its whole context k, v [L, H_kv, D] → [H_q, D]: two float32 einsums
+    (query heads grouped per KV head) and a softmax between. Why not SDPA: torch's CPU flash kernel, made for
+    query blocks, runs a single query 3-7x slower than this (``benchmarks/attention_cpu.py``), a fifth of a
+    decode step at a few hundred tokens of context. In float32 throughout (bf16 inputs upcast), so it rounds once,
+    at the end, like SDPA's accumulation does."""
+    hkv = k.shape[1]
+    qg = q.reshape(hkv, -1, q.shape[-1]).float()  # [H_kv, group, D]
+    scores = torch.einsum("hgd,lhd->hgl", qg, k.float()) * scale
+    out = torch.einsum("hgl,lhd->hgd", torch.softmax(scores, -1), v.float())
+    return out.reshape(q.shape).to(q.dtype)
 
 
 def _sdpa(q, k, v, mask, causal: bool, scale):

@@ -1,0 +1,67 @@
+"""The sdpa backend's decode rows (one query over a paged context; ``_decode_one``, not torch's SDPA) equal float32
+SDPA over the row's context for every GQA group size, and give the same numbers, bit for bit, whether the row's
+blocks are consecutive in the pool (a view) or scattered (a gathered copy): where the block manager put a row's
+blocks — e.g. whether its prefix came from the cache — must not change its answer."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raytp.gang import attention
+from raytp.gang.attention import KVPool
+
+BLOCK = 16
+HEAD_DIM = 64
+
+
+def decode_step(pool: KVPool, tables: list[tuple[int, ...]], starts: list[int], q, k, v):
+    layout = [(1, start, table) for start, table in zip(starts, tables)]
+    backend = attention.create("sdpa", pool)
+    meta = attention.build(layout, BLOCK, "cpu")
+    backend.prepare(meta, layout)
+    return backend.forward(0, q, k, v, meta, HEAD_DIM ** -0.5)
+
+
+def reference(pool: KVPool, table, start: int, q_row, k_row, v_row):
+    """float32 SDPA of one query over the row's context read slot by slot (its new key/value last)."""
+    slots = [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start)]
+    keys = torch.cat([pool.keys[0][slots], k_row[None].to(pool.dtype(0))]).float()
+    values = torch.cat([pool.values[0][slots], v_row[None].to(pool.dtype(0))]).float()
+    out = F.scaled_dot_product_attention(q_row.float()[:, None], keys.transpose(0, 1), values.transpose(0, 1),
+                                         scale=HEAD_DIM ** -0.5, enable_gqa=True)
+    return out[:, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kv_heads,group", [(2, 1), (2, 4), (1, 8), (4, 2)])
+def test_decode_rows_equal_float32_sdpa(dtype, kv_heads, group):
+    gen = torch.Generator().manual_seed(kv_heads * 10 + group)
+    pool = KVPool({0: (kv_heads, HEAD_DIM, dtype)}, 40, BLOCK, "cpu")
+    for t in (pool.keys[0], pool.values[0]):
+        t[BLOCK:].copy_(torch.randn(t[BLOCK:].shape, generator=gen).to(dtype))
+    tables = [tuple(range(1, 9)), (20, 13, 31, 2), (35,)]  # consecutive, scattered, one block
+    starts = [100, 50, 3]
+    q = torch.randn(3, kv_heads * group, HEAD_DIM, generator=gen).to(dtype)
+    k, v = (torch.randn(3, kv_heads, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
+    got = decode_step(pool, tables, starts, q, k, v)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for i, (table, start) in enumerate(zip(tables, starts)):
+        torch.testing.assert_close(got[i].float(), reference(pool, table, start, q[i], k[i], v[i]),
+                                   atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_row_gives_the_same_numbers_wherever_its_blocks_are(dtype):
+    gen = torch.Generator().manual_seed(0)
+    kv_heads, start = 2, 70
+    q = torch.randn(1, kv_heads * 4, HEAD_DIM, generator=gen).to(dtype)
+    k, v = (torch.randn(1, kv_heads, HEAD_DIM, generator=gen).to(dtype) for _ in range(2))
+    context = [torch.randn(start, kv_heads, HEAD_DIM, generator=gen).to(dtype) for _ in range(2)]
+    outs = []
+    for table in ((3, 4, 5, 6, 7), (9, 2, 17, 5, 11)):  # the view path, then the gather path
+        pool = KVPool({0: (kv_heads, HEAD_DIM, dtype)}, 20, BLOCK, "cpu")
+        for store, data in zip((pool.keys[0], pool.values[0]), context):
+            for p in range(start):
+                store[table[p // BLOCK] * BLOCK + p % BLOCK] = data[p]
+        outs.append(decode_step(pool, [table], [start], q, k, v))
+    assert torch.equal(outs[0], outs[1])
