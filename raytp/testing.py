@@ -100,13 +100,15 @@ class ScriptedExecutor:
 
     def _logprob(self, row, token: int):
         """A scripted distribution for logprobs requests: the sampled token at -0.5, then the next vocabulary
-        entries of ``token_ids`` at -1, -2, ..."""
+        entries of ``token_ids`` at -1, -2, ...; an alternative the row's mask excludes (structured output,
+        allowed_token_ids) at -inf, as a masked sampler reports it."""
         n = row.params.logprobs
         if n is None:
             return None
         i = self.token_ids.index(token) if token in self.token_ids else 0
         alternatives = [token] + [self.token_ids[(i + k) % len(self.token_ids)] for k in range(1, n)]
-        return -0.5, tuple((t, -0.5 if k == 0 else -float(k)) for k, t in enumerate(alternatives[:n])), 1
+        return -0.5, tuple((t, -0.5 if k == 0 else -float(k) if _allowed(row, t) else float("-inf"))
+                           for k, t in enumerate(alternatives[:n])), 1
 
     def _next_token(self, row, context: tuple[int, ...]) -> int:
         i = len(context) - row.num_prompt_tokens  # this is the sequence's i-th output token
@@ -133,6 +135,17 @@ class ScriptedExecutor:
     def shutdown(self) -> None:
         self.shut = True
         self._dead = self._dead or "shut down"
+
+
+def _allowed(row, token: int) -> bool:
+    """Whether ``token`` passes the row's masks: its allowed_token_ids and its grammar's bitmask."""
+    if row.params.allowed_token_ids and token not in row.params.allowed_token_ids:
+        return False
+    if row.allowed is None:
+        return True
+    word = token // 32
+    return word < len(row.allowed) // 4 and bool(int.from_bytes(row.allowed[4 * word:4 * word + 4], "little")
+                                                 >> (token % 32) & 1)
 
 
 def plain_token_ids(tokenizer) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import replace
@@ -12,6 +13,11 @@ from raytp.api.protocol import ChatCompletionRequest, CompletionRequest
 from raytp.engine.protocol import RequestOutput
 from raytp.errors import InvalidRequestError, check_token_ids
 from raytp.messages import SamplingParams
+
+# The lowest logprob a response reports (vLLM's floor). A token masked out (structured output, allowed_token_ids,
+# top-k / top-p among the alternatives) has logprob -inf, which JSON cannot carry: Starlette refuses to encode
+# it (a 500) and json.dumps writes -Infinity, which clients fail to parse.
+LOGPROB_FLOOR = -9999.0
 
 
 def new_request_id(prefix: str) -> str:
@@ -92,6 +98,15 @@ def choice_body(index: int, text: str | None, logprobs: dict | None, *, chat: bo
     return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
 
 
+def finite_logprob(lp: float | None) -> float | None:
+    """``lp`` as a response may carry it: -inf and NaN become ``LOGPROB_FLOOR``, as do values below it; None
+    (no logprob, e.g. an echoed first prompt token) stays None. Every logprob entry a body holds is built
+    through this."""
+    if lp is None:
+        return None
+    return LOGPROB_FLOOR if math.isnan(lp) else max(float(lp), LOGPROB_FLOOR)
+
+
 def logprobs_body(token_text, token_ids: list[int], entries: list, chat: bool, text_offset: int = 0) -> dict | None:
     """OpenAI's logprobs object for these tokens: completions' ``tokens`` / ``token_logprobs`` / ``top_logprobs``
     / ``text_offset`` (from ``text_offset`` on), or chat's ``content`` list. ``token_text(id)``: a token's text."""
@@ -101,7 +116,7 @@ def logprobs_body(token_text, token_ids: list[int], entries: list, chat: bool, t
     if chat:
         def item(t, lp):
             text = token_text(t)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            return {"token": text, "logprob": finite_logprob(lp), "bytes": list(text.encode("utf-8"))}
 
         return {"content": [{**item(t, e[0]), "top_logprobs": [item(a, lp) for a, lp in e[1]]}
                             for t, e in zip(token_ids, entries)]}
@@ -110,7 +125,7 @@ def logprobs_body(token_text, token_ids: list[int], entries: list, chat: bool, t
     for text in texts:
         offsets.append(text_offset)
         text_offset += len(text)
-    return {"tokens": texts, "token_logprobs": [e[0] for e in entries],
+    return {"tokens": texts, "token_logprobs": [finite_logprob(e[0]) for e in entries],
             "top_logprobs": [_top_with_chosen(token_text, t, e) for t, e in zip(token_ids, entries)],
             "text_offset": offsets}
 
@@ -121,9 +136,9 @@ def _top_with_chosen(token_text, chosen: int, entry) -> dict | None:
     lp, top = entry[0], entry[1]
     if lp is None:
         return None
-    out = {token_text(a): a_lp for a, a_lp in top}
+    out = {token_text(a): finite_logprob(a_lp) for a, a_lp in top}
     if all(a != chosen for a, _ in top):
-        out[token_text(chosen)] = lp
+        out[token_text(chosen)] = finite_logprob(lp)
     return out
 
 
@@ -135,9 +150,10 @@ def prompt_logprobs_body(token_text, prompt_ids, entries: list, k: int) -> list:
     out: list = [None]
     for token, entry in zip(list(prompt_ids)[1:], entries):
         lp, top, rank = entry
-        item = {str(token): {"logprob": lp, "rank": rank, "decoded_token": token_text(token)}}
+        item = {str(token): {"logprob": finite_logprob(lp), "rank": rank, "decoded_token": token_text(token)}}
         for r, (alt, alt_lp) in enumerate(top[:k], start=1):
-            item.setdefault(str(alt), {"logprob": alt_lp, "rank": r, "decoded_token": token_text(alt)})
+            item.setdefault(str(alt), {"logprob": finite_logprob(alt_lp), "rank": r,
+                                       "decoded_token": token_text(alt)})
         out.append(item)
     return out
 

@@ -219,3 +219,29 @@ def test_vllm_fields_through_the_openai_sdk_extra_body(app, tiny_tokenizer):
     default_tools = requests.post(URL + "/v1/chat/completions", timeout=60, json={
         "model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER]})
     assert default_tools.status_code == 400 and default_tools.json()["error"]["param"] == "tool_choice"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_masked_alternatives_logprobs_are_floored_as_vllm_does(app, stream):
+    """Guided decoding masks most alternatives (logprob -inf, which JSON cannot carry): vLLM reports -9999.0."""
+    import openai
+
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="unused")
+    guide = {"structured_outputs": {"choice": ["yes", "no"]}}
+    chat_kw = dict(model=MODEL, messages=[{"role": "user", "content": "ok?"}], max_tokens=8, logprobs=True,
+                   top_logprobs=5, extra_body=guide, stream=stream)
+    text_kw = dict(model=MODEL, prompt="ok?", max_tokens=8, logprobs=5, echo=not stream, extra_body=guide,
+                   stream=stream)
+    if stream:
+        chat_lp = [c.choices[0].logprobs for c in client.chat.completions.create(**chat_kw)
+                   if c.choices and c.choices[0].logprobs]
+        text_lp = [c.choices[0].logprobs for c in client.completions.create(**text_kw)
+                   if c.choices and c.choices[0].logprobs]
+    else:
+        chat_lp = [client.chat.completions.create(**chat_kw).choices[0].logprobs]
+        text_lp = [client.completions.create(**text_kw).choices[0].logprobs]
+    values = [x for lp in chat_lp for item in lp.content for x in [item.logprob] + [
+        t.logprob for t in item.top_logprobs]]
+    values += [x for lp in text_lp for x in lp.token_logprobs + [v for top in lp.top_logprobs if top
+                                                                   for v in top.values()] if x is not None]
+    assert min(values) == -9999.0 and all(v >= -9999.0 for v in values), values  # NaN fails >= too

@@ -116,6 +116,26 @@ def test_completion_top_logprobs_always_hold_the_chosen_token():
     assert [t["token"] for t in chat["content"][0]["top_logprobs"]] == ["a"]  # chat: exactly top_logprobs
 
 
+
+def test_non_finite_logprobs_are_floored_in_every_body():
+    """-inf (a masked token) and NaN cannot be JSON; every logprobs shape reports them as vLLM's -9999.0."""
+    import json
+
+    from raytp.api.openai import logprobs_body, prompt_logprobs_body
+
+    inf, nan = float("-inf"), float("nan")
+    text = {1: "a", 2: "b", 3: "c"}.get
+    entries = [(inf, ((1, -0.5), (2, inf))), (nan, ((3, nan),)), None]
+    bodies = [logprobs_body(text, [3, 1, 2], entries, chat=False), logprobs_body(text, [3, 1], entries[:2], chat=True),
+              prompt_logprobs_body(text, [1, 2, 3], [(inf, ((1, nan),), 2), (-0.5, ((3, -0.5),), 1)], 1)]
+    for body in bodies:
+        json.dumps(body, allow_nan=False)  # what a response encoder demands
+    assert bodies[0]["token_logprobs"] == [-9999.0, -9999.0, None]
+    assert bodies[0]["top_logprobs"][0] == {"a": -0.5, "b": -9999.0, "c": -9999.0}
+    assert bodies[1]["content"][1]["logprob"] == bodies[1]["content"][1]["top_logprobs"][0]["logprob"] == -9999.0
+    assert bodies[2][1] == {"2": {"logprob": -9999.0, "rank": 2, "decoded_token": "b"},
+                            "1": {"logprob": -9999.0, "rank": 1, "decoded_token": "a"}}
+
 def test_seed_bounds_are_named_as_clients_parse_them():
     """The signed 64-bit range, refused with pydantic's bound names (vLLM clients read less_than_equal /
     greater_than_equal from the error's code)."""
