@@ -282,10 +282,10 @@ class OpenAIServing:
                 calls = tool_calls.tool_calls_body(found)
             body.append(oai.choice_body(c.index, text, logprobs, chat=chat, tool_calls=calls,
                                         finish_reason="tool_calls" if calls else c.last.finish_reason))
-            if not chat and req.prompt_logprobs is not None:  # vLLM: per choice in completions
+            if not chat:  # vLLM: per choice in completions, null when not asked (clients read the key)
                 body[-1]["prompt_logprobs"] = self._prompt_logprobs(req, c)
         out = oai.completion_body(fanout.request_id, req.model, body, oai.usage(*fanout.usage()), chat)
-        if chat and req.prompt_logprobs is not None:  # vLLM: once, beside the choices, in chat (one prompt)
+        if chat:  # vLLM: once, beside the choices, in chat (one prompt); null when not asked
             out["prompt_logprobs"] = self._prompt_logprobs(req, choices[0])
         return out
 

@@ -54,7 +54,7 @@ def test_prompt_logprobs_in_vllms_shape(app, tiny_tokenizer):
         prompt=ids, max_tokens=2)["choices"][0]["text"]
     both = completion(prompt=[ids, ids[:3]], prompt_logprobs=0, max_tokens=1, n=2)
     assert [len(c["prompt_logprobs"]) for c in both["choices"]] == [len(ids)] * 2 + [3] * 2
-    assert "prompt_logprobs" not in completion(prompt=ids)["choices"][0]  # only when asked
+    assert completion(prompt=ids)["choices"][0]["prompt_logprobs"] is None  # vLLM: the key, null when not asked
     in_chat = chat(prompt_logprobs=0, n=2)
     assert len(in_chat["prompt_logprobs"]) == in_chat["usage"]["prompt_tokens"]  # vLLM: beside the choices
     assert in_chat["prompt_logprobs"][0] is None and all(len(d) == 1 for d in in_chat["prompt_logprobs"][1:])
@@ -63,6 +63,17 @@ def test_prompt_logprobs_in_vllms_shape(app, tiny_tokenizer):
     assert echoed["logprobs"]["token_logprobs"][:len(ids)] == [None] + [-1.0] * (len(ids) - 1)
     assert echoed["prompt_logprobs"] == want
 
+
+def test_prompt_logprobs_key_is_null_when_not_asked_as_in_vllm(app):
+    """vLLM's bodies always carry the key: per choice in completions, beside the choices in chat."""
+    import openai
+
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="unused")
+    text = client.completions.create(model=MODEL, prompt=["a b", "c"], n=2, max_tokens=2)
+    assert all("prompt_logprobs" in c.model_extra and c.prompt_logprobs is None for c in text.choices)
+    said = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert "prompt_logprobs" in said.model_extra and said.prompt_logprobs is None
+    assert "prompt_logprobs" not in said.choices[0].model_extra  # chat: top level only
 
 def test_prompt_logprobs_are_refused_in_a_stream_as_vllm_does(app):
     err = refused("/v1/completions", {"prompt": "x", "prompt_logprobs": 1, "stream": True})
