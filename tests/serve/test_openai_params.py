@@ -85,6 +85,26 @@ def test_streamed_choices_carry_their_index_and_usage(app):
         [c["message"]["content"] for c in whole["choices"]]
 
 
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_every_streamed_choice_has_one_chunk_per_token_with_the_openai_sdk(app, n):
+    """As with n = 1 (and in vLLM): each choice's stream carries one chunk per generated token, never a step's or
+    a choice's tokens merged. A chunk's text may be empty (a token that completes no character), so each
+    chunk's logprobs show the one token it carries."""
+    import openai
+
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="unused")
+    common = dict(model=MODEL, n=n, max_tokens=5, temperature=1.0, seed=5, stream=True, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], logprobs=True, **common)
+    text = client.completions.create(prompt="the model", logprobs=0, **common)
+    for stream, tokens_of in ((chat, lambda c: [t.token for t in c.logprobs.content]),
+                              (text, lambda c: c.logprobs.tokens)):
+        per_index: dict[int, list] = {}
+        for chunk in stream:
+            for choice in chunk.choices:
+                per_index.setdefault(choice.index, []).append(tokens_of(choice))
+        assert sorted(per_index) == list(range(n))
+        assert all(len(tokens) == 5 and all(len(t) == 1 for t in tokens) for tokens in per_index.values()), per_index
+
 def test_stream_options_without_stream_is_refused(app):
     r = post("/v1/completions", {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": True}})
     assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
