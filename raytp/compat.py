@@ -1,7 +1,7 @@
 """The few places where transformers 4.4x (ipex-llm's pin) and transformers 5 differ.
 
 (The attention hook differs too: an attention-interface function on 5.x, a ``Cache.update`` shim on 4.x;
-that lives with the paged attention, ``raytp.gang.paged_attention``.)
+that lives with the paged attention, ``raytp.gang.attention.hf``.)
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class Platform:
     """One device kind. Instances: ``raytp.platforms.get('cpu' | 'xpu' | 'cuda')``."""
 
     name: str = ""
-    default_dtype: str = "float16"  # what dtype 'auto' means (the CPU decides per host: CpuPlatform)
+    default_dtype: str = "float16"  # what dtype 'auto' means on accelerators (the CPU decides per host: CpuPlatform)
     ray_device_resource: str | None = "GPU"  # Ray counts Intel and NVIDIA GPUs alike as "GPU"
     deepspeed_accelerator: str = ""
     quantizations: tuple[str, ...] = ("int4", "int8")  # torchao formats with kernels on this device kind
@@ -167,9 +167,7 @@ class Platform:
     def attention_backend(self, requested: str, *, triton_importable=None) -> str:
         """The attention backend ``requested`` (auto | sdpa | triton) means on this rank
         (``raytp.gang.attention``): auto is triton where it compiles for this device and is installed."""
-        from raytp.gang.attention import triton_importable as importable
-
-        has_triton = importable() if triton_importable is None else triton_importable
+        has_triton = triton_importable_here() if triton_importable is None else triton_importable
         if requested == "auto":
             return "triton" if self.triton_compiles and has_triton else "sdpa"
         if requested == "triton":
@@ -187,3 +185,10 @@ class Platform:
     def batch_decode(self) -> bool:
         """sdpa backend: every decode row in one batched call (one launch beats one per row on a GPU)."""
         return True
+
+
+def triton_importable_here() -> bool:
+    """Triton is installed in this environment (not imported: that is slow, and the ranks import it if used)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

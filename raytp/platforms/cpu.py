@@ -21,7 +21,6 @@ def cpu_has_native_bf16() -> bool:
 
 class CpuPlatform(Platform):
     name = "cpu"
-    default_dtype = "bfloat16"  # where bf16 is native; else float32 (auto_dtype)
     ray_device_resource = None
     deepspeed_accelerator = "cpu"
     triton_compiles = False

@@ -56,7 +56,8 @@ async def generate(engine, rid, prompt, max_tokens, delay=0.0):
 
 def needs_backend(backend: str) -> None:
     """The triton backend needs transformers' attention interface (5.x) and, here, Triton's interpreter."""
-    from raytp.gang.attention import hf, triton_importable
+    from raytp.gang.attention import hf
+    from raytp.platforms.base import triton_importable_here as triton_importable
 
     if backend == "triton" and not (hf.register() and triton_importable()):
         pytest.skip("the triton backend needs transformers >= 5 and triton (the 'kernels' extra)")

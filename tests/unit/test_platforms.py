@@ -32,10 +32,13 @@ def test_select_xpu_backend_prefers_native_xccl():
     assert select_xpu_backend(True, False) == "xccl"
 
 
-def test_default_dtypes():
-    assert platforms.get("cpu").default_dtype == "bfloat16"
-    assert platforms.get("xpu").default_dtype == "float16"
-    assert platforms.get("cuda").default_dtype == "float16"
+def test_auto_dtype_per_device():
+    """'auto' is float16 on accelerators; on a CPU bfloat16 only where it computes bf16 natively."""
+    assert platforms.get("xpu").resolve_dtype("auto") == "float16"
+    assert platforms.get("cuda").resolve_dtype("auto") == "float16"
+    assert platforms.get("cpu").resolve_dtype("auto", native_bf16=lambda: True) == "bfloat16"
+    assert platforms.get("cpu").resolve_dtype("auto", native_bf16=lambda: False) == "float32"
+    assert platforms.get("cuda").resolve_dtype("bfloat16") == "bfloat16"
 
 
 def test_worker_env_cpu_sets_shm_allreduce_requirements():

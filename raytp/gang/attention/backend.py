@@ -8,7 +8,6 @@ One backend per rank, chosen once at start-up (``create``): ``sdpa`` (portable t
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import torch
 
@@ -47,10 +46,6 @@ class AttentionBackend:
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
                 scale: float) -> torch.Tensor:
         raise NotImplementedError
-
-
-def triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def create(name: str, pool: KVPool, **options) -> AttentionBackend:
