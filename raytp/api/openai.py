@@ -25,11 +25,18 @@ def new_request_id(prefix: str) -> str:
 
 
 def invalid_request(errors: list[dict]) -> InvalidRequestError:
-    """First pydantic error → one OpenAI-style 400 naming the parameter."""
+    """First pydantic error → one OpenAI-style 400 naming the parameter, its message and, for pydantic's own
+    checks, its error type (``seed: Input should be less than or equal to 9223372036854775807
+    [type=less_than_equal]``); the type is the error's ``code`` too."""
     err = errors[0] if errors else {}
     param = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or None
     msg = err.get("msg", "invalid request")
-    return InvalidRequestError(f"{param}: {msg}" if param else msg, param=param, code=err.get("type"))
+    kind = err.get("type")
+    # vLLM's message quotes pydantic's error whole, and clients match the bound's name in it (less_than_equal,
+    # greater_than_equal). Our validators' own ValueErrors (value_error) already say what to fix.
+    if kind and kind != "value_error":
+        msg = f"{msg} [type={kind}]"
+    return InvalidRequestError(f"{param}: {msg}" if param else msg, param=param, code=kind)
 
 
 def parse(model_cls, body):

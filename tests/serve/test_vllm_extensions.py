@@ -256,3 +256,20 @@ def test_masked_alternatives_logprobs_are_floored_as_vllm_does(app, stream):
     values += [x for lp in text_lp for x in lp.token_logprobs + [v for top in lp.top_logprobs if top
                                                                    for v in top.values()] if x is not None]
     assert min(values) == -9999.0 and all(v >= -9999.0 for v in values), values  # NaN fails >= too
+
+
+def test_seed_out_of_range_names_the_bound_as_vllm_does(app):
+    """vLLM's 400 quotes pydantic's error: clients match less_than_equal / greater_than_equal in the message."""
+    import openai
+
+    client = openai.OpenAI(base_url=URL + "/v1", api_key="unused")
+    with pytest.raises(openai.BadRequestError) as above:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, seed=2**63)
+    with pytest.raises(openai.BadRequestError) as below:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                       seed=-(2**63) - 1)
+    for e, bound in ((above, "less_than_equal"), (below, "greater_than_equal")):
+        assert e.value.body["param"] == "seed" and e.value.body["code"] == bound, e.value.body
+        assert bound in e.value.body["message"] and str(2**63 - 1 if bound == "less_than_equal" else -(2**63)) in \
+            e.value.body["message"]
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2, seed=2**63 - 1).choices  # the bound

@@ -137,15 +137,18 @@ def test_non_finite_logprobs_are_floored_in_every_body():
                             "1": {"logprob": -9999.0, "rank": 1, "decoded_token": "a"}}
 
 def test_seed_bounds_are_named_as_clients_parse_them():
-    """The signed 64-bit range, refused with pydantic's bound names (vLLM clients read less_than_equal /
-    greater_than_equal from the error's code)."""
+    """The signed 64-bit range, refused with pydantic's bound names in the code and in the message (vLLM's
+    message quotes pydantic's error; clients match less_than_equal / greater_than_equal in it)."""
     from raytp.errors import InvalidRequestError
 
     assert parse(CompletionRequest, {"prompt": "x", "seed": 2**63 - 1}).seed == 2**63 - 1
     for seed, code in ((2**63, "less_than_equal"), (-(2**63) - 1, "greater_than_equal")):
         with pytest.raises(InvalidRequestError) as e:
             parse(CompletionRequest, {"prompt": "x", "seed": seed})
-        assert e.value.param == "seed" and e.value.code == code
+        assert e.value.param == "seed" and e.value.code == code and f"[type={code}]" in e.value.message
+    with pytest.raises(InvalidRequestError) as e:  # our validators' own messages carry no type
+        parse(CompletionRequest, {"prompt": "x", "use_beam_search": True})
+    assert "type=" not in e.value.message
 
 
 def test_unknown_fields_are_ignored_and_logged_once_by_name(caplog):
