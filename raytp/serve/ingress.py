@@ -1,9 +1,11 @@
 """The ingress deployment: FastAPI routes of the OpenAI API, auth, SSE, errors, and the Python handle API.
 
 HTTP: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /tokenize``, ``POST /detokenize`` (vLLM's extensions), ``GET /health``. Every error is an OpenAI-style
-body ``{"error": {message, type, param, code}}``. A streaming client that disconnects cancels its server-side
-generator, which aborts the request in the engine.
+``POST /tokenize``, ``POST /detokenize`` (vLLM's extensions), ``GET /health``, and vLLM's operational routes:
+``GET /version``, SageMaker's ``GET|POST /ping`` (= /health) and ``POST /invocations`` (a chat completion or a
+completion, by the body's ``messages`` / ``prompt``). With an API key configured, every route but /health, /ping
+and /version needs it. Every error is an OpenAI-style body ``{"error": {message, type, param, code}}``. A
+streaming client that disconnects cancels its server-side generator, which aborts the request in the engine.
 
 Python (``serve.get_app_handle(app_name)`` returns a handle to this deployment):
 ``generate(prompt, **sampling) -> str``, ``generate_stream(prompt, **sampling)``
@@ -29,11 +31,13 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from raytp.api.openai import invalid_request
+import raytp
+from raytp.api.openai import invalid_request, parse
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from raytp.errors import (
     AuthenticationError,
     EngineDeadError,
+    InvalidRequestError,
     ModelLoadingError,
     PayloadTooLargeError,
     QueueFullError,
@@ -44,6 +48,9 @@ logger = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 5.0  # a healthy replica answers /health in milliseconds, even while it decodes
 READY_WAIT_S = 1.0  # how long a request waits for the first ready replica before a 503
 app = FastAPI(title="raytp", description="Tensor-parallel LLM serving on Ray Serve (OpenAI-compatible API)")
+# /invocations reads its body itself (which request it is depends on its keys); its schema is documented here
+_INVOCATIONS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
+    {"$ref": "#/components/schemas/ChatCompletionRequest"}, {"$ref": "#/components/schemas/CompletionRequest"}]}}}}}
 
 
 def to_raytp_error(e: BaseException) -> RaytpError:
@@ -231,6 +238,40 @@ class OpenAIIngress:
             return error_response(EngineDeadError("no model replica answered in time"))
         except Exception as e:  # noqa: BLE001
             return error_response(to_raytp_error(e))
+
+    @app.get("/ping", operation_id="ping_get")
+    @app.post("/ping", operation_id="ping_post")  # SageMaker's probe may POST
+    async def http_ping(self):
+        """SageMaker's health check (vLLM serves it too): /health's answer. Never needs an API key."""
+        return await self.http_health()
+
+    @app.get("/version")
+    async def http_version(self):
+        """``{"version": raytp's version}``, as vLLM's /version; answered while the model loads too, without a
+        key (it says nothing about the model)."""
+        return {"version": raytp.__version__}
+
+    @app.post("/invocations", openapi_extra=_INVOCATIONS_BODY)
+    async def http_invocations(self, request: Request):
+        """SageMaker's inference route (vLLM's): a body with ``messages`` is a chat completion, else one with
+        ``prompt`` a completion, streamed if it asks; anything else is a 400. Needs the API key, as the routes it
+        stands for do."""
+        if not self._authorized(request):  # the 401, before the body is read: such a caller learns nothing
+            return await self._gate(request)
+        try:
+            body = json.loads(await request.body())
+        except ValueError as e:  # JSONDecodeError, or a body that is not UTF-8
+            return error_response(InvalidRequestError(f"invalid JSON body: {e}", code="json_invalid"))
+        chat = isinstance(body, dict) and "messages" in body
+        if not chat and not (isinstance(body, dict) and "prompt" in body):
+            return error_response(InvalidRequestError(
+                "/invocations takes a chat completion (a JSON object with messages) or a completion (one with "
+                "prompt)", code="invalid_invocation"))
+        try:
+            req = parse(ChatCompletionRequest if chat else CompletionRequest, body)
+        except InvalidRequestError as e:
+            return error_response(e)
+        return await (self.http_chat(req, request) if chat else self.http_completions(req, request))
 
     @app.get("/v1/models")
     async def http_models(self, request: Request):

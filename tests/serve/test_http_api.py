@@ -28,6 +28,42 @@ def test_health_reports_loaded_gang(app):
     assert [rank["rank"] for rank in body["ranks"]] == [0, 1]
 
 
+
+def test_version_and_ping_as_vllm_serves_them(app):
+    import raytp
+
+    version = requests.get(URL + "/version", timeout=30)
+    assert version.status_code == 200 and version.json() == {"version": raytp.__version__}
+    for method in ("GET", "POST"):  # SageMaker's probe: /health's answer
+        ping = requests.request(method, URL + "/ping", timeout=30)
+        assert ping.status_code == 200 and ping.json()["status"] == "ok", ping.text
+
+
+def test_invocations_route_by_the_body_as_sagemaker_asks(app):
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0}
+    text = {"model": MODEL, "prompt": "the model", "max_tokens": 5, "temperature": 0}
+    for body, path, obj in ((chat, "/v1/chat/completions", "chat.completion"),
+                            (text, "/v1/completions", "text_completion")):
+        r = post("/invocations", body)
+        assert r.status_code == 200 and r.json()["object"] == obj, r.text
+        direct = post(path, body).json()
+        assert r.json()["choices"] == direct["choices"] and r.json()["usage"] == direct["usage"]
+        stream = post("/invocations", {**body, "stream": True}, stream=True)
+        assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+        chunks = sse_events(stream)
+        assert {c["object"] for c in chunks} == {obj + ".chunk" if obj == "chat.completion" else obj}
+        said = "".join(c["choices"][0]["delta"].get("content") or "" if "delta" in c["choices"][0] else
+                       c["choices"][0]["text"] for c in chunks)
+        first = direct["choices"][0]
+        assert said == (first["message"]["content"] if "message" in first else first["text"])
+    for bad, param in (({"model": MODEL, "input": "x"}, None), ([1, 2], None),
+                       ({**chat, "temperature": -1}, "temperature"), ({**text, "max_tokens": 0}, "max_tokens")):
+        r = post("/invocations", bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    r = requests.post(URL + "/invocations", data="{not json", headers={"content-type": "application/json"},
+                      timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "json_invalid"
+
 def test_placement_group_has_one_bundle_per_rank(app):
     from ray.util import placement_group_table
 

@@ -12,7 +12,8 @@ from tests.serve.conftest import MODEL
 
 
 def test_requests_before_any_replica_is_ready_get_503_at_once(ray_session):
-    """While the model loads (4 s here), /health and completions answer 503 + Retry-After at once; then 200."""
+    """While the model loads (4 s here), /health, /ping and completions answer 503 + Retry-After at once (/version
+    answers); then 200."""
     from ray import serve
 
     from raytp.serve.app import bind_app
@@ -28,12 +29,14 @@ def test_requests_before_any_replica_is_ready_get_503_at_once(ray_session):
         while "model_loading" not in requests.get(URL + "/health", timeout=10).text:
             assert time.monotonic() < deadline and deploying.is_alive()
             time.sleep(0.1)
-        for method, path in (("GET", "/health"), ("POST", "/v1/completions")):
+        for method, path in (("GET", "/health"), ("GET", "/ping"), ("POST", "/v1/completions"),
+                             ("POST", "/invocations")):
             t = time.monotonic()
             r = requests.request(method, URL + path, json={"model": MODEL, "prompt": "x", "max_tokens": 2}, timeout=30)
             took = time.monotonic() - t
             assert r.status_code == 503 and took < 2.5, (path, r.status_code, took)
             assert r.json()["error"]["code"] == "model_loading" and r.headers["Retry-After"] == "5"
+        assert requests.get(URL + "/version", timeout=10).status_code == 200  # it says nothing about the model
         deploying.join(120)
         assert requests.get(URL + "/health", timeout=10).status_code == 200
     finally:

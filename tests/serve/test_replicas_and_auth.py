@@ -48,7 +48,7 @@ def test_both_replicas_answer(app):
     assert len(seen) == 2
 
 
-def test_api_key_required_except_health(app):
+def test_api_key_required_except_health_ping_and_version(app):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     assert requests.post(URL + "/v1/completions", json=body, timeout=30).status_code == 401
     r = requests.post(URL + "/v1/completions", json=body, headers=auth("wrong"), timeout=30)
@@ -56,6 +56,12 @@ def test_api_key_required_except_health(app):
     assert requests.get(URL + "/v1/models", timeout=30).status_code == 401
     assert requests.get(URL + "/v1/models", headers=auth(), timeout=30).status_code == 200
     assert requests.get(URL + "/health", timeout=30).status_code == 200
+    # vLLM's operational routes: /ping and /version without a key, /invocations (it generates) with one
+    assert requests.get(URL + "/ping", timeout=30).status_code == requests.get(URL + "/version", timeout=30) \
+        .status_code == 200
+    assert requests.post(URL + "/invocations", json=body, timeout=30).status_code == 401
+    assert requests.post(URL + "/invocations", data="{not json", timeout=30).status_code == 401  # key first
+    assert requests.post(URL + "/invocations", json=body, headers=auth(), timeout=30).status_code == 200
 
 
 def test_api_key_stays_in_the_ingress(app):
