@@ -18,6 +18,13 @@ from raytp.config import RaytpConfig, bundle_device, check_dtype_on
 from raytp.serve.ingress import OpenAIIngress
 from raytp.serve.server import LLMServer
 
+# Updates that lose nothing: a changed config's replicas start beside the old ones, which keep serving until the
+# new ones are running (loaded and warmed up), then drain their in-flight requests and stop. Serve's default (0)
+# stops the old replica first: its clients would see 503s while the new one loads. This needs room for one more
+# TP group per replica during an update (Serve waits for it while the old ones serve); on a node without that
+# room set max_surge_percent: 0 in serve_config.yaml's deployments (docs/operations.md).
+SURGE_PERCENT = 100
+
 
 def server_deployment(cfg: RaytpConfig, device: str):
     """The ``LLMServer`` deployment with one bundle per rank."""
@@ -45,6 +52,7 @@ def server_deployment(cfg: RaytpConfig, device: str):
         # A replica that cannot start (bad weights, out of memory, a config its node cannot run) fails the
         # deployment with its error after a few tries instead of restarting for minutes.
         max_constructor_retry_count=3,
+        max_surge_percent=SURGE_PERCENT,
     )
 
 
@@ -68,5 +76,5 @@ def bind_app(cfg: RaytpConfig | dict, engine_factory=None, server_options: dict 
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},
                                max_ongoing_requests=1000,
                                graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
-                               graceful_shutdown_wait_loop_s=0.5)
+                               graceful_shutdown_wait_loop_s=0.5, max_surge_percent=SURGE_PERCENT)
     return ingress.bind(server, cfg.api_key, cfg.max_request_body_bytes)

@@ -47,6 +47,7 @@ from raytp.errors import (
 logger = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 5.0  # a healthy replica answers /health in milliseconds, even while it decodes
 READY_WAIT_S = 1.0  # how long a request waits for the first ready replica before a 503
+UPDATE_READY_WAIT_S = 60.0  # longest a new ingress replica in an update waits to reach a running server replica
 app = FastAPI(title="raytp", description="Tensor-parallel LLM serving on Ray Serve (OpenAI-compatible API)")
 # /invocations reads its body itself (which request it is depends on its keys); its schema is documented here
 _INVOCATIONS_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
@@ -197,6 +198,24 @@ class OpenAIIngress:
         self._ready = asyncio.Event()
         self._not_ready_because: str | None = None  # the last failed readiness probe, for the 503's message
         self._ready_task = asyncio.get_running_loop().create_task(self._wait_until_ready())
+        # In an update (a new ingress version while some server replica already runs), this replica takes HTTP
+        # traffic only once it reaches a server replica: else its first requests would get 503 while its handle
+        # learns the running replicas (seconds on a busy host), though one could serve them. At first deploy no
+        # server replica runs yet: this replica starts at once and answers 503 while the model loads.
+        if await asyncio.to_thread(self._server_replicas_running):
+            try:
+                await asyncio.wait_for(asyncio.shield(self._ready.wait()), UPDATE_READY_WAIT_S)
+            except asyncio.TimeoutError:
+                logger.warning("raytp: no server replica answered this new ingress replica within %.0fs",
+                               UPDATE_READY_WAIT_S)
+
+    def _server_replicas_running(self) -> bool:
+        """Whether Serve's controller lists a RUNNING replica of the server deployment (of any version)."""
+        try:
+            app = serve.status().applications[self.server.app_name]
+            return app.deployments[self.server.deployment_name].replica_states.get("RUNNING", 0) > 0
+        except Exception:  # noqa: BLE001 - no such app or deployment yet: a first deploy
+            return False
 
     async def _wait_until_ready(self) -> None:
         while True:
