@@ -109,3 +109,56 @@ def serve_app(args: dict, engine_factory=None, **server_options):
         yield serve.get_app_handle("raytp")
     finally:
         serve.delete("raytp")
+
+
+class StreamingLoad:
+    """``clients`` threads streaming completions from ``url`` in a loop for the duration of the ``with`` block;
+    ``failures`` lists every request that did not end as a whole stream (200, ``max_tokens`` token events, no
+    error event, ``[DONE]``) as (status, what went wrong); ``done`` counts all requests."""
+
+    def __init__(self, url: str, model: str, clients: int = 8, max_tokens: int = 12):
+        import threading
+
+        self.url, self.model, self.max_tokens = url, model, max_tokens
+        self.results: list[tuple[int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+
+    @property
+    def done(self) -> int:
+        return len(self.results)
+
+    @property
+    def failures(self) -> list[tuple[int, str]]:
+        return [r for r in self.results if r != (200, "ok")]
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(180)
+
+    def _client(self, i: int) -> None:
+        while not self._stop.is_set():
+            self.results.append(self._stream(i))
+
+    def _stream(self, i: int) -> tuple[int, str]:
+        import requests
+
+        body = {"model": self.model, "prompt": f"client {i}", "max_tokens": self.max_tokens, "ignore_eos": True,
+                "stream": True}
+        try:
+            with requests.post(self.url + "/v1/completions", json=body, stream=True, timeout=120) as r:
+                if r.status_code != 200:
+                    return r.status_code, r.text[:200]
+                events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+        except requests.RequestException as e:
+            return 0, repr(e)
+        errors = [e for e in events if '"error"' in e]
+        if errors or events[-1:] != ["[DONE]"] or len(events) != self.max_tokens + 1:
+            return 200, f"{len(events)} events, last {events[-1:]}, errors {errors[:1]}"
+        return 200, "ok"
