@@ -183,6 +183,15 @@ class RaytpConfig(BaseModel):
         60, ge=0, description="On scale-down, redeploy or shutdown, how long a replica keeps serving its in-flight "
         "requests (new ones go to other replicas) before its gang is torn down.",
     )
+    prefix_routing: bool = Field(
+        True, description="With several replicas: send requests that share a prompt prefix (a conversation's turns, "
+        "a completion prompt's first characters) to the same replica, whose prefix cache holds it "
+        "(raytp/serve/routing.py); false: Serve's power of two choices.",
+    )
+    prefix_routing_margin: int = Field(
+        4, ge=0, description="Prefix routing gives way to load balance when the preferred replica's queue is longer "
+        "than the shortest by more than this many requests.",
+    )
 
     def check_static(self) -> RaytpConfig:
         """Checks that need no node (run where the app is built); returns self. Raises ``ConfigError``."""

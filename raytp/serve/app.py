@@ -53,7 +53,21 @@ def server_deployment(cfg: RaytpConfig, device: str):
         # deployment with its error after a few tries instead of restarting for minutes.
         max_constructor_retry_count=3,
         max_surge_percent=SURGE_PERCENT,
+        **routing_options(cfg),
     )
+
+
+def routing_options(cfg: RaytpConfig) -> dict:
+    """The server deployment's request router: prefix-aware (``raytp.serve.routing``) unless turned off."""
+    if not cfg.prefix_routing:
+        return {}
+    from ray.serve.config import RequestRouterConfig
+
+    from raytp.serve.routing import PrefixAffinityRouter
+
+    return {"request_router_config": RequestRouterConfig(
+        request_router_class=PrefixAffinityRouter,
+        request_router_kwargs={"imbalance_margin": cfg.prefix_routing_margin})}
 
 
 def build_app(args: dict | None = None):

@@ -48,6 +48,30 @@ def test_both_replicas_answer(app):
     assert len(seen) == 2
 
 
+def finished_per_replica() -> dict[str, int]:
+    """Each replica's count of finished requests (/health reaches a random replica: ask until both answered)."""
+    counts, deadline = {}, time.monotonic() + 60
+    while len(counts) < 2 and time.monotonic() < deadline:
+        health = requests.get(URL + "/health", timeout=30).json()
+        counts[health["replica_id"]] = sum(health["num_finished"].values())  # by finish reason
+    assert len(counts) == 2
+    return counts
+
+
+def test_one_conversations_requests_go_to_one_replica(app):
+    """Prefix routing (on by default): the turns of a conversation (same system and first user message), streamed
+    or not, all reach the replica whose prefix cache holds it, while the replicas' queues stay balanced."""
+    before = finished_per_replica()
+    history = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Plan a trip"}]
+    for turn in range(8):
+        r = requests.post(URL + "/v1/chat/completions", headers=auth(), timeout=60,
+                          json={"model": MODEL, "messages": history, "max_tokens": 3, "stream": turn % 2 == 1})
+        assert r.status_code == 200, r.text
+        history += [{"role": "assistant", "content": f"answer {turn}"}, {"role": "user", "content": f"and {turn}?"}]
+    after = finished_per_replica()
+    assert sorted(after[k] - before[k] for k in after) == [0, 8]
+
+
 def test_api_key_required_except_health_ping_and_version(app):
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2}
     assert requests.post(URL + "/v1/completions", json=body, timeout=30).status_code == 401
