@@ -88,12 +88,14 @@ def run_gang(config: dict, batches: list[list[list[int]]], max_tokens: int) -> l
     return asyncio.run(main())
 
 
-URL = "http://127.0.0.1:8000"
+# RAYTP_TEST_PORT: Serve's HTTP port for the tests (several test runs on one machine each need their own)
+PORT = int(os.environ.get("RAYTP_TEST_PORT", "8000"))
+URL = f"http://127.0.0.1:{PORT}"
 
 
 @contextlib.contextmanager
 def serve_app(args: dict, engine_factory=None, **server_options):
-    """Run raytp as Serve app 'raytp' on 127.0.0.1:8000 for the block; yields the app's handle.
+    """Run raytp as Serve app 'raytp' on 127.0.0.1:PORT for the block; yields the app's handle.
 
     ``args`` is a RaytpConfig dict; ``engine_factory`` replaces the engine (``raytp.testing``);
     ``server_options`` are LLMServer deployment options (num_replicas, ...). Serve itself (controller, proxy)
@@ -102,7 +104,7 @@ def serve_app(args: dict, engine_factory=None, **server_options):
 
     from raytp.serve.app import bind_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     try:
         serve.run(bind_app(args, engine_factory=engine_factory, server_options=server_options), name="raytp",
                   route_prefix="/")

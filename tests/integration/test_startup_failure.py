@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from tests.conftest import PORT
+
 
 def test_corrupt_weights_fail_the_deployment_with_the_cause(ray_session, tiny_model_path, tmp_path):
     from ray import serve
@@ -19,7 +21,7 @@ def test_corrupt_weights_fail_the_deployment_with_the_cause(ray_session, tiny_mo
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated download
 
     config = {"model": str(broken), "tensor_parallel_size": 2, "device": "cpu", "dtype": "float32"}
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     started = time.monotonic()
     try:
         with pytest.raises(RuntimeError) as info:

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from raytp.testing import scripted_engine_factory
+from tests.conftest import PORT
 
 
 def fails_deploy_naming(config: dict, expected: str, engine_factory=None) -> None:
@@ -15,7 +16,7 @@ def fails_deploy_naming(config: dict, expected: str, engine_factory=None) -> Non
 
     from raytp.serve.app import bind_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     try:
         app = bind_app(config, engine_factory=engine_factory,
                        server_options={"max_constructor_retry_count": 1})  # builds: no path is touched here

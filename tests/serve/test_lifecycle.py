@@ -7,7 +7,7 @@ import time
 import requests
 
 from raytp.testing import scripted_engine_factory
-from tests.conftest import URL, serve_app
+from tests.conftest import PORT, URL, serve_app
 from tests.serve.conftest import MODEL
 
 
@@ -18,7 +18,7 @@ def test_requests_before_any_replica_is_ready_get_503_at_once(ray_session):
 
     from raytp.serve.app import bind_app
 
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     app = bind_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu"},
                    engine_factory=scripted_engine_factory(start_delay_s=4))
     deploying = threading.Thread(target=serve.run, args=(app,), kwargs={"name": "raytp", "route_prefix": "/"})

@@ -8,7 +8,7 @@ import time
 import requests
 
 from raytp.testing import scripted_engine_factory
-from tests.conftest import URL, StreamingLoad
+from tests.conftest import PORT, URL, StreamingLoad
 from tests.serve.conftest import MODEL
 
 ARGS = {"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "max_model_len": 256}
@@ -20,7 +20,7 @@ def test_redeploying_a_changed_config_under_streaming_load_fails_no_request(ray_
     from raytp.serve.app import bind_app
 
     factory = scripted_engine_factory(step_delay_s=0.02, start_delay_s=3)
-    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     serve.run(bind_app({**ARGS, "max_num_seqs": 8}, engine_factory=factory), name="raytp", route_prefix="/")
     try:
         before = requests.get(URL + "/health", timeout=30).json()["replica_id"]
