@@ -11,6 +11,7 @@ from __future__ import annotations
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from raytp.engine.stats import EngineStats
+from raytp.serve.autoscaling import TTFTWindow
 
 # Latency buckets (seconds): token gaps on fast devices are milliseconds, CPU prefill of long prompts many seconds.
 _FAST = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0]
@@ -43,6 +44,7 @@ class ServerMetrics(EngineStats):
 
     def __init__(self, model: str, max_num_seqs: int):
         self._max_num_seqs = max_num_seqs
+        self.ttft_window = TTFTWindow()  # what the replica reports to Serve's autoscaler (raytp.serve.autoscaling)
         tags = {"model": model}
         self.ttft = Histogram("raytp_time_to_first_token_seconds", "Time from arrival at the engine to the first "
                               "token.", _SLOW, tag_keys=("model",))
@@ -98,6 +100,7 @@ class ServerMetrics(EngineStats):
     def on_tokens(self, first_s: list[float], gaps_s: list[float]) -> None:
         for latency_s in first_s:
             self.ttft.observe(latency_s)
+            self.ttft_window.add(latency_s)
         for latency_s in gaps_s:
             self.itl.observe(latency_s)
         self.generation_tokens.inc(len(first_s) + len(gaps_s))

@@ -156,6 +156,12 @@ class LLMServer:
             "ranks": [vars(r) for r in self.engine.load_reports],
         }
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling hook: this replica's TTFT p90 over the last window, for ``TTFTPolicy``."""
+        from raytp.serve.autoscaling import METRIC
+
+        return {METRIC: self.metrics.ttft_window.p90()}
+
     async def worker_pids(self) -> list[int]:
         """Process ids of this replica's ranks (for operators and fault tests)."""
         return await self.engine.worker_pids()
