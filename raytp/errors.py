@@ -60,6 +60,15 @@ class ModelNotFoundError(InvalidRequestError):
         super().__init__(message, param=param, code=code)
 
 
+class ResponseNotFoundError(InvalidRequestError):
+    """A Responses API id that is not (or no longer) stored (HTTP 404, as vLLM answers)."""
+
+    status_code = 404
+
+    def __init__(self, message: str, *, param: str | None = "response_id", code: str | None = "response_not_found"):
+        super().__init__(message, param=param, code=code)
+
+
 class PayloadTooLargeError(InvalidRequestError):
     """The HTTP request body is over ``max_request_body_bytes`` (HTTP 413)."""
 
