@@ -1,7 +1,9 @@
 """The ingress deployment: FastAPI routes of the OpenAI API, auth, SSE, errors, and the Python handle API.
 
 HTTP: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /tokenize``, ``POST /detokenize`` (vLLM's extensions), ``GET /health``, and vLLM's operational routes:
+``POST /tokenize``, ``POST /detokenize`` (vLLM's extensions), ``GET /health``, the Responses API
+(``POST /v1/responses``, ``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``: answered by the chat path,
+stored in this ingress replica; ``raytp.serve.responses_serving``), and vLLM's operational routes:
 ``GET /version``, SageMaker's ``GET|POST /ping`` (= /health) and ``POST /invocations`` (a chat completion or a
 completion, by the body's ``messages`` / ``prompt``). With an API key configured, every route but /health, /ping
 and /version needs it. Every error is an OpenAI-style body ``{"error": {message, type, param, code}}``. A
@@ -34,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import raytp
 from raytp.api.openai import invalid_request, parse
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from raytp.api.responses import ResponsesRequest
 from raytp.errors import (
     AuthenticationError,
     EngineDeadError,
@@ -43,9 +46,12 @@ from raytp.errors import (
     QueueFullError,
     RaytpError,
 )
+from raytp.serve.response_store import ResponseStore
+from raytp.serve.responses_serving import ResponsesServing
 
 logger = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 5.0  # a healthy replica answers /health in milliseconds, even while it decodes
+_AUTH_MESSAGE = "missing or invalid API key (Authorization: Bearer <key>)"
 READY_WAIT_S = 1.0  # how long a request waits for the first ready replica before a 503
 UPDATE_READY_WAIT_S = 60.0  # longest a new ingress replica in an update waits to reach a running server replica
 app = FastAPI(title="raytp", description="Tensor-parallel LLM serving on Ray Serve (OpenAI-compatible API)")
@@ -162,6 +168,28 @@ async def _sse(gen, first, route: str, started: float):
     yield "data: [DONE]\n\n"
 
 
+def _stream_error(e: BaseException) -> RaytpError:
+    err = to_raytp_error(e)
+    _metrics().error(err.error_type, err.status_code)
+    return err
+
+
+async def _event_sse(gen, first, route: str, started: float):
+    """The Responses API's SSE framing: ``event: <type>`` and ``data: <event>`` per event, no [DONE]. ``gen``
+    yields lists of events and ends a failed stream with an error event itself."""
+    def frame(events: list[dict]) -> str:
+        return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+
+    try:
+        if first is not None:
+            yield frame(first)
+        async for events in gen:
+            yield frame(events)
+    finally:
+        await gen.aclose()  # on client disconnect: cancels the chat stream, which aborts the request
+        _metrics().request_s.observe(time.perf_counter() - started, tags={"route": route})
+
+
 def _route(request: Request) -> str:
     """The matched route's template (``/v1/models/{model_id:path}``), not the raw path: a metric tag must not
     take one value per model id a client makes up (nor its non-ASCII characters, which Ray's tags refuse)."""
@@ -193,6 +221,7 @@ class OpenAIIngress:
         self.server = server
         self.api_key = api_key or os.environ.get("RAYTP_API_KEY") or None
         BodySizeLimit.limit = max_request_body_bytes
+        self.responses = ResponsesServing(ResponseStore(), _stream_error)  # the Responses API's store lives here
         # Until a model replica has answered once, HTTP requests get 503 at once (a handle call would wait
         # for a replica for as long as the model takes to load, with no answer for the client).
         self._ready = asyncio.Event()
@@ -241,7 +270,7 @@ class OpenAIIngress:
     async def _gate(self, request: Request) -> "JSONResponse | None":
         """An error response for a request that may not go on (bad API key, no model replica ready yet)."""
         if not self._authorized(request):
-            return error_response(AuthenticationError("missing or invalid API key (Authorization: Bearer <key>)"))
+            return error_response(AuthenticationError(_AUTH_MESSAGE))
         return await self._not_ready("the model is still loading; retry shortly")
 
     # ---- HTTP ------------------------------------------------------------------------------
@@ -326,6 +355,38 @@ class OpenAIIngress:
             return await self._stream(request, started, lambda: self._batches("chat_completions", body, rid))
         return await self._unary(request, started, lambda: self.server.chat_completions.remote(body, rid))
 
+    @app.post("/v1/responses")
+    async def http_responses(self, body: ResponsesRequest, request: Request):
+        """OpenAI's Responses API, answered by one chat completion (``raytp.api.responses``)."""
+        started, rid = time.perf_counter(), _http_request_id()
+        if body.stream:
+            return await self._stream(request, started, lambda: self.responses.stream(
+                body, lambda chat: self._batches("chat_completions", chat, rid)), framing=_event_sse)
+        return await self._unary(request, started, lambda: self.responses.create(
+            body, lambda chat: self.server.chat_completions.remote(chat, rid)))
+
+    @app.get("/v1/responses/{response_id}")
+    async def http_response(self, response_id: str, request: Request):
+        return await self._stored_response(request, self.responses.retrieve, response_id)
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def http_cancel_response(self, response_id: str, request: Request):
+        return await self._stored_response(request, self.responses.cancel, response_id)
+
+    async def _stored_response(self, request: Request, action, response_id: str):
+        """GET / cancel of a stored response: the store is this process's, so only the API key is checked (they
+        are answered while the model loads too)."""
+        started = time.perf_counter()
+        if not self._authorized(request):
+            result = error_response(AuthenticationError(_AUTH_MESSAGE))
+        else:
+            try:
+                result = action(response_id)
+            except RaytpError as e:
+                result = error_response(e)
+        _metrics().request_s.observe(time.perf_counter() - started, tags={"route": _route(request)})
+        return result
+
     async def _unary(self, request: Request, started: float, call):
         """A whole-body response from ``call()`` (a handle call), or an error body."""
         result = await self._gate(request)
@@ -341,9 +402,9 @@ class OpenAIIngress:
         """A streaming call of the server's ``<kind>_stream_batches``: lists of the chunks ready together."""
         return getattr(self.server.options(stream=True), f"{kind}_stream_batches").remote(body, request_id)
 
-    async def _stream(self, request: Request, started: float, call):
-        """SSE of the chunks ``call()`` (a streaming handle call) yields. Errors before the first chunk (bad
-        input, queue full) are plain HTTP errors; later ones become an error event."""
+    async def _stream(self, request: Request, started: float, call, framing=_sse):
+        """SSE of the chunks ``call()`` (a streaming handle call) yields, framed by ``framing``. Errors before the
+        first chunk (bad input, queue full) are plain HTTP errors; later ones become an error event."""
         refused = await self._gate(request)
         if refused is None:
             gen = call()
@@ -356,7 +417,7 @@ class OpenAIIngress:
         if refused is not None:
             _metrics().request_s.observe(time.perf_counter() - started, tags={"route": _route(request)})
             return refused
-        return StreamingResponse(_sse(gen, first, _route(request), started), media_type="text/event-stream")
+        return StreamingResponse(framing(gen, first, _route(request), started), media_type="text/event-stream")
 
     def _authorized(self, request: Request) -> bool:
         if not self.api_key:
