@@ -436,11 +436,15 @@ class TokenizeRequest(_ChatTemplateOptions):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool | None = Field(None, description="vLLM's defaults when absent: true for a prompt, false "
                                             "for messages (the template has its own).")
+    tools: list[Tool] | None = Field(None, max_length=128, description="With messages: the tools a chat request "
+                                     "would send (templates that render tools count them), as vLLM's.")
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt or messages")
+        if self.tools and self.messages is None:
+            raise ValueError("tools go with messages, not with a prompt")
         return self
 
 

@@ -82,7 +82,8 @@ class OpenAIServing:
         req = oai.parse(TokenizeRequest, body)
         self._check_model(req.model)
         if req.messages is not None:  # vLLM's defaults: special tokens are the template's (added for a prompt)
-            ids = self._chat_ids(req, add_special_tokens=bool(req.add_special_tokens))
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+            ids = self._chat_ids(req, tools, add_special_tokens=bool(req.add_special_tokens))
         else:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens is not False)
         return {"count": len(ids), "max_model_len": self.config.max_model_len, "tokens": list(ids)}
