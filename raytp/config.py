@@ -173,7 +173,8 @@ class RaytpConfig(BaseModel):
     )
     api_key: str | None = Field(
         None, description="If set (or env RAYTP_API_KEY on the ingress's node), every route but /health, /ping "
-        "and /version needs 'Authorization: Bearer <key>'. Only the ingress ever sees it.",
+        "and /version needs 'Authorization: Bearer <key>' (or 'x-api-key: <key>', as Anthropic's clients send it). "
+        "Only the ingress ever sees it.",
     )
     seed: int = Field(0, description="Seed for requests that sample without a 'seed' of their own.")
     max_request_body_bytes: int = Field(

@@ -3,11 +3,14 @@
 HTTP: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``POST /tokenize``, ``POST /detokenize`` (vLLM's extensions), ``GET /health``, the Responses API
 (``POST /v1/responses``, ``GET /v1/responses/{id}``, ``POST /v1/responses/{id}/cancel``: answered by the chat path,
-stored in this ingress replica; ``raytp.serve.responses_serving``), and vLLM's operational routes:
+stored in this ingress replica; ``raytp.serve.responses_serving``), Anthropic's Messages API (``POST /v1/messages``,
+``POST /v1/messages/count_tokens``: answered by the chat path, ``raytp.api.anthropic``), and vLLM's operational routes:
 ``GET /version``, SageMaker's ``GET|POST /ping`` (= /health) and ``POST /invocations`` (a chat completion or a
 completion, by the body's ``messages`` / ``prompt``). With an API key configured, every route but /health, /ping
-and /version needs it. Every error is an OpenAI-style body ``{"error": {message, type, param, code}}``. A
-streaming client that disconnects cancels its server-side generator, which aborts the request in the engine.
+and /version needs it, as ``Authorization: Bearer <key>`` or ``x-api-key: <key>``. Every error is an OpenAI-style
+body ``{"error": {message, type, param, code}}``, but on the Messages routes Anthropic's ``{"type": "error", "error":
+{type, message}}`` (same status codes). A streaming client that disconnects cancels its server-side generator,
+which aborts the request in the engine.
 
 Python (``serve.get_app_handle(app_name)`` returns a handle to this deployment):
 ``generate(prompt, **sampling) -> str``, ``generate_stream(prompt, **sampling)``
@@ -34,6 +37,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import raytp
+from raytp.api import anthropic
 from raytp.api.openai import invalid_request, parse
 from raytp.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from raytp.api.responses import ResponsesRequest
@@ -51,7 +55,7 @@ from raytp.serve.responses_serving import ResponsesServing
 
 logger = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 5.0  # a healthy replica answers /health in milliseconds, even while it decodes
-_AUTH_MESSAGE = "missing or invalid API key (Authorization: Bearer <key>)"
+_AUTH_MESSAGE = "missing or invalid API key (Authorization: Bearer <key>, or x-api-key: <key>)"
 READY_WAIT_S = 1.0  # how long a request waits for the first ready replica before a 503
 UPDATE_READY_WAIT_S = 60.0  # longest a new ingress replica in an update waits to reach a running server replica
 app = FastAPI(title="raytp", description="Tensor-parallel LLM serving on Ray Serve (OpenAI-compatible API)")
@@ -86,24 +90,26 @@ def _metrics():
     return IngressMetrics()  # created once per ingress replica process, on first use
 
 
-def error_response(err: RaytpError) -> JSONResponse:
+def error_response(err: RaytpError, path: str = "") -> JSONResponse:
+    """The error's HTTP answer: an OpenAI-style body, or Anthropic's on its routes (by the request's ``path``)."""
     _metrics().error(err.error_type, err.status_code)
     retry = getattr(err, "retry_after_s", None)  # 429 and 503: the client may retry
     headers = {"Retry-After": str(retry)} if retry else None
-    return JSONResponse(err.to_dict(), status_code=err.status_code, headers=headers)
+    body = anthropic.error_body(err) if anthropic.is_messages_path(path) else err.to_dict()
+    return JSONResponse(body, status_code=err.status_code, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
-async def _bad_request(_: Request, exc: RequestValidationError):
-    return error_response(invalid_request(list(exc.errors())))
+async def _bad_request(request: Request, exc: RequestValidationError):
+    return error_response(invalid_request(list(exc.errors())), request.url.path)
 
 
 @app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException):
+async def _http_error(request: Request, exc: StarletteHTTPException):
     err = RaytpError(str(exc.detail), code=str(exc.status_code))
     err.status_code = exc.status_code
     err.error_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return error_response(err)
+    return error_response(err, request.url.path)
 
 
 class BodySizeLimit:
@@ -145,7 +151,7 @@ class BodySizeLimit:
     async def _reject(self, scope, receive, send):
         err = PayloadTooLargeError(f"request body is larger than the limit of {self.limit} bytes",
                                    code="request_too_large")
-        await error_response(err)(scope, receive, send)
+        await error_response(err, scope.get("path", ""))(scope, receive, send)
 
 
 app.add_middleware(BodySizeLimit)
@@ -256,7 +262,7 @@ class OpenAIIngress:
                 self._not_ready_because = to_raytp_error(e).message
                 await asyncio.sleep(1.0)
 
-    async def _not_ready(self, message: str) -> "JSONResponse | None":
+    async def _not_ready(self, message: str, path: str = "") -> "JSONResponse | None":
         """A 503 while no model replica has answered yet; None once one has."""
         if self._ready.is_set():
             return None
@@ -265,13 +271,13 @@ class OpenAIIngress:
             return None
         except asyncio.TimeoutError:
             because = f" (last attempt: {self._not_ready_because})" if self._not_ready_because else ""
-            return error_response(ModelLoadingError(message + because))
+            return error_response(ModelLoadingError(message + because), path)
 
     async def _gate(self, request: Request) -> "JSONResponse | None":
         """An error response for a request that may not go on (bad API key, no model replica ready yet)."""
         if not self._authorized(request):
-            return error_response(AuthenticationError(_AUTH_MESSAGE))
-        return await self._not_ready("the model is still loading; retry shortly")
+            return error_response(AuthenticationError(_AUTH_MESSAGE), request.url.path)
+        return await self._not_ready("the model is still loading; retry shortly", request.url.path)
 
     # ---- HTTP ------------------------------------------------------------------------------
     @app.get("/health")
@@ -341,6 +347,41 @@ class OpenAIIngress:
         started = time.perf_counter()
         return await self._unary(request, started, lambda: self.server.detokenize.remote(body))
 
+    @app.post("/v1/messages")
+    async def http_messages(self, body: anthropic.MessagesRequest, request: Request):
+        """Anthropic's Messages API, answered by one chat completion (``raytp.api.anthropic``); errors in
+        Anthropic's shape."""
+        started, rid, path = time.perf_counter(), _http_request_id(), request.url.path
+        if not self._authorized(request):  # the 401 before translating the body, as every route answers it
+            return await self._gate(request)
+        try:
+            chat = anthropic.chat_request(body)
+        except InvalidRequestError as e:
+            return error_response(e, path)
+        if body.stream:
+            events = anthropic.MessageStream(body.model, body.stop_sequences)
+            return await self._stream(request, started, lambda: anthropic.stream_events(
+                self._batches("chat_completions", chat, rid), events, _stream_error), framing=_event_sse)
+        return await self._unary(request, started, lambda: self._message(chat, body.stop_sequences, rid))
+
+    async def _message(self, chat: ChatCompletionRequest, stop_sequences: "list[str] | None", rid: str) -> dict:
+        return anthropic.message_body(await self.server.chat_completions.remote(chat, rid), stop_sequences)
+
+    @app.post("/v1/messages/count_tokens")
+    async def http_count_tokens(self, body: anthropic.CountTokensRequest, request: Request):
+        """Anthropic's token count: the templated prompt's tokens (with the tools), as /tokenize counts them."""
+        started, path = time.perf_counter(), request.url.path
+        if not self._authorized(request):
+            return await self._gate(request)
+        try:
+            tokenize = anthropic.tokenize_request(body)
+        except InvalidRequestError as e:
+            return error_response(e, path)
+        return await self._unary(request, started, lambda: self._count_tokens(tokenize))
+
+    async def _count_tokens(self, tokenize: TokenizeRequest) -> dict:
+        return {"input_tokens": (await self.server.tokenize.remote(tokenize))["count"]}
+
     @app.post("/v1/completions")
     async def http_completions(self, body: CompletionRequest, request: Request):
         started, rid = time.perf_counter(), _http_request_id()
@@ -394,7 +435,7 @@ class OpenAIIngress:
             try:
                 result = await call()
             except Exception as e:  # noqa: BLE001
-                result = error_response(to_raytp_error(e))
+                result = error_response(to_raytp_error(e), request.url.path)
         _metrics().request_s.observe(time.perf_counter() - started, tags={"route": _route(request)})
         return result
 
@@ -413,18 +454,20 @@ class OpenAIIngress:
             except StopAsyncIteration:
                 first = None
             except Exception as e:  # noqa: BLE001
-                refused = error_response(to_raytp_error(e))
+                refused = error_response(to_raytp_error(e), request.url.path)
         if refused is not None:
             _metrics().request_s.observe(time.perf_counter() - started, tags={"route": _route(request)})
             return refused
         return StreamingResponse(framing(gen, first, _route(request), started), media_type="text/event-stream")
 
     def _authorized(self, request: Request) -> bool:
+        """The API key as ``Authorization: Bearer <key>`` (OpenAI's clients) or ``x-api-key`` (Anthropic's)."""
         if not self.api_key:
             return True
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), self.api_key)
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = ([token] if scheme.lower() == "bearer" else []) + request.headers.getlist("x-api-key")
+        # as bytes: compare_digest refuses strings with non-ASCII characters, which a client's header may carry
+        return any(hmac.compare_digest(g.strip().encode(), self.api_key.encode()) for g in given)
 
     # ---- Python handle API -----------------------------------------------------------------
     async def generate(self, prompt: str, **sampling) -> str:

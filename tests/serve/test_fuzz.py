@@ -1,6 +1,7 @@
 """Bad input, generated: schemathesis fuzzes the HTTP API from raytp's own OpenAPI schema (valid and invalid
-requests), hypothesis fuzzes the Python handle. Only 2xx or 4xx with OpenAI-style error bodies may come back,
-never a 5xx or an untyped exception, and the server keeps answering good requests."""
+requests), hypothesis fuzzes the Python handle. Only 2xx or 4xx with OpenAI-style error bodies (Anthropic's on
+its Messages routes) may come back, never a 5xx or an untyped exception, and the server keeps answering good
+requests."""
 
 import pytest
 import requests
@@ -29,8 +30,15 @@ def app(ray_session):
     print(f"fuzz cases run: {CASES}")
 
 
-def check_openai_error(response) -> None:
+def check_error_body(response) -> None:
+    from urllib.parse import urlsplit
+
+    from raytp.api.anthropic import is_messages_path
+
     body = response.json()
+    if is_messages_path(urlsplit(response.url).path):
+        assert body["type"] == "error" and set(body["error"]) == {"type", "message"} and body["error"]["message"]
+        return
     assert set(body) == {"error"} and {"message", "type", "param", "code"} <= set(body["error"]), body
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
 
@@ -42,7 +50,7 @@ def test_http_api_never_answers_5xx(app, case):
     CASES["http"] += 1
     assert response.status_code < 500, (case.body, response.status_code, response.text[:500])
     if response.status_code >= 400:
-        check_openai_error(response)
+        check_error_body(response)
 
 
 def test_server_still_answers_after_http_fuzzing(app):
