@@ -116,6 +116,26 @@ def test_a_stream_sends_the_responses_event_sequence(client):
     assert pairs[-1][0] == "event: response.completed"
 
 
+def test_a_disconnected_stream_is_aborted(app):
+    """As on /v1/chat/completions: a client that goes away mid-stream aborts its request in the engine."""
+    import time
+
+    def finished():
+        return requests.get(URL + "/health", timeout=10).json()["num_finished"]
+
+    before = finished()
+    r = requests.post(URL + "/v1/responses", json={"model": MODEL, "input": "hi", "max_output_tokens": 200,
+                                                   "stream": True}, stream=True, timeout=60)
+    next(r.iter_lines())  # the first event arrived: the request is running
+    r.close()
+    deadline = time.monotonic() + 10
+    while finished().get("abort", 0) == before.get("abort", 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = finished()
+    assert after.get("abort", 0) == before.get("abort", 0) + 1
+    assert after.get("length", 0) == before.get("length", 0), "cut short, not run to max_output_tokens"
+
+
 def test_text_format_json_schema_output_parses(client):
     r = client.responses.create(model=MODEL, input="pick", max_output_tokens=64, text={"format": {
         "type": "json_schema", "name": "answer", "schema": ANSWER, "strict": True}})
