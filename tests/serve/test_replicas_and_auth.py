@@ -88,6 +88,20 @@ def test_api_key_required_except_health_ping_and_version(app):
     assert requests.post(URL + "/invocations", json=body, headers=auth(), timeout=30).status_code == 200
 
 
+def test_the_responses_routes_need_the_api_key(app):
+    body = {"model": MODEL, "input": "x", "max_output_tokens": 2}
+    assert requests.post(URL + "/v1/responses", json=body, timeout=30).status_code == 401
+    # the key is checked before the previous id: a caller without it learns nothing about stored ids
+    r = requests.post(URL + "/v1/responses", json={**body, "previous_response_id": "resp_x"}, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    created = requests.post(URL + "/v1/responses", json=body, headers=auth(), timeout=30)
+    assert created.status_code == 200, created.text
+    stored = URL + "/v1/responses/" + created.json()["id"]
+    assert requests.get(stored, timeout=30).status_code == requests.post(stored + "/cancel", timeout=30) \
+        .status_code == 401
+    assert requests.get(stored, headers=auth(), timeout=30).json() == created.json()
+
+
 def test_api_key_stays_in_the_ingress(app):
     from ray import serve
 
