@@ -39,11 +39,57 @@ NAMES = {
 }
 
 
+# The same measurements under vLLM's names and its ``model_name`` label, for dashboards and autoscalers built for
+# vLLM on Ray: vLLM's ``vllm:time_to_first_token_seconds`` is ``ray_vllm_time_to_first_token_seconds`` once Ray
+# exports it (Ray refuses ':' in names), the series Ray Serve LLM's own Grafana dashboards query.
+VLLM_NAMES = {
+    "vllm_time_to_first_token_seconds": "histogram",
+    "vllm_inter_token_latency_seconds": "histogram",
+    "vllm_time_per_output_token_seconds": "histogram",
+    "vllm_e2e_request_latency_seconds": "histogram",
+    "vllm_request_queue_time_seconds": "histogram",
+    "vllm_num_requests_running": "gauge",
+    "vllm_num_requests_waiting": "gauge",
+    "vllm_kv_cache_usage_perc": "gauge",
+    "vllm_num_preemptions": "counter",
+    "vllm_prefix_cache_queries": "counter",
+    "vllm_prefix_cache_hits": "counter",
+    "vllm_prompt_tokens": "counter",
+    "vllm_generation_tokens": "counter",
+    "vllm_request_success": "counter",
+}
+
+
+class VllmMetrics:
+    """``VLLM_NAMES``, fed by ``ServerMetrics``'s hooks (vLLM's meanings: per-token gaps for both inter-token
+    names, KV usage as a fraction, finished requests by ``finished_reason``; errors are not successes)."""
+
+    def __init__(self, model: str):
+        tags, key = {"model_name": model}, ("model_name",)
+        fast = ("vllm_inter_token_latency_seconds", "vllm_time_per_output_token_seconds")  # token gaps
+        h = {n: Histogram(n, f"{n} (vLLM's name; raytp's own: raytp_*)", _FAST if n in fast else _SLOW,
+                          tag_keys=key) for n in VLLM_NAMES if VLLM_NAMES[n] == "histogram"}
+        self.ttft, self.itl = h["vllm_time_to_first_token_seconds"], h["vllm_inter_token_latency_seconds"]
+        self.tpot, self.e2e = h["vllm_time_per_output_token_seconds"], h["vllm_e2e_request_latency_seconds"]
+        self.queue = h["vllm_request_queue_time_seconds"]
+        g = {n: Gauge(n, f"{n} (vLLM's name)", tag_keys=key) for n in VLLM_NAMES if VLLM_NAMES[n] == "gauge"}
+        self.running, self.waiting = g["vllm_num_requests_running"], g["vllm_num_requests_waiting"]
+        self.kv_usage = g["vllm_kv_cache_usage_perc"]
+        c = {n: Counter(n, f"{n} (vLLM's name)", tag_keys=key + (("finished_reason",) if "success" in n else ()))
+             for n in VLLM_NAMES if VLLM_NAMES[n] == "counter"}
+        self.preemptions, self.success = c["vllm_num_preemptions"], c["vllm_request_success"]
+        self.prefix_queries, self.prefix_hits = c["vllm_prefix_cache_queries"], c["vllm_prefix_cache_hits"]
+        self.prompt_tokens, self.generation_tokens = c["vllm_prompt_tokens"], c["vllm_generation_tokens"]
+        for m in (*h.values(), *g.values(), *c.values()):
+            m.set_default_tags(dict(tags))
+
+
 class ServerMetrics(EngineStats):
     """Metrics of one LLMServer replica: the engine's hooks plus gang health and per-rank load time."""
 
     def __init__(self, model: str, max_num_seqs: int):
         self._max_num_seqs = max_num_seqs
+        self.vllm = VllmMetrics(model)
         self.ttft_window = TTFTWindow()  # what the replica reports to Serve's autoscaler (raytp.serve.autoscaling)
         tags = {"model": model}
         self.ttft = Histogram("raytp_time_to_first_token_seconds", "Time from arrival at the engine to the first "
@@ -85,31 +131,47 @@ class ServerMetrics(EngineStats):
         self.waiting.set(num_waiting)
         self.slots.set(num_running / self._max_num_seqs)
         self.kv_usage.set(kv_cache_usage)
+        self.vllm.running.set(num_running)
+        self.vllm.waiting.set(num_waiting)
+        self.vllm.kv_usage.set(kv_cache_usage)
 
     def on_preempted(self, num: int) -> None:
         self.preemptions.inc(num)
+        self.vllm.preemptions.inc(num)
 
     def on_prefix_lookup(self, num_tokens: int, num_hit: int) -> None:
         self.prefix_queries.inc(num_tokens)
+        self.vllm.prefix_queries.inc(num_tokens)
         if num_hit:
             self.prefix_hits.inc(num_hit)
+            self.vllm.prefix_hits.inc(num_hit)
 
     def on_scheduled(self, queue_s: float) -> None:
         self.queue.observe(queue_s)
+        self.vllm.queue.observe(queue_s)
 
     def on_tokens(self, first_s: list[float], gaps_s: list[float]) -> None:
         for latency_s in first_s:
             self.ttft.observe(latency_s)
+            self.vllm.ttft.observe(latency_s)
             self.ttft_window.add(latency_s)
         for latency_s in gaps_s:
             self.itl.observe(latency_s)
-        self.generation_tokens.inc(len(first_s) + len(gaps_s))
+            self.vllm.itl.observe(latency_s)
+            self.vllm.tpot.observe(latency_s)
+        if first_s or gaps_s:
+            self.generation_tokens.inc(len(first_s) + len(gaps_s))
+            self.vllm.generation_tokens.inc(len(first_s) + len(gaps_s))
 
     def on_finished(self, reason: str, e2e_s: float, num_prompt_tokens: int, num_output_tokens: int) -> None:
         self.finished.inc(tags={"finished_reason": reason})
         self.e2e.observe(e2e_s)
+        self.vllm.e2e.observe(e2e_s)
+        if reason != "error":
+            self.vllm.success.inc(tags={"finished_reason": reason})
         if num_prompt_tokens:
             self.prompt_tokens.inc(num_prompt_tokens)
+            self.vllm.prompt_tokens.inc(num_prompt_tokens)
 
     # ---- replica ----
     def gang(self, healthy: bool) -> None:

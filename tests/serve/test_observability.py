@@ -69,7 +69,7 @@ def value(samples: dict, name: str, **labels) -> float:
 def test_prometheus_metrics_after_requests(app, ray_session):
     """Counters and histograms are compared with a scrape taken before the requests, gauges are read for this
     app's replica only: what earlier tests left in the same Ray instance cannot change the outcome."""
-    from raytp.serve.metrics import NAMES
+    from raytp.serve.metrics import NAMES, VLLM_NAMES
 
     port = ray_session.nodes()[0]["MetricsExportPort"]
     replica = requests.get(URL + "/health", timeout=30).json()["replica_id"]
@@ -90,8 +90,8 @@ def test_prometheus_metrics_after_requests(app, ray_session):
         samples = scrape(port)
         names = {n for n, _ in samples}
         # a counter appears once incremented: nothing here runs out of KV blocks, so no preemption is counted
-        missing = [m for m in NAMES
-                   if m != "raytp_num_preemptions" and not any(n.startswith("ray_" + m) for n in names)]
+        exported = [m for m in NAMES | VLLM_NAMES if m not in ("raytp_num_preemptions", "vllm_num_preemptions")]
+        missing = [m for m in exported if not any(n.startswith("ray_" + m) for n in names)]
         if (not missing and grew(samples, "ray_raytp_generation_tokens_total", replica=replica) >= 24
                 and grew(samples, "ray_raytp_request_errors_total", status="400") >= 1
                 and grew(samples, "ray_raytp_ingress_request_seconds_count", route="/v1/completions") >= 4):
@@ -109,6 +109,21 @@ def test_prometheus_metrics_after_requests(app, ray_session):
     assert grew(samples, "ray_raytp_e2e_request_latency_seconds_count", replica=replica) == 4
     assert grew(samples, "ray_raytp_request_queue_time_seconds_count", replica=replica) == 4
     assert grew(samples, "ray_raytp_request_errors_total", error_type="invalid_request_error", status="400") >= 1
+    # the same under vLLM's names and label, for dashboards built for vLLM (Ray Serve LLM's query ray_vllm_*)
+    vllm = {"replica": replica, "model_name": MODEL}
+    assert grew(samples, "ray_vllm_time_to_first_token_seconds_count", **vllm) == 4
+    assert grew(samples, "ray_vllm_inter_token_latency_seconds_count", **vllm) == 4 * 5
+    assert grew(samples, "ray_vllm_time_per_output_token_seconds_count", **vllm) == 4 * 5
+    assert grew(samples, "ray_vllm_e2e_request_latency_seconds_count", **vllm) == 4
+    assert grew(samples, "ray_vllm_request_queue_time_seconds_count", **vllm) == 4
+    assert grew(samples, "ray_vllm_prompt_tokens_total", **vllm) == 4 * 41
+    assert grew(samples, "ray_vllm_generation_tokens_total", **vllm) == 24
+    assert grew(samples, "ray_vllm_prefix_cache_queries_total", **vllm) == 4 * 41
+    assert grew(samples, "ray_vllm_prefix_cache_hits_total", **vllm) == 3 * 32
+    assert grew(samples, "ray_vllm_request_success_total", finished_reason="length", **vllm) == 4
+    assert value(samples, "ray_vllm_num_requests_running", **vllm) == 0
+    assert value(samples, "ray_vllm_num_requests_waiting", **vllm) == 0
+    assert any(n == "ray_vllm_kv_cache_usage_perc" and vllm.items() <= dict(ls).items() for n, ls in samples)
     # gauges of this replica (per replica: Serve's tags name the deployment and replica)
     assert value(samples, "ray_raytp_gang_healthy", replica=replica, deployment="LLMServer") == 1
     assert value(samples, "ray_raytp_num_requests_running", replica=replica) == 0
