@@ -113,3 +113,17 @@ def prepack_linears(model: torch.nn.Module) -> int:
                 setattr(parent, name, PackedLinear(child))
                 count += 1
     return count
+
+
+def release_checkpoint(model: torch.nn.Module) -> None:
+    """Copy a prepacked model's remaining tensors (embeddings, norms, biases: a small part of it) out of the
+    checkpoint's memory map. The reorder read every linear's pages of that map; while any tensor still views the
+    map, those pages stay resident beside the packed copies (the 0.5B at TP=1: 2.18 GB of RSS after loading, 1.34 GB
+    with this)."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                param.data = param.data.clone()
+            for name, buf in list(module.named_buffers(recurse=False)):
+                if buf is not None and not buf.is_mkldnn:
+                    module._buffers[name] = buf.clone()

@@ -22,7 +22,7 @@ import torch
 
 from raytp.compat import dtype_kwarg
 from raytp.config import ResolvedConfig
-from raytp.gang.linears import can_prepack, plain_linears, prepack_linears
+from raytp.gang.linears import can_prepack, plain_linears, prepack_linears, release_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
         if tp > 1:
             plain_linears(model, head=True)
         logger.info("rank %d: %d linears prepacked for oneDNN", rank, prepack_linears(model))
+        release_checkpoint(model)
     return model
 
 

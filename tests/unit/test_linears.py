@@ -49,3 +49,25 @@ def test_prepacked_weights_count_in_the_rank_report():
     before = weight_bytes(model)
     assert prepack_linears(model) == 2
     assert weight_bytes(model) == before == (64 * 32 + 32 + 32 * 16) * 4
+
+
+def test_a_prepacked_model_keeps_no_view_of_the_checkpoint():
+    """After prepacking, the tensors left (here a norm and an embedding) are copied out of the storage the
+    checkpoint gave them (a memory map, in a real load), so that storage can be released; values unchanged."""
+    from raytp.gang.linears import release_checkpoint
+
+    if not can_prepack(torch.float32):
+        pytest.skip("no oneDNN in this torch build")
+    checkpoint = torch.randn(4 * 8 + 8 + 8 * 8)  # one flat buffer, as a memory-mapped file would be
+    model = torch.nn.Sequential(torch.nn.Embedding(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 8, bias=False))
+    with torch.no_grad():
+        model[0].weight.data = checkpoint[:32].view(4, 8)
+        model[1].weight.data = checkpoint[32:40]
+        model[2].weight.data = checkpoint[40:].view(8, 8)
+    before = [p.detach().clone() for p in (model[0].weight, model[1].weight)]
+    prepack_linears(model)
+    release_checkpoint(model)
+    base = checkpoint.untyped_storage().data_ptr()
+    for param, want in zip((model[0].weight, model[1].weight), before):
+        assert param.untyped_storage().data_ptr() != base
+        assert torch.equal(param, want)
