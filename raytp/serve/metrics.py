@@ -65,23 +65,29 @@ class VllmMetrics:
     names, KV usage as a fraction, finished requests by ``finished_reason``; errors are not successes)."""
 
     def __init__(self, model: str):
-        tags, key = {"model_name": model}, ("model_name",)
-        fast = ("vllm_inter_token_latency_seconds", "vllm_time_per_output_token_seconds")  # token gaps
-        h = {n: Histogram(n, f"{n} (vLLM's name; raytp's own: raytp_*)", _FAST if n in fast else _SLOW,
-                          tag_keys=key) for n in VLLM_NAMES if VLLM_NAMES[n] == "histogram"}
-        self.ttft, self.itl = h["vllm_time_to_first_token_seconds"], h["vllm_inter_token_latency_seconds"]
-        self.tpot, self.e2e = h["vllm_time_per_output_token_seconds"], h["vllm_e2e_request_latency_seconds"]
-        self.queue = h["vllm_request_queue_time_seconds"]
-        g = {n: Gauge(n, f"{n} (vLLM's name)", tag_keys=key) for n in VLLM_NAMES if VLLM_NAMES[n] == "gauge"}
-        self.running, self.waiting = g["vllm_num_requests_running"], g["vllm_num_requests_waiting"]
-        self.kv_usage = g["vllm_kv_cache_usage_perc"]
-        c = {n: Counter(n, f"{n} (vLLM's name)", tag_keys=key + (("finished_reason",) if "success" in n else ()))
-             for n in VLLM_NAMES if VLLM_NAMES[n] == "counter"}
-        self.preemptions, self.success = c["vllm_num_preemptions"], c["vllm_request_success"]
-        self.prefix_queries, self.prefix_hits = c["vllm_prefix_cache_queries"], c["vllm_prefix_cache_hits"]
-        self.prompt_tokens, self.generation_tokens = c["vllm_prompt_tokens"], c["vllm_generation_tokens"]
-        for m in (*h.values(), *g.values(), *c.values()):
-            m.set_default_tags(dict(tags))
+        key = ("model_name",)
+        self.ttft = Histogram("vllm_time_to_first_token_seconds", "vLLM's name of raytp_time_to_first_token_seconds.",
+                              _SLOW, tag_keys=key)
+        self.itl = Histogram("vllm_inter_token_latency_seconds", "vLLM's name of raytp_inter_token_latency_seconds.",
+                             _FAST, tag_keys=key)
+        self.tpot = Histogram("vllm_time_per_output_token_seconds", "vLLM's older name of the same token gaps.", _FAST,
+                              tag_keys=key)
+        self.e2e = Histogram("vllm_e2e_request_latency_seconds", "vLLM's name of raytp_e2e_request_latency_seconds.",
+                             _SLOW, tag_keys=key)
+        self.queue = Histogram("vllm_request_queue_time_seconds", "vLLM's name of raytp_request_queue_time_seconds.",
+                               _SLOW, tag_keys=key)
+        self.running = Gauge("vllm_num_requests_running", "Requests holding a batch slot.", tag_keys=key)
+        self.waiting = Gauge("vllm_num_requests_waiting", "Requests queued for a batch slot.", tag_keys=key)
+        self.kv_usage = Gauge("vllm_kv_cache_usage_perc", "KV cache usage, a fraction (as vLLM's).", tag_keys=key)
+        self.preemptions = Counter("vllm_num_preemptions", "Requests preempted.", tag_keys=key)
+        self.prefix_queries = Counter("vllm_prefix_cache_queries", "Prompt tokens looked up.", tag_keys=key)
+        self.prefix_hits = Counter("vllm_prefix_cache_hits", "Prompt tokens found in the cache.", tag_keys=key)
+        self.prompt_tokens = Counter("vllm_prompt_tokens", "Prompt tokens of finished requests.", tag_keys=key)
+        self.generation_tokens = Counter("vllm_generation_tokens", "Generated tokens.", tag_keys=key)
+        self.success = Counter("vllm_request_success", "Requests finished, but for errors, by finish reason.",
+                               tag_keys=key + ("finished_reason",))
+        for m in vars(self).values():
+            m.set_default_tags({"model_name": model})
 
 
 class ServerMetrics(EngineStats):
