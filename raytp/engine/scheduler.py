@@ -175,7 +175,11 @@ class _Scheduler:
         of them if None) plus ``reserve`` more tokens; return the chunk's length, or None (nothing held)."""
         if not seq.kv.table and seq.params.prompt_logprobs is None:  # prompt logprobs need every position computed
             seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.token_ids)
-        n = seq.num_pending if num_tokens is None else min(seq.num_pending, num_tokens)
+        n = seq.num_pending if num_tokens is None else self._chunk(seq.num_pending, num_tokens)
+        if n == 0:
+            self.kv.free(seq.kv)
+            seq.num_computed = 0
+            return None
         if self.kv.allocate(seq.kv, seq.num_computed + n + self._reserve(seq)):
             if self.kv.enable_prefix_caching:
                 self.kv.record_lookup(len(seq.token_ids), seq.num_computed)
@@ -186,6 +190,20 @@ class _Scheduler:
 
     def _reserve(self, seq: Sequence) -> int:
         return 0
+
+    def _chunk(self, pending: int, budget: int) -> int:
+        """How many of a sequence's ``pending`` tokens to compute in a step with ``budget`` tokens left (0: none this
+        step). A prompt is never cut so that a chunk of one token computes part of it (here or left for the next
+        step): a one-token row takes M = 1 paths (a GEMV, a decode row's attention) that round differently from
+        the same token inside a longer chunk, and a greedy answer would depend on how the prompt was cut."""
+        n = min(pending, budget)
+        if pending == 1:
+            return n
+        if pending - n == 1:
+            n -= 1  # leave two tokens, not one
+        if n == 1:  # wait for a fuller budget next step, unless no step ever has more
+            return 0 if budget < self.max_num_batched_tokens else min(pending, budget)
+        return n
 
     @property
     def num_waiting(self) -> int:
@@ -210,7 +228,10 @@ class ContinuousBatchScheduler(_Scheduler):
             if not seq.ready:
                 i += 1
                 continue
-            n = min(seq.num_pending, budget)
+            n = self._chunk(seq.num_pending, budget)
+            if n == 0:
+                i += 1
+                continue
             while not self.kv.allocate(seq.kv, seq.num_computed + n):
                 victim = self.running.pop()  # the newest
                 self._preempt(victim)

@@ -88,8 +88,9 @@ class ModelRunner:
         if self.pool is not None and self._interface:
             from raytp import platforms
 
-            batch_decode = platforms.get(torch.device(device).type).batch_decode
-            options = {"batch_decode": batch_decode} if attention_backend == "sdpa" else {}
+            platform = platforms.get(torch.device(device).type)
+            options = ({"batch_decode": platform.batch_decode, "tiled_prefill": platform.tiled_prefill}
+                       if attention_backend == "sdpa" else {})
             self.backend = attention.create(attention_backend, self.pool, **options)
         # the model step compiled once (a compiled step counts as one unit of progress)
         if compile_options is not None and self.backend is not None and self._keep_kwarg:

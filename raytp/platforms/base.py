@@ -186,6 +186,12 @@ class Platform:
         """sdpa backend: every decode row in one batched call (one launch beats one per row on a GPU)."""
         return True
 
+    @property
+    def tiled_prefill(self) -> bool:
+        """sdpa backend: prompt rows in fixed tiles (``attention.sdpa._prefill_tiles``) rather than the device's
+        SDPA kernel: a tile loop costs launches on a GPU, so there torch's flash kernels keep the prompt rows."""
+        return False
+
 
 def triton_importable_here() -> bool:
     """Triton is installed in this environment (not imported: that is slow, and the ranks import it if used)."""

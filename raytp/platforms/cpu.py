@@ -95,3 +95,7 @@ class CpuPlatform(Platform):
     @property
     def batch_decode(self) -> bool:
         return False  # a view of consecutive blocks costs no copy; one SDPA call per row is cheap on a CPU
+
+    @property
+    def tiled_prefill(self) -> bool:
+        return True  # as fast as torch's flash kernel here, and a prompt's numbers do not depend on its chunks

@@ -64,6 +64,20 @@ def test_long_prompt_is_prefilled_in_chunks_while_running_rows_decode():
                      [("r0", 1), ("r1", 1)]], "r0 decodes every step; r1's 20 tokens take 3 chunks, then it decodes"
 
 
+def test_a_prompt_is_never_cut_into_a_one_token_chunk():
+    """A one-token piece of a prompt would run M = 1 paths that round differently: its greedy answer would depend
+    on how it was cut (``_chunk``)."""
+    s = build(max_num_batched_tokens=8)
+    s.add(seq(0, n_prompt=17, max_tokens=2))  # 8 + 8 would leave 1: 8 + 7 + 2
+    assert [run_step(s)[0] for _ in range(3)] == [[("r0", 8)], [("r0", 7)], [("r0", 2)]]
+    s = build(max_num_batched_tokens=8)
+    s.add(seq(0, n_prompt=7, max_tokens=3))
+    s.add(seq(1, n_prompt=20, max_tokens=2))
+    # step 1: 7 + a one-token start for r1 would be a one-token chunk: r1 waits for the next step
+    assert run_step(s)[0] == [("r0", 7)]
+    assert run_step(s)[0] == [("r0", 1), ("r1", 7)]
+
+
 def test_newest_is_preempted_when_blocks_run_out_and_recomputed_with_its_output():
     s = build(num_blocks=5, block_size=4, enable_prefix_caching=False)  # 16 tokens in all
     a, b = seq(0, n_prompt=4, max_tokens=8), seq(1, n_prompt=4, max_tokens=8, first=50)

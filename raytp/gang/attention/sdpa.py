@@ -7,6 +7,12 @@ Rows are attended in three ways, cheapest first (the plan is made once per step,
 * other rows gather their blocks and attend to exactly their context, as a view would hold it (same shape and
   layout, so the same numbers: which path a row takes depends on where the block manager put its blocks, e.g.
   whether its prefix came from the cache, and must not change its answer).
+``tiled_prefill`` (the CPU's choice): a row's queries (n > 1) are computed in query tiles of ``PREFILL_TILE`` at fixed
+absolute positions, each over exactly the keys up to its tile's end (``_prefill_tiles``), so a query's numbers
+depend only on its position and its context, never on how the prompt was cut into chunks or which part of it came
+from the prefix cache; otherwise torch's SDPA (its flash kernel on CPU tiles queries relative to the call, and rounds
+a tile of one or two rows differently from the same rows in a larger tile: a cold prompt and the same prompt with a
+cached prefix gave different greedy answers in float32).
 ``batch_decode``: every decode row goes to one batched gather + SDPA, padded to the longest row with the null
 block and masked, consecutive or not — on a GPU one call per layer for all decode rows costs less than one small
 kernel launch per row per layer (the per-row paths are for the CPU, where the copy costs more than the call).
@@ -42,9 +48,10 @@ class _Plan:
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
-    def __init__(self, pool: KVPool, batch_decode: bool = False):
+    def __init__(self, pool: KVPool, batch_decode: bool = False, tiled_prefill: bool = False):
         super().__init__(pool)
         self.batch_decode = batch_decode
+        self.tiled_prefill = tiled_prefill
 
     def shapes(self, *, max_tokens: int, max_rows: int, max_blocks: int) -> DecodeBuckets:
         """Decode-only steps: their metadata without a plan takes the batched path, from its tensors alone."""
@@ -58,7 +65,7 @@ class SdpaBackend(AttentionBackend):
         for row, (n, start, table) in enumerate(layout):
             ctx_len = start + n
             used = table[:-(-ctx_len // bs)]
-            mask = None if n == 1 else _offset_causal(start, n, device)
+            mask = None if n == 1 or self.tiled_prefill else _offset_causal(start, n, device)
             if start == 0 and n > 1:
                 plan.own.append((offset, n))
             elif self.batch_decode and n == 1:
@@ -93,19 +100,34 @@ class SdpaBackend(AttentionBackend):
         qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         for start, n in plan.own:
             s = slice(start, start + n)
-            o[:, :, s] = _sdpa(qh[:, :, s], kh[:, :, s], vh[:, :, s], None, True, scale)
+            if self.tiled_prefill:
+                out[s] = _prefill_tiles(q[s], k[s], v[s], 0, scale)
+            else:
+                o[:, :, s] = _sdpa(qh[:, :, s], kh[:, :, s], vh[:, :, s], None, True, scale)
         for start, n, slot, ctx_len, mask in plan.views:
             kv = slice(slot, slot + ctx_len)
-            _attend_row(out, q, start, n, k_pool[kv], v_pool[kv], mask, scale)
+            self._attend_row(out, q, start, n, k_pool[kv], v_pool[kv], mask, scale)
         for start, n, ctx_len, row, mask in plan.gathers:
             blocks = meta.block_tables[row:row + 1, :-(-ctx_len // pool.block_size)]
             # [1, H, W * bs, D] views of [W * bs, H, D] copies: transposed back, the layout of a pool slice
             keys, values = (pool.gather(t, blocks)[0, :, :ctx_len].transpose(0, 1) for t in (k_pool, v_pool))
-            _attend_row(out, q, start, n, keys, values, mask, scale)
+            self._attend_row(out, q, start, n, keys, values, mask, scale)
         if plan.decode_q is not None:
             out[plan.decode_q] = self._attend_blocks(layer, q.index_select(0, plan.decode_q), plan.decode_tables,
                                                      plan.decode_mask, scale)
         return out
+
+    def _attend_row(self, out, q, start: int, n: int, k, v, mask, scale) -> None:
+        """One row's ``n`` queries ``q[start:start + n]`` (q, out: [T, H_q, D]) over its context ``k`` / ``v``
+        [L, H_kv, D] (a pool slice, or a gathered copy in the same layout) into ``out``."""
+        s = slice(start, start + n)
+        if n == 1:
+            out[start] = _decode_one(q[start], k, v, scale)
+        elif self.tiled_prefill:
+            out[s] = _prefill_tiles(q[s], k, v, k.shape[0] - n, scale)
+        else:
+            qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[s], k, v))  # [1, H, len, D], as SDPA wants
+            out[s] = _sdpa(qh, kh, vh, mask, False, scale)[0].transpose(0, 1)
 
     def _attend_blocks(self, layer: int, q, tables, mask, scale) -> torch.Tensor:
         """One query per row, q [B, Hq, D], over the whole blocks ``tables`` [B, W] of that row (padding masked
@@ -120,15 +142,40 @@ def _offset_causal(start: int, n: int, device) -> torch.Tensor:
     return torch.arange(start + n, device=device)[None, :] <= torch.arange(start, start + n, device=device)[:, None]
 
 
-def _attend_row(out, q, start: int, n: int, k, v, mask, scale) -> None:
-    """One row's ``n`` queries ``q[start:start + n]`` (q, out: [T, H_q, D]) over its context ``k`` / ``v``
-    [L, H_kv, D] (a pool slice, or a gathered copy in the same layout) into ``out``."""
-    if n == 1:
-        out[start] = _decode_one(q[start], k, v, scale)
-        return
-    s = slice(start, start + n)
-    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[s], k, v))  # [1, H, len, D], as SDPA wants them
-    out[s] = _sdpa(qh, kh, vh, mask, False, scale)[0].transpose(0, 1)
+PREFILL_TILE = 32  # queries per tile of ``_prefill_tiles``: as fast as torch's flash kernel on CPU at 128-512 tokens
+
+
+def _prefill_tiles(q, k, v, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of the queries ``q`` [n, H_q, D] at positions ``start`` .. ``start + n - 1`` over their
+    context ``k``, ``v`` [start + n, H_kv, D] → [n, H_q, D], in float32 (bf16 inputs upcast, rounded once at the
+    end). The queries are cut into tiles of ``PREFILL_TILE`` at absolute positions (multiples of the tile), padded
+    with zero queries, and each tile attends over exactly the keys before its end (zero-padded past the context,
+    masked): every product has a shape fixed by the tile's position, so a query's result is the same bits whatever
+    chunk it was computed in (tested: ``tests/unit/test_sdpa_prefill.py``)."""
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    group, tile, end = hq // hkv, PREFILL_TILE, start + n
+    first = start // tile * tile
+    tiles = -(-(end - first) // tile)
+    padded = first + tiles * tile
+    kf = torch.zeros((hkv, padded, d), dtype=torch.float32, device=q.device)
+    vf = torch.zeros_like(kf)
+    kf[:, :end] = k[:end].transpose(0, 1)
+    vf[:, :end] = v[:end].transpose(0, 1)
+    qf = torch.zeros((tiles * tile, hkv, group, d), dtype=torch.float32, device=q.device)
+    qf[start - first:end - first] = q.reshape(n, hkv, group, d)
+    qf = (qf * scale).reshape(tiles, tile, hkv, group, d).permute(0, 2, 3, 1, 4).contiguous()  # [tiles, H_kv, g, T, D]
+    of = torch.empty_like(qf)
+    rows = torch.arange(tile, device=q.device)[:, None]
+    for i in range(tiles):
+        stop = first + (i + 1) * tile
+        scores = torch.matmul(qf[i].view(hkv, group * tile, d), kf[:, :stop].transpose(1, 2))
+        scores = scores.view(hkv, group, tile, stop)
+        scores.masked_fill_(torch.arange(stop, device=q.device)[None, :] > rows + (stop - tile), float("-inf"))
+        torch.matmul(torch.softmax(scores, -1).view(hkv, group * tile, stop), vf[:, :stop],
+                     out=of[i].view(hkv, group * tile, d))
+    out = of.permute(0, 3, 1, 2, 4).reshape(tiles * tile, hq, d)[start - first:end - first]
+    return out.to(q.dtype)
 
 
 def _decode_one(q, k, v, scale) -> torch.Tensor:
