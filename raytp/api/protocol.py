@@ -4,13 +4,13 @@ Parsing is lenient where vLLM's is: an unknown field, top-level or inside a mess
 accepted and ignored, and its name (never its value) is logged once per process at INFO (``raytp.api.lenient``),
 so a client that adds one field for another server still works. Known fields stay strict: wrong types and
 out-of-range values are a 400 that names the field. Fields raytp knows but cannot honour are refused with a
-message that says why, never silently ignored (``best_of`` > 1, ``use_beam_search``, ``suffix``, the deprecated
-``functions``, ...). Fields that only describe the caller (``user``, ``metadata``, ``store``, ``service_tier``,
-``prompt_cache_key``, ``safety_identifier``) are accepted and ignored by design: they change no output. vLLM's
-extensions (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``,
-``allowed_token_ids``, ``ignore_eos``, ``prompt_logprobs``, ``return_tokens_as_token_ids``,
-``skip_special_tokens``, ``include_stop_str_in_output``, ``truncate_prompt_tokens``, ``add_special_tokens``,
-``structured_outputs`` and the older ``guided_*``, in chat ``echo``, ``add_generation_prompt``,
+message that says why, never silently ignored (``best_of`` > 1, ``suffix``, the deprecated ``functions``, ...).
+Fields that only describe the caller (``user``, ``metadata``, ``store``, ``service_tier``, ``prompt_cache_key``,
+``safety_identifier``) are accepted and ignored by design: they change no output. vLLM's extensions (``top_k``,
+``min_p``, ``repetition_penalty``, ``min_tokens``, ``stop_token_ids``, ``allowed_token_ids``, ``ignore_eos``,
+``prompt_logprobs``, ``return_tokens_as_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``,
+``truncate_prompt_tokens``, ``add_special_tokens``, ``structured_outputs`` and the older ``guided_*``,
+``use_beam_search`` with ``length_penalty``, in chat ``echo``, ``add_generation_prompt``,
 ``continue_final_message``, ``chat_template_kwargs``) are accepted with vLLM's meaning. A message's ``role`` is
 any string: which roles exist is the chat template's business.
 """
@@ -43,7 +43,9 @@ class _Sampling(_Lenient):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=64, description="Choices per prompt; they share the prompt's KV blocks.")
     best_of: int | None = Field(None, description="Only 1 (= n=1): best_of > 1 is not supported (vLLM removed it).")
-    use_beam_search: bool = Field(False, description="Extension (vLLM): only false; beam search is not supported.")
+    use_beam_search: bool = Field(False, description="Extension (vLLM): beam search of width n; the n choices "
+                                  "are the n best beams (raytp.serve.beam_search). Streamed: each choice whole, "
+                                  "once the search has ended.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="Extension (vLLM): >1 discourages any "
@@ -75,8 +77,9 @@ class _Sampling(_Lenient):
     guided_choice: list[str] | None = Field(None, min_length=1, description="Extension (older vLLM): = "
                                             "structured_outputs.choice.")
     guided_grammar: str | None = Field(None, description="Extension (older vLLM): = structured_outputs.grammar.")
+    length_penalty: float = Field(1.0, description="Extension (vLLM): with use_beam_search, beams rank by "
+                                  "cumulative logprob / output_length ** length_penalty (Hugging Face's score).")
     # vLLM fields raytp cannot honour: named so they are refused, not ignored as unknown
-    length_penalty: float | None = Field(None, description="Not supported (beam search only).")
     bad_words: list[str] | None = Field(None, description="Not supported.")
     logits_processors: list | None = Field(None, description="Not supported (no code from requests).")
     prompt_embeds: Any = Field(None, description="Not supported.")
@@ -96,19 +99,12 @@ class _Sampling(_Lenient):
                              "sequences per choice and return the most likely; use n and pick with logprobs")
         return v
 
-    @field_validator("use_beam_search")
-    @classmethod
-    def _no_beam_search(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("beam search is not supported: the engine samples one token per sequence per step and "
-                             "keeps no beams; use n with temperature, or greedy (temperature 0)")
-        return v
-
     @field_validator("length_penalty")
     @classmethod
-    def _no_length_penalty(cls, v):
-        return v if v in (None, 1.0) else _refuse_set(v, "length_penalty only applies to beam search, which "
-                                                       "raytp does not do")
+    def _length_penalty_needs_beams(cls, v: float, info: ValidationInfo) -> float:
+        if v != 1.0 and not info.data.get("use_beam_search"):  # it would change nothing: never silently ignored
+            raise ValueError("length_penalty only applies with use_beam_search: true")
+        return v
 
     @field_validator("bad_words", "logits_processors", "prompt_embeds")
     @classmethod

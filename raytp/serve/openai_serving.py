@@ -1,7 +1,8 @@
 """OpenAI request bodies ⇄ the engine, for one replica: each request is validated against what only the replica
 knows (the served name, the tokenizer's vocabulary and chat template, max_model_len, tools), split into its
-choices (prompts × n) on the engine (``raytp.serve.fanout``), and answered as OpenAI bodies or SSE chunks (with
-logprobs, echo, tool calls, and vLLM's prompt_logprobs). The deployment (``raytp.serve.server``) delegates its
+choices (prompts × n) on the engine (``raytp.serve.fanout``; with ``use_beam_search``, each prompt's n best
+beams, ``raytp.serve.beam_search``), and answered as OpenAI bodies or SSE chunks (with logprobs, echo, tool calls,
+and vLLM's prompt_logprobs). The deployment (``raytp.serve.server``) delegates its
 OpenAI methods here.
 """
 
@@ -31,6 +32,7 @@ from raytp.engine.protocol import EngineClient, RequestOutput
 from raytp.engine.structured import grammar_of
 from raytp.engine.tokenizer import LockedTokenizer
 from raytp.errors import InvalidRequestError, ModelNotFoundError
+from raytp.serve import beam_search
 from raytp.serve.fanout import Choice, Fanout
 
 logger = logging.getLogger("ray.serve")
@@ -130,6 +132,9 @@ class OpenAIServing:
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id])
 
+    def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
     def _check_ids(self, ids, param: str) -> None:
         oai.check_token_ids(ids, len(self.tokenizer), param)
 
@@ -145,6 +150,8 @@ class OpenAIServing:
         echo = not chat and req.echo
         if requested == 0 and not echo:
             raise InvalidRequestError("max_tokens: must be at least 1 (0 only with echo: true)", param="max_tokens")
+        if req.use_beam_search:
+            beam_search.check_request(req, chat)
         mode = self._tool_mode(req, chat)
         grammar = self._grammar(req, mode)  # compiled once for every prompt and choice
         items = self._prompt_items(req, chat)
@@ -174,7 +181,12 @@ class OpenAIServing:
         request_id = _request_id("chatcmpl" if chat else "cmpl", request_id)
         logger.info("raytp: request %s: %d choices, %d prompt tokens, max_tokens %d", request_id, len(choices),
                     sum(len(c.prompt_ids) for c in choices if c.index == c.leader), choices[0].params.max_tokens)
-        return req, Fanout(self.engine, request_id, choices, self.config.enable_prefix_caching), chat, mode
+        if req.use_beam_search:  # n = the beam width: each prompt's n choices are its n best beams
+            fanout = beam_search.BeamSearch(self.engine, request_id, choices, req.length_penalty,
+                                            self.tokenizer.eos_token_id, self._decode)
+        else:
+            fanout = Fanout(self.engine, request_id, choices, self.config.enable_prefix_caching)
+        return req, fanout, chat, mode
 
     def _tool_mode(self, req, chat: bool) -> str | None:
         """None (no tool parsing), 'forced' (required / a named function) or 'auto' (parsed by tool_call_parser)."""

@@ -183,13 +183,57 @@ def test_structured_output_fields_constrain_the_output(app, fields, check):
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),  # one constraint only
     ({"structured_outputs": {"choice": ["a"]}, "guided_choice": ["b"]}, "guided_choice"),
     ({"best_of": 2}, "best_of"),
-    ({"use_beam_search": True}, "use_beam_search"),
 ])
 def test_fields_raytp_cannot_honour_are_400_naming_them(app, fields, param):
     err = refused("/v1/completions", {"prompt": "x", **fields})
     assert err["param"] == param and err["type"] == "invalid_request_error", err
-    if param in ("best_of", "use_beam_search"):
+    if param == "best_of":
         assert "not supported" in err["message"] and "use n" in err["message"]  # why, and what to do instead
+
+
+def test_beam_search_returns_the_n_best_beams(app, tiny_tokenizer):
+    """The scripted gang scores its greedy token -0.5 and the next vocabulary entries -1, -2, ...: the best beam
+    is the greedy output, the second leaves it once, for a -1 token. Sampling fields change nothing (vLLM's)."""
+    greedy = completion(prompt="the model", max_tokens=4, logprobs=0, return_tokens_as_token_ids=True)["choices"][0]
+    body = completion(prompt="the model", max_tokens=4, n=2, use_beam_search=True, logprobs=0, temperature=0.7,
+                      return_tokens_as_token_ids=True, length_penalty=0.5)
+    best, second = body["choices"]
+    assert [best["index"], second["index"]] == [0, 1] and best["logprobs"]["tokens"] == greedy["logprobs"]["tokens"]
+    assert sum(a != b for a, b in zip(second["logprobs"]["tokens"], best["logprobs"]["tokens"])) == 1
+    assert [sum(c["logprobs"]["token_logprobs"]) for c in body["choices"]] == [-2.0, -2.5]
+    assert [c["finish_reason"] for c in body["choices"]] == ["length", "length"]
+    assert body["usage"]["completion_tokens"] == 8 and body["usage"]["prompt_tokens"] == len(
+        tiny_tokenizer.encode("the model"))
+    # streamed: each choice once, whole, when the search has ended; then the usage
+    chunks = sse("/v1/completions", {"model": MODEL, "prompt": "the model", "max_tokens": 4, "n": 2,
+                                     "use_beam_search": True, "logprobs": 0, "return_tokens_as_token_ids": True,
+                                     "stream_options": {"include_usage": True}})
+    assert [c["choices"][0]["text"] for c in chunks[:-1]] == [best["text"], second["text"]]
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == ["length", "length"]
+    assert chunks[-1]["usage"] == body["usage"]
+    in_chat = chat(use_beam_search=True, n=2)
+    assert len(in_chat["choices"]) == 2 and in_chat["usage"]["completion_tokens"] == 12
+    assert in_chat["choices"][0]["message"]["content"] == chat()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"stop": ["x"]}, "stop"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"guided_regex": "a+"}, "guided_regex"),
+    ({"use_beam_search": False, "length_penalty": 0.5}, "length_penalty"),
+    ({"n": 3, "max_tokens": 1, "allowed_token_ids": [11, 12]}, "n"),  # two tokens make at most two beams
+    ({"echo": True, "max_tokens": 0}, "max_tokens"),
+])
+def test_beam_search_refuses_what_it_cannot_honour_naming_the_field(app, fields, param):
+    err = refused("/v1/completions", {"model": MODEL, "prompt": "x", "use_beam_search": True, **fields})
+    assert err["param"] == param and err["type"] == "invalid_request_error", err
+
+
+def test_beam_search_refuses_a_forced_tool_call(app):
+    err = refused("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                           "tools": [WEATHER], "tool_choice": "required", "use_beam_search": True})
+    assert err["param"] == "tool_choice" and "use_beam_search" in err["message"]
 
 
 def test_tools_with_a_structured_output_field_are_refused(app):
@@ -224,9 +268,9 @@ def test_vllm_fields_through_the_openai_sdk_extra_body(app, tiny_tokenizer):
     guided = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "ok?"}],
                                             max_tokens=8, extra_body={"guided_choice": ["yes", "no"]})
     assert guided.choices[0].message.content in ("yes", "no")
-    with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="x", extra_body={"use_beam_search": True})
-    assert e.value.body["param"] == "use_beam_search"
+    beams = client.completions.create(model=MODEL, prompt="x", n=2, max_tokens=3,
+                                      extra_body={"use_beam_search": True, "length_penalty": 0.5})
+    assert len(beams.choices) == 2 and beams.usage.completion_tokens == 6
     default_tools = requests.post(URL + "/v1/chat/completions", timeout=60, json={
         "model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER]})
     assert default_tools.status_code == 400 and default_tools.json()["error"]["param"] == "tool_choice"

@@ -27,8 +27,7 @@ def test_completion_defaults_follow_openai():
     ({"model": "m", "prompt": "x", "response_format": {"type": "yaml"}}, "response_format.type"),
     ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"model": "m", "prompt": "x", "best_of": 2}, "best_of"),
-    ({"prompt": "x", "use_beam_search": True}, "use_beam_search"),
-    ({"prompt": "x", "length_penalty": 0.5}, "length_penalty"),
+    ({"prompt": "x", "length_penalty": 0.5}, "length_penalty"),  # only with use_beam_search
     ({"prompt": "x", "bad_words": ["no"]}, "bad_words"),
     ({"prompt": "x", "min_p": 1.5}, "min_p"),
     ({"prompt": "x", "allowed_token_ids": []}, "allowed_token_ids"),
@@ -59,6 +58,8 @@ def test_supported_parameters_parse():
     chat = parse(ChatCompletionRequest, {"model": "m", "logprobs": True, "top_logprobs": 5, "messages": [
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]})
     assert chat.num_logprobs == 5 and chat.messages[0].text == "ab"
+    beams = parse(CompletionRequest, {"prompt": "x", "use_beam_search": True, "n": 4, "length_penalty": 0.5})
+    assert beams.use_beam_search and beams.length_penalty == 0.5
 
 
 def test_chat_requires_messages():
@@ -147,7 +148,7 @@ def test_seed_bounds_are_named_as_clients_parse_them():
             parse(CompletionRequest, {"prompt": "x", "seed": seed})
         assert e.value.param == "seed" and e.value.code == code and f"[type={code}]" in e.value.message
     with pytest.raises(InvalidRequestError) as e:  # our validators' own messages carry no type
-        parse(CompletionRequest, {"prompt": "x", "use_beam_search": True})
+        parse(CompletionRequest, {"prompt": "x", "length_penalty": 2.0})
     assert "type=" not in e.value.message
 
 
