@@ -78,6 +78,13 @@ class RaytpConfig(BaseModel):
         "into oneDNN's blocked layout at load (raytp/gang/linears.py); decode reads weights several times faster "
         "than torch's plain linear does. false: plain torch linears.",
     )
+    batch_invariant: bool = Field(
+        False, description="A request's output does not depend on what else runs in its batch (greedy answers the "
+        "same alone and under load, as vLLM's batch-invariant mode): every product is computed with the same "
+        "shapes for a row wherever it sits in a step (one-row linears padded to two, prompt attention in fixed "
+        "tiles). cpu only, with prepacked float32/bfloat16 weights (no quantization, low_bit or compile_model); "
+        "costs a few percent of single-stream decode (docs/performance.md).",
+    )
     quantize_lm_head: bool = Field(
         False, description="With quantization: the LM head too (int4/int8; for real vocabularies of 32k-150k tokens "
         "it is 15-30 % of the bytes read per decoded token). Off by default: the head is the layer most sensitive "
@@ -207,6 +214,13 @@ class RaytpConfig(BaseModel):
         if self.quantize_lm_head and self.quantization not in ("int4", "int8"):
             raise ConfigError("quantize_lm_head", "needs quantization int4 or int8 (torchao).")
         check_quantization_on(self.device, self.quantization)
+        if self.batch_invariant:
+            if self.device not in ("auto", "cpu"):
+                raise ConfigError("batch_invariant", _BATCH_INVARIANT_CPU_ONLY)
+            if self.quantization or self.low_bit or self.compile_model or not self.prepack_weights:
+                raise ConfigError("batch_invariant", "needs the prepacked float32/bfloat16 linears: set "
+                                  "quantization and low_bit to null, compile_model to false and prepack_weights "
+                                  "to true.")
         return self
 
     def scheduling_limits(self, device: str | None) -> tuple[int, int]:
@@ -258,11 +272,17 @@ class ResolvedConfig:
     quantization_group_size: int | None = None
     quantize_lm_head: bool = False
     prepack_weights: bool = True
+    batch_invariant: bool = False
     enforce_eager: bool = False
     compile_model: bool | None = None
     tool_call_parser: str | None = None
     attention_backend: str = "auto"  # resolved on each rank (``Platform.attention_backend``)
     async_scheduling: bool = True
+
+
+_BATCH_INVARIANT_CPU_ONLY = ("is implemented on cpu only (oneDNN's linears give a row the same bits in any batch "
+                             "of two rows or more, and the sdpa backend computes each row alone); cuda/xpu need "
+                             "batch-invariant matmul and attention kernels, which raytp does not have yet.")
 
 
 def bundle_device(device: str, *, local=None, cluster_resources=None) -> str:
@@ -297,6 +317,8 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
     cfg.check_static()
     device = device or bundle_device(cfg.device)
     check_quantization_on(device, cfg.quantization)  # again: an 'auto' device is known now
+    if cfg.batch_invariant and device != "cpu":
+        raise ConfigError("batch_invariant", _BATCH_INVARIANT_CPU_ONLY)
     platform = platforms.get(device)
     dtype = platform.quantized_dtype(cfg.quantization, cfg.dtype, platform.resolve_dtype(cfg.dtype, cpu_bf16))
     if cfg.quantization and importlib.util.find_spec("torchao") is None:
@@ -334,6 +356,7 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         quantization_group_size=cfg.quantization_group_size,
         quantize_lm_head=cfg.quantize_lm_head,
         prepack_weights=cfg.prepack_weights,
+        batch_invariant=cfg.batch_invariant,
         enforce_eager=cfg.enforce_eager,
         compile_model=cfg.compile_model,
         tool_call_parser=cfg.tool_call_parser,

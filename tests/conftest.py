@@ -55,10 +55,10 @@ def ray_session():
     ray.shutdown()
 
 
-def run_gang(config: dict, batches: list[list[list[int]]], max_tokens: int) -> list[list[list[int]]]:
+def run_gang(config: dict, batches: list[list[list[int]]], max_tokens: int, logprobs: bool = False) -> list[list[list]]:
     """On one fresh gang (through the engine, so through the paged KV cache), greedy-generate ``max_tokens``
     tokens for each batch of prompts in turn (a batch's prompts concurrently, the next batch once it is done);
-    return the tokens per prompt, per batch."""
+    return the tokens per prompt, per batch (with ``logprobs``: (token, its log-probability) pairs)."""
     from transformers import AutoTokenizer
 
     from raytp.config import resolve
@@ -69,9 +69,12 @@ def run_gang(config: dict, batches: list[list[list[int]]], max_tokens: int) -> l
     cfg = resolve(config)
     executor = RayExecutor(cfg)
     engine = make_engine(cfg, executor, AutoTokenizer.from_pretrained(cfg.model_path))
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0 if logprobs else None)
 
-    async def one(rid: str, prompt: list[int]) -> list[int]:
+    async def one(rid: str, prompt: list[int]) -> list:
+        if logprobs:
+            return [(t, lp[0]) async for out in engine.generate(rid, tuple(prompt), params)
+                    for t, lp in zip(out.token_ids, out.logprobs)]
         return [t async for out in engine.generate(rid, tuple(prompt), params) for t in out.token_ids]
 
     async def main():

@@ -11,8 +11,9 @@ machine's bandwidth; oneDNN's matmul over a weight reordered once into its block
 freezing pass emits, ``torch.ops.mkldnn._linear_pointwise``; vLLM's CPU backend does the same through its own
 oneDNN handle) streams it several times faster (``benchmarks/compiled_step.py`` and docs/performance.md measure
 it). The products agree with ``F.linear`` within rounding (fp32 accumulation in both), not bit for bit: oneDNN's
-path for a single row (M = 1) rounds differently from the same row in a longer matrix, which the prefix cache
-allows for (``raytp.engine.kv_cache`` leaves at least two tokens to compute).
+path for a single row (M = 1) rounds differently from the same row in a longer matrix (any M >= 2 gives a row the
+same bits, measured for float32 and bf16 at 1 and 2 threads), which the prefix cache and the scheduler allow for
+(neither leaves a one-token piece of a prompt); with ``batch_invariant`` a one-row product is computed as two rows.
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def plain_linears(model: torch.nn.Module, head: bool = False) -> None:
 class PackedLinear(torch.nn.Module):
     """``F.linear`` of a CPU weight reordered once into oneDNN's blocked layout (the original is dropped)."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, min_rows: int = 1):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.min_rows = min_rows  # 2: a single row computed as two (the same bits as in any larger batch)
         # batch-size hint 1: decode rows are what is bandwidth-bound; larger batches stay compute-bound either way
         # a buffer, not an attribute, so whatever walks a model's tensors (weight counts in reports) sees it
         self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1),
@@ -92,9 +94,12 @@ class PackedLinear(torch.nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias, "none",
-                                                 [], "")
-        return out.view(*x.shape[:-1], self.out_features)
+        rows = x.reshape(-1, self.in_features)
+        m = rows.shape[0]
+        if m < self.min_rows:
+            rows = rows.expand(self.min_rows, -1)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+        return out[:m].view(*x.shape[:-1], self.out_features)
 
 
 def can_prepack(dtype: torch.dtype) -> bool:
@@ -104,13 +109,14 @@ def can_prepack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def prepack_linears(model: torch.nn.Module) -> int:
-    """Replace every plain ``nn.Linear`` of a CPU model by a ``PackedLinear``; returns how many."""
+def prepack_linears(model: torch.nn.Module, min_rows: int = 1) -> int:
+    """Replace every plain ``nn.Linear`` of a CPU model by a ``PackedLinear`` (``min_rows``: its argument); returns
+    how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(parent, name, PackedLinear(child))
+                setattr(parent, name, PackedLinear(child, min_rows))
                 count += 1
     return count
 

@@ -22,6 +22,7 @@ import torch
 
 from raytp.compat import dtype_kwarg
 from raytp.config import ResolvedConfig
+from raytp.errors import ConfigError
 from raytp.gang.linears import can_prepack, plain_linears, prepack_linears, release_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -95,8 +96,12 @@ def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
         # (not under compile_model: Inductor does not lower the prepacked op from eager code; its freezing packs)
         if tp > 1:
             plain_linears(model, head=True)
-        logger.info("rank %d: %d linears prepacked for oneDNN", rank, prepack_linears(model))
+        packed = prepack_linears(model, min_rows=2 if cfg.batch_invariant else 1)
+        logger.info("rank %d: %d linears prepacked for oneDNN", rank, packed)
         release_checkpoint(model)
+    elif cfg.batch_invariant:
+        raise ConfigError("batch_invariant", f"needs oneDNN's prepacked linears, which this rank's CPU cannot run "
+                          f"in {dtype} (no native bf16?); use dtype float32.")
     return model
 
 

@@ -22,6 +22,7 @@ from dataclasses import replace
 
 import torch
 
+from raytp.errors import ConfigError
 from raytp.gang import attention
 from raytp.gang.attention import hf
 from raytp.gang.compiled import CompiledModel
@@ -116,13 +117,17 @@ class ModelRunner:
         platform = platforms.get(config.device)
         budget = platform.kv_cache_budget(config.kv_cache_memory_bytes, config.gpu_memory_utilization)
         per_seq = -(-config.max_model_len // config.block_size)
-        return cls(model, device, rank, config.tensor_parallel_size, block_size=config.block_size,
+        runner = cls(model, device, rank, config.tensor_parallel_size, block_size=config.block_size,
                    kv_cache_bytes=budget, max_blocks=2 * config.max_num_seqs * per_seq + 1,
                    graph_capture=platform.graph_capture(config.enforce_eager, config.tensor_parallel_size),
                    max_batch=config.max_num_seqs, max_model_len=config.max_model_len,
                    attention_backend=platform.attention_backend(config.attention_backend),
                    max_step_tokens=config.max_num_batched_tokens,
                    compile_options=platform.compile_options(config.enforce_eager, config.compile_model))
+        if config.batch_invariant and not getattr(runner.backend, "tiled_prefill", False):
+            raise ConfigError("batch_invariant", f"needs the sdpa attention backend over the paged cache (here: "
+                              f"{runner.attention_backend}; transformers >= 5 provides the attention interface).")
+        return runner
 
     def _count_layer(self, *_args) -> None:
         if not torch.compiler.is_compiling():  # traced, the count would be a guard: a recompile per step

@@ -1,4 +1,5 @@
-"""TP=2 (DeepSpeed AutoTP over gloo + shm all-reduce, 2 Ray actors) == TP=1 == plain transformers, float32 greedy."""
+"""TP=2 (DeepSpeed AutoTP over gloo + shm all-reduce, 2 Ray actors) == TP=1 == plain transformers, float32 greedy;
+and with ``batch_invariant``, a TP=2 request's tokens and log-probabilities are the same alone and batched."""
 
 import pytest
 import torch
@@ -53,3 +54,24 @@ def test_tp2_batched_with_padding_equals_tp1_batched(runs, hf_reference):
 
 def test_tp2_compiled_equals_tp2_eager(runs):
     assert runs["2c"] == runs[2]
+
+
+def test_tp2_batch_invariant_alone_equals_among_others(ray_session, prompts):
+    """One prompt alone, then the same prompt started with 7 others (each batch concurrent): the same tokens and
+    log-probabilities, float32 (where an M = 1 product rounds differently from the same row in a batch)."""
+    import random
+
+    gen = random.Random(0)
+    others = [[gen.randrange(10, 400) for _ in range(gen.randrange(5, 60))] for _ in range(7)]
+    cfg = {"model": "raytp-tiny-llama", "dtype": "float32", "device": "cpu", "tensor_parallel_size": 2,
+           "batch_invariant": True, "max_num_batched_tokens": 64, "max_num_seqs": 16}
+    from raytp.gang.attention import hf
+
+    if not hf.register():  # transformers < 5: no sdpa backend over the paged cache, so no batch_invariant
+        from raytp.errors import ConfigError
+
+        with pytest.raises(ConfigError, match="batch_invariant"):
+            run_gang(cfg, [[prompts[1]]], 1)
+        return
+    alone, batched = run_gang(cfg, [[prompts[1]], [prompts[1], *others]], MAX_TOKENS, logprobs=True)
+    assert alone[0] == batched[0]

@@ -83,6 +83,22 @@ def test_quantize_lm_head_needs_int4_or_int8(model_dir, quantization):
         resolve({"model": model_dir, "device": "cuda", "quantization": quantization, "quantize_lm_head": True})
 
 
+@pytest.mark.parametrize("extra,match", [
+    ({"device": "cuda"}, "cpu only"),
+    ({"device": "cpu", "quantization": "int8"}, "prepacked"),
+    ({"device": "cpu", "compile_model": True}, "prepacked"),
+    ({"device": "cpu", "prepack_weights": False}, "prepacked"),
+])
+def test_batch_invariant_where_it_holds_only(model_dir, extra, match):
+    with pytest.raises(ConfigError, match=f"batch_invariant.*{match}"):
+        resolve({"model": model_dir, "batch_invariant": True, **extra})
+
+
+def test_batch_invariant_refused_when_auto_resolves_to_an_accelerator(model_dir):
+    with pytest.raises(ConfigError, match="batch_invariant.*cpu only"):
+        resolve({"model": model_dir, "batch_invariant": True}, device="xpu")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("ipex_llm") is not None, reason="ipex-llm is installed here")
 def test_low_bit_needs_ipex_llm(model_dir):
     with pytest.raises(ConfigError, match="low_bit.*ipex-llm is not installed"):

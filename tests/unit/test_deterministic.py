@@ -16,7 +16,14 @@ import random
 
 import pytest
 
+from raytp.gang.attention import hf
 from raytp.messages import SamplingParams
+
+# transformers < 5 (the IPEX-LLM environment): no attention interface, so HF's own attention runs over a legacy
+# cache, not the sdpa backend's tiled prompt attention; only bf16 cold/warm holds there
+LEGACY = not hf.register()
+legacy_differs = pytest.mark.xfail(LEGACY, strict=True, reason="transformers < 5: HF's attention over the legacy "
+                                   "cache rounds a prompt differently by chunk")
 
 rng = random.Random(0)
 # lengths past a block boundary by 1 (a one-token tail once cached), mid-block, and several blocks long
@@ -52,7 +59,7 @@ def run_three_times(tokenizer, **config):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float32", marks=legacy_differs)])
 def test_a_cached_prefix_does_not_change_a_greedy_answer(tiny_tokenizer, dtype):
     runs, status = run_three_times(tiny_tokenizer, dtype=dtype)
     assert status.prefix_cache_hit_tokens >= 2 * sum(16 * ((len(p) - 2) // 16) for p in PROMPTS), "warm runs hit"
@@ -62,6 +69,7 @@ def test_a_cached_prefix_does_not_change_a_greedy_answer(tiny_tokenizer, dtype):
     assert all(warm == again for _, warm, again in runs)
 
 
+@legacy_differs
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_chunked_prefill_does_not_change_a_greedy_answer(tiny_tokenizer, dtype):
     whole, _ = run_three_times(tiny_tokenizer, dtype=dtype)
@@ -70,3 +78,48 @@ def test_chunked_prefill_does_not_change_a_greedy_answer(tiny_tokenizer, dtype):
                                       enable_prefix_caching=False)
     assert status.prefix_cache_hit_tokens == 0
     assert [runs[0] for runs in chunked] == [runs[0] for runs in whole]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_batch_invariant_the_same_answer_alone_and_among_eight_others(tiny_tokenizer, dtype):
+    """``batch_invariant: true`` (issue 26 item 4b): one greedy request cold, warm, and warm again while 8 other
+    requests (prompts of 5-90 tokens, 3-40 output tokens) share its steps — and with a 64-token budget its prompt
+    shares a step's tokens with theirs — gives the same tokens and log-probabilities every time."""
+    from raytp.config import resolve
+    from raytp.engine.engine import make_engine
+    from raytp.errors import ConfigError
+    from raytp.gang.local import LocalExecutor
+
+    cfg = resolve({"model": "raytp-tiny-llama", "tensor_parallel_size": 1, "device": "cpu", "dtype": dtype,
+                   "batch_invariant": True, "max_num_batched_tokens": 64, "max_num_seqs": 16})
+    if LEGACY:
+        with pytest.raises(ConfigError, match="batch_invariant.*sdpa attention backend"):
+            asyncio.run(LocalExecutor(cfg).start())
+        return
+    engine = make_engine(cfg, LocalExecutor(cfg), tiny_tokenizer)
+    target = PROMPTS[0]
+    gen = random.Random(1)
+    others = [(tuple(gen.randrange(10, 400) for _ in range(gen.randrange(5, 90))), gen.randrange(3, 40))
+              for _ in range(8)]
+
+    async def one(rid, prompt, max_tokens=PARAMS.max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+        return [(t, lp[0]) async for out in engine.generate(rid, prompt, params)
+                for t, lp in zip(out.token_ids, out.logprobs)]
+
+    async def main():
+        await engine.start(warmup=False)
+        try:
+            cold, warm = await one("cold", target), await one("warm", target)
+            # the others start first, so the target's prefill and decode steps are shared from its first step
+            loaded = [asyncio.ensure_future(one(f"o{i}", p, n)) for i, (p, n) in enumerate(others)]
+            await asyncio.sleep(0)
+            busy = await one("busy", target)
+            await asyncio.gather(*loaded)
+            return cold, warm, busy, engine.status()
+        finally:
+            engine.shutdown()
+
+    cold, warm, busy, status = asyncio.run(main())
+    assert status.prefix_cache_hit_tokens >= 2 * 48
+    assert cold == warm == busy

@@ -22,6 +22,25 @@ def test_packed_linear_equals_the_plain_linear(dtype, bias):
             torch.testing.assert_close(packed(x), plain(x), **tol)
 
 
+@pytest.mark.skipif(not can_prepack(torch.float32), reason="oneDNN prepacking unavailable in this torch build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_min_rows_2_gives_a_row_the_same_bits_alone_as_in_any_batch(dtype):
+    """``batch_invariant``'s linears: oneDNN rounds a one-row product differently (checked here, so this test can
+    fail) and any product of two rows or more the same, row by row."""
+    if not can_prepack(dtype):
+        pytest.skip(f"no oneDNN {dtype} on this CPU")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 384, bias=False).to(dtype)
+    x = torch.randn(40, 256).to(dtype)
+    plain, invariant = PackedLinear(linear), PackedLinear(linear, min_rows=2)
+    batched = invariant(x)
+    assert torch.equal(plain(x), batched)
+    for m in (1, 2, 3, 7, 16):
+        assert torch.equal(invariant(x[3:3 + m]), batched[3:3 + m]), m
+    if dtype == torch.float32:
+        assert not torch.equal(plain(x[3:4]), batched[3:4]), "oneDNN's one-row path now rounds as a batch does"
+
+
 def test_prepack_linears_replaces_plain_linears_only():
     class Block(torch.nn.Module):
         def __init__(self):

@@ -181,7 +181,7 @@ def _prefill_tiles(q, k, v, start: int, scale: float) -> torch.Tensor:
 def _decode_one(q, k, v, scale) -> torch.Tensor:
     """One query token, q [H_q, D], over its whole context k, v [L, H_kv, D] → [H_q, D]: two float32 einsums
     (query heads grouped per KV head) and a softmax between. Why not SDPA: torch's CPU flash kernel, made for
-    query blocks, runs a single query 3-7x slower than this (``benchmarks/attention_cpu.py``), a fifth of a
+    query blocks, runs a single query 1.7-7x slower than this (``benchmarks/attention_cpu.py``), a fifth of a
     decode step at a few hundred tokens of context. In float32 throughout (bf16 inputs upcast), so it rounds once,
     at the end, like SDPA's accumulation does."""
     hkv = k.shape[1]
