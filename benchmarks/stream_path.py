@@ -13,7 +13,8 @@ round-robin, medians):
 Concurrent (``--clients`` streams, ``--conc-tokens`` tokens each, 256-token prompts): output tok/s over HTTP
 against the same requests through the engine in process (``LocalExecutor``, no Ray) with the same config.
 The app runs the config's CPU defaults (``num_cpus_per_worker``, the reserved frontend core); ``--set k=v``
-overrides a config field for every target. Results: benchmarks/results/stream_path.json and .md.
+overrides a config field for every target (``num_cpus_per_worker=2`` gives the app's rank the in-process engine's
+threads, the fair comparison of the Serve path itself). Results: benchmarks/results/<--output>.json and .md.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--conc-tokens", type=int, default=64)
     ap.add_argument("--set", action="append", default=[], help="a config field for every target, k=v")
+    ap.add_argument("--output", default="stream_path", help="results name under benchmarks/results")
     args = ap.parse_args()
     import ray
 
@@ -188,7 +190,8 @@ def main() -> None:
         conc = serve["http_concurrent"]
         lines += ["", f"{args.clients} concurrent streams × {args.conc_tokens} tokens (256-token prompts): HTTP "
                   f"{conc:.1f} output tok/s, engine in process {engine:.1f} ({conc / engine:.2f}×)."]
-    write("stream_path", result, lines)
+    cmd = "`.venv/bin/python benchmarks/stream_path.py " + " ".join(sys.argv[1:]) + "`"
+    write(args.output, result, lines + ["", cmd])
 
 
 if __name__ == "__main__":

@@ -159,6 +159,13 @@ class RaytpConfig(BaseModel):
         "A request with a grammar (structured output, forced tool calls) is scheduled every other step: its next "
         "mask needs the token before.",
     )
+    stream_interval: int = Field(
+        1, ge=1, le=256, description="Streamed responses: after the first token, the server hands a stream's "
+        "chunks to the ingress (and the ingress to the HTTP proxy) in groups of at least this many (vLLM's "
+        "--stream-interval). Each token is still its own SSE event; the events arrive in bursts. 1: every token as "
+        "soon as it exists. Larger values cut the per-token work of Serve's two process hops, which on a small "
+        "model with millisecond steps, or a busy CPU, bounds streamed throughput (docs/performance.md).",
+    )
     max_queue_size: int = Field(
         256, ge=1, description="Most requests waiting for a batch slot per replica; more are rejected (HTTP 429)."
     )
@@ -273,6 +280,7 @@ class ResolvedConfig:
     quantize_lm_head: bool = False
     prepack_weights: bool = True
     batch_invariant: bool = False
+    stream_interval: int = 1
     enforce_eager: bool = False
     compile_model: bool | None = None
     tool_call_parser: str | None = None
@@ -357,6 +365,7 @@ def resolve(cfg: RaytpConfig | dict, device: str | None = None, *, cpu_bf16=None
         quantize_lm_head=cfg.quantize_lm_head,
         prepack_weights=cfg.prepack_weights,
         batch_invariant=cfg.batch_invariant,
+        stream_interval=cfg.stream_interval,
         enforce_eager=cfg.enforce_eager,
         compile_model=cfg.compile_model,
         tool_call_parser=cfg.tool_call_parser,

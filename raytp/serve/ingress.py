@@ -15,8 +15,13 @@ which aborts the request in the engine.
 Python (``serve.get_app_handle(app_name)`` returns a handle to this deployment):
 ``generate(prompt, **sampling) -> str``, ``generate_stream(prompt, **sampling)``
 (with ``handle.options(stream=True)``; yields text deltas), ``completions(body)`` /
-``chat_completions(body)`` (OpenAI bodies in and out), ``models()``, ``model(id)``, ``tokenize(body)``,
-``detokenize(body)``, ``health()``.
+``chat_completions(body)`` (OpenAI bodies in and out), ``completions_stream(body)`` /
+``chat_completions_stream(body)`` (with ``stream=True``; yield OpenAI chunks), ``messages(body)`` and
+``count_tokens(body)`` (Anthropic's), ``responses(body)`` (OpenAI's Responses API, not streamed), ``models()``,
+``model(id)``, ``tokenize(body)``, ``detokenize(body)``, ``health()``. Invalid input raises
+``InvalidRequestError`` (and the other typed errors of ``raytp.errors``), as the HTTP routes answer 4xx.
+The server deployment behind it implements them (``raytp.serve.server``); these forward, so that one handle
+serves every replica.
 """
 
 
@@ -227,7 +232,7 @@ class OpenAIIngress:
         self.server = server
         self.api_key = api_key or os.environ.get("RAYTP_API_KEY") or None
         BodySizeLimit.limit = max_request_body_bytes
-        self.responses = ResponsesServing(ResponseStore(), _stream_error)  # the Responses API's store lives here
+        self.responses_api = ResponsesServing(ResponseStore(), _stream_error)  # the Responses API's store lives here
         # Until a model replica has answered once, HTTP requests get 503 at once (a handle call would wait
         # for a replica for as long as the model takes to load, with no answer for the client).
         self._ready = asyncio.Event()
@@ -401,18 +406,18 @@ class OpenAIIngress:
         """OpenAI's Responses API, answered by one chat completion (``raytp.api.responses``)."""
         started, rid = time.perf_counter(), _http_request_id()
         if body.stream:
-            return await self._stream(request, started, lambda: self.responses.stream(
+            return await self._stream(request, started, lambda: self.responses_api.stream(
                 body, lambda chat: self._batches("chat_completions", chat, rid)), framing=_event_sse)
-        return await self._unary(request, started, lambda: self.responses.create(
+        return await self._unary(request, started, lambda: self.responses_api.create(
             body, lambda chat: self.server.chat_completions.remote(chat, rid)))
 
     @app.get("/v1/responses/{response_id}")
     async def http_response(self, response_id: str, request: Request):
-        return await self._stored_response(request, self.responses.retrieve, response_id)
+        return await self._stored_response(request, self.responses_api.retrieve, response_id)
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def http_cancel_response(self, response_id: str, request: Request):
-        return await self._stored_response(request, self.responses.cancel, response_id)
+        return await self._stored_response(request, self.responses_api.cancel, response_id)
 
     async def _stored_response(self, request: Request, action, response_id: str):
         """GET / cancel of a stored response: the store is this process's, so only the API key is checked (they
@@ -492,6 +497,20 @@ class OpenAIIngress:
         async for batch in self._batches("chat_completions", body):
             for chunk in batch:
                 yield chunk
+
+    async def messages(self, body: dict) -> dict:
+        """Anthropic's Messages API, not streamed: the message body ``POST /v1/messages`` answers."""
+        req = parse(anthropic.MessagesRequest, body)
+        return await self._message(anthropic.chat_request(req), req.stop_sequences, None)
+
+    async def count_tokens(self, body: dict) -> dict:
+        """Anthropic's ``POST /v1/messages/count_tokens``: ``{"input_tokens": n}``."""
+        return await self._count_tokens(anthropic.tokenize_request(parse(anthropic.CountTokensRequest, body)))
+
+    async def responses(self, body: dict) -> dict:
+        """OpenAI's Responses API, not streamed (stored in this ingress replica's store if ``store``)."""
+        return await self.responses_api.create(parse(ResponsesRequest, body),
+                                           lambda chat: self.server.chat_completions.remote(chat))
 
     async def models(self) -> dict:
         return await self.server.models.remote()

@@ -28,10 +28,12 @@ logger = logging.getLogger("ray.serve")
 EXIT_GRACE_S = 0.25  # after its gang fails, a replica lives this long so error events reach clients, then exits
 
 
-async def ready_batches(chunks):
+async def ready_batches(chunks, min_items: int = 1):
     """Lists of the items of the async iterator ``chunks`` that are ready together: one item is awaited, then
-    whatever else has arrived meanwhile joins it. An error ends the iteration after the items before it, as it
-    would have; closing this closes ``chunks`` (a disconnected client aborts its request)."""
+    whatever else has arrived meanwhile joins it. After the first list (sent at once: time to first token), a list
+    waits until it holds ``min_items`` (the config's ``stream_interval``) or the stream ends. An error ends the
+    iteration after the items before it, as it would have; closing this closes ``chunks`` (a disconnected client
+    aborts its request)."""
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
 
@@ -47,6 +49,7 @@ async def ready_batches(chunks):
             queue.put_nowait(end)
 
     task = asyncio.get_running_loop().create_task(pump())
+    wanted = 1  # the first list goes as soon as it has an item
     try:
         while True:
             batch, item = [], await queue.get()
@@ -58,10 +61,11 @@ async def ready_batches(chunks):
                         return
                     raise item
                 batch.append(item)
-                if queue.empty():
+                if queue.empty() and len(batch) >= wanted:
                     break
-                item = queue.get_nowait()
+                item = queue.get_nowait() if not queue.empty() else await queue.get()
             yield batch
+            wanted = min_items
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -181,23 +185,17 @@ class LLMServer:
     async def chat_completions(self, body, request_id: str | None = None) -> dict:
         return await self.openai.completion(body, True, request_id)
 
-    async def completions_stream(self, body, request_id: str | None = None):
-        async for chunk in self.openai.completion_stream(body, False, request_id):
-            yield chunk
-
-    async def chat_completions_stream(self, body, request_id: str | None = None):
-        async for chunk in self.openai.completion_stream(body, True, request_id):
-            yield chunk
-
     # The ingress streams through these: the same chunks, in lists of those ready together, so the chunks of a
     # stream that pile up while this replica or Serve is busy cross the Ray hop to the ingress as one object (each
     # is still one SSE event for the client). Nothing waits to fill a list.
     async def completions_stream_batches(self, body, request_id: str | None = None):
-        async for batch in ready_batches(self.openai.completion_stream(body, False, request_id)):
+        async for batch in ready_batches(self.openai.completion_stream(body, False, request_id),
+                                         self.config.stream_interval):
             yield batch
 
     async def chat_completions_stream_batches(self, body, request_id: str | None = None):
-        async for batch in ready_batches(self.openai.completion_stream(body, True, request_id)):
+        async for batch in ready_batches(self.openai.completion_stream(body, True, request_id),
+                                         self.config.stream_interval):
             yield batch
 
     # ---- plain Python ----------------------------------------------------------------------
@@ -210,7 +208,7 @@ class LLMServer:
     async def generate_stream(self, prompt: str, **sampling):
         """Yield text deltas of ``prompt``'s completion."""
         body = {"model": self.config.served_model_name, "prompt": prompt, **sampling, "stream": True}
-        async for chunk in self.completions_stream(body):
+        async for chunk in self.openai.completion_stream(body, False):
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 yield chunk["choices"][0]["text"]
     # ---- tokenizer extensions (vLLM's /tokenize and /detokenize) ------------------------------

@@ -218,6 +218,36 @@ def test_handle_generate_and_stream(app):
         app.generate.remote("x", max_tokens=0).result()
 
 
+def test_handle_streams_and_the_messages_and_responses_apis(app):
+    """Every route has its handle method: streamed completions and chats (OpenAI chunks), Anthropic's messages and
+    token count, OpenAI's Responses API; each answers what its HTTP route answers, and a bad body raises."""
+    from raytp.errors import InvalidRequestError
+
+    body = {"model": MODEL, "prompt": "the model serves", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    whole = app.completions.remote(body).result()["choices"][0]["text"]
+    chunks = list(app.options(stream=True).completions_stream.remote({**body, "stream": True}))
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == whole
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0}
+    said = app.chat_completions.remote(chat).result()["choices"][0]["message"]["content"]
+    chunks = list(app.options(stream=True).chat_completions_stream.remote({**chat, "stream": True}))
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == said
+    message = app.messages.remote({"model": MODEL, "max_tokens": 6, "temperature": 0,
+                                   "messages": [{"role": "user", "content": "hi"}]}).result()
+    assert message["type"] == "message" and message["content"][0]["text"] == said
+    assert message == post("/v1/messages", {"model": MODEL, "max_tokens": 6, "temperature": 0, "messages": [
+        {"role": "user", "content": "hi"}]}).json() | {"id": message["id"]}
+    counted = app.count_tokens.remote({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).result()
+    assert counted == post("/v1/messages/count_tokens", {"model": MODEL, "messages": [
+        {"role": "user", "content": "hi"}]}).json() and counted["input_tokens"] > 0
+    response = app.responses.remote({"model": MODEL, "input": "hi", "max_output_tokens": 6, "temperature": 0,
+                                     "store": False}).result()
+    assert response["object"] == "response" and response["output"][0]["content"][0]["text"] == said
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        app.messages.remote({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}).result()
+    with pytest.raises(InvalidRequestError):
+        app.responses.remote({"model": MODEL}).result()
+
+
 def test_concurrent_requests_do_not_interleave(app):
     """Concurrent greedy requests (batched together) each get what they get alone."""
     from concurrent.futures import ThreadPoolExecutor

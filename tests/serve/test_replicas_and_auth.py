@@ -1,4 +1,5 @@
-"""num_replicas: 2 (two placement groups, both answering) and the optional API key (scripted gangs)."""
+"""num_replicas: 2 (two placement groups, both answering), the optional API key, and ``stream_interval``
+(scripted gangs)."""
 
 import concurrent.futures
 import time
@@ -20,7 +21,7 @@ def auth(key=KEY):
 @pytest.fixture(scope="module")
 def app(ray_session):
     # num_replicas=2 is what `deployments: [{name: LLMServer, num_replicas: 2}]` does in serve_config.yaml
-    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "api_key": KEY},
+    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "api_key": KEY, "stream_interval": 4},
                    engine_factory=scripted_engine_factory(step_delay_s=0.002), num_replicas=2) as handle:
         yield handle
 
@@ -113,3 +114,20 @@ def test_api_key_stays_in_the_ingress(app):
     bound = bind_app({"model": MODEL, "device": "cpu", "api_key": KEY})
     server_args = bound._bound_deployment.init_args[0]._bound_deployment.init_args
     assert server_args[0].api_key is None and KEY not in repr(server_args)
+
+
+def test_stream_interval_keeps_one_sse_event_per_token(app):
+    """``stream_interval: 4`` groups chunks on their way to the client; the client still gets one event per token,
+    the text the same request gets unstreamed, then [DONE]."""
+    body = {"model": MODEL, "prompt": "the model serves", "max_tokens": 11, "temperature": 0, "ignore_eos": True,
+            "logprobs": 0}  # each event's tokens listed: a token whose text is held back still shows
+    whole = requests.post(URL + "/v1/completions", headers=auth(), json=body, timeout=60).json()
+    r = requests.post(URL + "/v1/completions", headers=auth(), json={**body, "stream": True}, timeout=60, stream=True)
+    events = [line[6:] for line in r.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    import json
+
+    choices = [json.loads(e)["choices"][0] for e in events[:-1] if json.loads(e)["choices"]]
+    per_event = [len(c["logprobs"]["tokens"]) for c in choices if c["logprobs"]]
+    assert per_event == [1] * 11, per_event
+    assert "".join(c["text"] for c in choices) == whole["choices"][0]["text"]

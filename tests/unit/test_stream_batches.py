@@ -62,3 +62,19 @@ def test_closing_the_batches_closes_the_stream():
 
     asyncio.run(main())
     assert closed == [True]
+
+
+def test_after_the_first_chunk_a_list_waits_for_stream_interval_items_or_the_end():
+    """``stream_interval``: the first chunk goes alone at once (time to first token); then lists of at least
+    ``min_items``, however the chunks trickle in; the end flushes what is left."""
+    async def chunks():
+        for i in range(10):
+            await asyncio.sleep(0.002)  # one at a time: without the interval every list would hold one
+            yield i
+
+    async def main():
+        return [b async for b in ready_batches(chunks(), 4)]
+
+    batches = asyncio.run(main())
+    assert batches[0] == [0] and [i for b in batches for i in b] == list(range(10))
+    assert all(len(b) >= 4 for b in batches[1:-1]) and len(batches) <= 4
