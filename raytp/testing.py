@@ -132,6 +132,10 @@ class ScriptedExecutor:
     async def pids(self) -> list[int]:
         return [os.getpid()] * self.world_size
 
+    async def probe(self) -> None:
+        if self._dead:
+            raise EngineDeadError(f"scripted gang is dead: {self._dead}")
+
     def shutdown(self) -> None:
         self.shut = True
         self._dead = self._dead or "shut down"

@@ -105,6 +105,14 @@ class Engine:
         if not self.core.alive:
             raise self.core.dead or EngineDeadError("engine loop is not running")
 
+    async def probe(self) -> None:
+        self.check_health()
+        try:
+            await self.executor.probe()
+        except EngineDeadError as e:
+            self._on_died(e)  # on this (the caller's) loop: fail what waits, wake wait_dead
+            raise
+
     async def wait_dead(self) -> EngineDeadError:
         """Return the error once the gang or the core has failed (never returns while healthy)."""
         await self._died.wait()

@@ -59,6 +59,11 @@ class Executor(Protocol):
     async def pids(self) -> list[int]:
         """Process ids of the ranks, in rank order."""
 
+    async def probe(self) -> None:
+        """Ask every rank whether it is alive (between steps too, on the caller's loop): a rank that died or
+        stopped answering while the gang was idle is found here, not by the next request. Raises
+        ``EngineDeadError`` (and marks the gang dead) if one did."""
+
     def shutdown(self) -> None:
         """Stop every rank and free what the gang holds. Idempotent; never raises."""
 
@@ -79,6 +84,10 @@ class EngineClient(Protocol):
 
     def check_health(self) -> None:
         """Return if healthy; raise ``EngineDeadError`` once the engine can no longer serve."""
+
+    async def probe(self) -> None:
+        """``check_health``, and ask the gang itself (``Executor.probe``): a gang that died while idle fails the
+        engine here (its waiters, ``wait_dead``) rather than the next request that reaches it."""
 
     async def wait_dead(self) -> Exception:
         """Return the error once the engine has failed; never returns while it is healthy."""

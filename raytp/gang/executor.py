@@ -159,6 +159,12 @@ class RayExecutor:
     async def pids(self) -> list[int]:
         return await self._wait([w.pid.remote() for w in self.workers], 30, "pid", all_results=True)
 
+    async def probe(self) -> None:
+        if self._dead_reason:
+            raise EngineDeadError(f"TP gang is dead: {self._dead_reason}")
+        await self._wait([w.ping.remote() for w in self.workers], self.config.step_timeout_s, "liveness ping",
+                         all_results=True)
+
     async def memory_stats(self) -> list[dict]:
         """Host memory of every rank (rss_mb, pss_mb, peak_rss_mb), in rank order: for benchmarks (the engine
         does not ask)."""

@@ -55,6 +55,10 @@ class LocalExecutor:
             raise EngineDeadError(f"executor is {self._dead}")
         return self.worker.step(step)
 
+    async def probe(self) -> None:
+        if self._dead:
+            raise EngineDeadError(f"executor is {self._dead}")
+
     async def pids(self) -> list[int]:
         return [self.worker.pid()]
 

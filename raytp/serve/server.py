@@ -137,8 +137,10 @@ class LLMServer:
 
     # ---- health ----------------------------------------------------------------------------
     async def check_health(self) -> None:
-        """Serve's health check: raises when the gang is dead, so Serve replaces this replica."""
-        self.engine.check_health()
+        """Serve's health check (every 2 s): asks the ranks themselves, so a gang that died while no request
+        reached it (prefix routing may send none for a while) is found now; raises when it is dead, and the
+        watchdog makes this replica exit, so Serve replaces it."""
+        await self.engine.probe()
 
     async def health(self) -> dict:
         self.engine.check_health()

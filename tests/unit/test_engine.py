@@ -90,6 +90,28 @@ def test_gang_failure_fails_every_request_and_health(tiny_tokenizer):
     asyncio.run(main())
 
 
+def test_a_gang_that_dies_while_idle_is_found_by_probe(tiny_tokenizer):
+    """No request reaches a gang that died between requests: ``probe`` (Serve's health check) asks the ranks,
+    fails the engine and wakes ``wait_dead`` (the replica's watchdog), so the replica is replaced before a
+    request is routed to it."""
+    async def main():
+        engine, ex = make(tiny_tokenizer, {})
+        await engine.start(warmup=False)
+        await engine.probe()  # alive: nothing raised
+        watchdog = asyncio.ensure_future(engine.wait_dead())
+        ex._dead = "rank 1 killed"  # what a rank's ping would now report
+        with pytest.raises(EngineDeadError, match="rank 1 killed"):
+            await engine.probe()
+        assert isinstance(await asyncio.wait_for(watchdog, 1), EngineDeadError)
+        with pytest.raises(EngineDeadError):
+            engine.check_health()
+        with pytest.raises(EngineDeadError):
+            await collect(engine, "late", (1,), SamplingParams(max_tokens=1, temperature=0))
+        engine.shutdown()
+
+    asyncio.run(main())
+
+
 def test_queue_full_is_typed(tiny_tokenizer):
     tok = tiny_tokenizer
 
