@@ -1,0 +1,107 @@
+"""Where the CPU goes while clients stream from a Serve app: CPU seconds per process (ranks, ingress, server
+replica, proxy, controller, ...) over a fixed window of streaming load, and the output tokens/s, in one run.
+
+    .venv/bin/python benchmarks/serve_cpu.py --model raytp-tiny-llama --tp 2 --clients 16 --seconds 30
+
+The app is raytp's default config for ``--model`` / ``--tp`` on CPU (``--set k=v`` overrides a field), served on
+127.0.0.1:``--port``; ``--clients`` httpx clients (one thread, asyncio) stream 64-token completions of ~80-token
+prompts in a loop. Serve's environment variables (e.g. ``RAY_SERVE_THROUGHPUT_OPTIMIZED``) apply when set in this
+process's environment: Ray is started from here. Results: benchmarks/results/<--output>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["pid", "cmdline", "name"]):
+        try:
+            times = p.cpu_times()
+            out[p.info["pid"]] = (" ".join(p.info["cmdline"] or [p.info["name"]])[:60], times.user + times.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+async def load(url: str, model: str, clients: int, seconds: float):
+    import httpx
+
+    tokens = [0]
+
+    async def client(http, i: int, stop: float) -> None:
+        body = {"model": model, "prompt": f"client {i} " * 40, "max_tokens": 64, "ignore_eos": True, "stream": True}
+        while time.monotonic() < stop:
+            async with http.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        tokens[0] += 1
+
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4)) as http:
+        await client(http, -1, time.monotonic() + 1)  # warm-up
+        tokens[0] = 0
+        before, start = cpu_seconds(), time.monotonic()
+        await asyncio.gather(*(client(http, i, start + seconds) for i in range(clients)))
+        elapsed, after = time.monotonic() - start, cpu_seconds()
+    return tokens[0] / elapsed, elapsed, before, after
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="raytp-tiny-llama")
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=30)
+    ap.add_argument("--port", type=int, default=8151)
+    ap.add_argument("--set", action="append", default=[], help="a config field, k=v")
+    ap.add_argument("--output", default="serve_cpu")
+    args = ap.parse_args()
+    import ray
+    import yaml
+
+    from raytp.bench.targets import _raytp_app
+
+    opts = {"tensor_parallel_size": args.tp, "device": "cpu",
+            **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    with _raytp_app(args.model, opts, args.port):
+        rate, elapsed, before, after = asyncio.run(load(f"http://127.0.0.1:{args.port}", args.model, args.clients,
+                                                        args.seconds))
+    ray.shutdown()
+    me = os.getpid()
+    per = collections.defaultdict(float)
+    for pid, (name, t) in after.items():
+        if pid in before and t - before[pid][1] > 0.05:
+            per["this script (clients)" if pid == me else name.strip()] += t - before[pid][1]
+    serve_path = sum(v for k, v in per.items() if any(s in k for s in ("OpenAIIngress", "LLMServer", "ProxyActor")))
+    tokens = rate * elapsed
+    env = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
+    lines = [f"# CPU per process under {args.clients} streaming clients ({args.model}, TP={args.tp}, cpu, "
+             f"{elapsed:.0f} s; Serve env: {env or 'none'}; overrides: {args.set or 'none'})", "",
+             f"Output {rate:.1f} tok/s; proxy + ingress + server replica: {serve_path:.2f} CPU s = "
+             f"{serve_path / tokens * 1e3:.2f} ms per token; {os.cpu_count()} cores = {os.cpu_count() * elapsed:.0f}"
+             f" CPU s available.", "", "| CPU s | process |", "| --- | --- |"]
+    lines += [f"| {v:.2f} | {k} |" for k, v in sorted(per.items(), key=lambda kv: -kv[1])]
+    lines += ["", "`" + " ".join(([f"{k}={v}" for k, v in env.items()]) + [".venv/bin/python",
+                                                                           "benchmarks/serve_cpu.py"] + sys.argv[1:])
+              + "`"]
+    from _results import write
+
+    write(args.output, {"args": vars(args), "serve_env": env, "tok_s": rate, "seconds": elapsed,
+                        "serve_path_ms_per_token": serve_path / tokens * 1e3, "cpu_s": dict(per)}, lines)
+
+
+if __name__ == "__main__":
+    main()
