@@ -176,11 +176,7 @@ class _Scheduler:
         if not seq.kv.table and seq.params.prompt_logprobs is None:  # prompt logprobs need every position computed
             seq.num_computed = self.kv.reuse_prefix(seq.kv, seq.token_ids)
         n = seq.num_pending if num_tokens is None else self._chunk(seq.num_pending, num_tokens)
-        if n == 0:
-            self.kv.free(seq.kv)
-            seq.num_computed = 0
-            return None
-        if self.kv.allocate(seq.kv, seq.num_computed + n + self._reserve(seq)):
+        if n and self.kv.allocate(seq.kv, seq.num_computed + n + self._reserve(seq)):
             if self.kv.enable_prefix_caching:
                 self.kv.record_lookup(len(seq.token_ids), seq.num_computed)
             return n
