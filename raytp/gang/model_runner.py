@@ -90,9 +90,10 @@ class ModelRunner:
             from raytp import platforms
 
             platform = platforms.get(torch.device(device).type)
-            options = ({"batch_decode": platform.batch_decode, "tiled_prefill": platform.tiled_prefill}
-                       if attention_backend == "sdpa" else {})
+            options = ({"batch_decode": platform.batch_decode, "tiled_prefill": platform.tiled_prefill,
+                        "decode_kernel": platform.decode_kernel} if attention_backend == "sdpa" else {})
             self.backend = attention.create(attention_backend, self.pool, **options)
+            self._warm_up_backend()
         # the model step compiled once (a compiled step counts as one unit of progress)
         if compile_options is not None and self.backend is not None and self._keep_kwarg:
             self.compiled = CompiledModel(model, compile_options)
@@ -134,6 +135,17 @@ class ModelRunner:
             self.progress += 1
 
     @torch.inference_mode()
+    def _warm_up_backend(self) -> None:
+        """One decode step of one token in the null block before any request, so the backend's kernels are built
+        now (the CPU decode kernel, Triton's JIT), not in a request's first step; the null block is zeroed after."""
+        layout = [(1, 0, (0,))]
+        with torch.inference_mode():
+            meta = attention.build(layout, self.block_size, self.device)
+            self.backend.prepare(meta, layout)
+            zero = torch.zeros(1, dtype=torch.long, device=self.device)
+            self._forward(meta, zero[None], zero)
+            self.pool.zero_null_block()
+
     def _probe(self) -> dict:
         """Each layer's (kv heads, head dim, dtype) on this rank, from a one-token forward (AutoTP and low-bit
         shards included: what the layers really produce, not what the config says)."""

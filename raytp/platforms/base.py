@@ -187,6 +187,11 @@ class Platform:
         return True
 
     @property
+    def decode_kernel(self) -> bool:
+        """sdpa backend: decode rows through the compiled CPU loop (``attention.cpu_decode``) rather than SDPA."""
+        return False
+
+    @property
     def tiled_prefill(self) -> bool:
         """sdpa backend: prompt rows in fixed tiles (``attention.sdpa._prefill_tiles``) rather than the device's
         SDPA kernel: a tile loop costs launches on a GPU, so there torch's flash kernels keep the prompt rows."""

@@ -94,7 +94,11 @@ class CpuPlatform(Platform):
 
     @property
     def batch_decode(self) -> bool:
-        return False  # a view of consecutive blocks costs no copy; one SDPA call per row is cheap on a CPU
+        return False  # without the decode kernel: a view of consecutive blocks costs no copy, a per-row call little
+
+    @property
+    def decode_kernel(self) -> bool:
+        return True  # 2-4x faster than per-row einsums at 16 rows (the context is never copied nor upcast)
 
     @property
     def tiled_prefill(self) -> bool:

@@ -20,8 +20,13 @@ class KVPool:
             for store in (self.keys, self.values):
                 # empty, not zeros: on CPU the pages are committed only when a block is first written
                 t = torch.empty((num_blocks * block_size, heads, dim), dtype=dtype, device=device)
-                t[:block_size].zero_()
                 store[layer] = t
+        self.zero_null_block()
+
+    def zero_null_block(self) -> None:
+        for t in (*self.keys, *self.values):
+            if t is not None:
+                t[:self.block_size].zero_()
 
     @staticmethod
     def block_bytes(shapes: dict[int, tuple[int, int, torch.dtype]], block_size: int) -> int:

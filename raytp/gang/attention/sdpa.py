@@ -15,22 +15,29 @@ a tile of one or two rows differently from the same rows in a larger tile: a col
 cached prefix gave different greedy answers in float32).
 ``batch_decode``: every decode row goes to one batched gather + SDPA, padded to the longest row with the null
 block and masked, consecutive or not — on a GPU one call per layer for all decode rows costs less than one small
-kernel launch per row per layer (the per-row paths are for the CPU, where the copy costs more than the call).
+kernel launch per row per layer.
+``decode_kernel`` (the CPU's choice): every decode row goes to one call of a compiled loop over the paged blocks
+(``attention.cpu_decode``), which neither copies nor upcasts the context; where it cannot be built (no C++
+compiler) decode rows take the per-row paths, with a warning.
 Decode-only metadata without a plan (the fixed-shape decode steps of ``attention.shapes.DecodeBuckets``) take the
 batched path from the metadata's tensors alone, which is graph-safe.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from raytp.gang.attention.backend import AttentionBackend
+from raytp.gang.attention.cpu_decode import PagedDecode
 from raytp.gang.attention.kv_pool import KVPool
 from raytp.gang.attention.metadata import AttentionMetadata, Layout
 from raytp.gang.attention.shapes import DecodeBuckets
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,16 +49,18 @@ class _Plan:
     gathers: list[tuple[int, int, int, int, torch.Tensor]] = field(default_factory=list)
     decode_q: torch.Tensor | None = None  # token index of each batched decode row
     decode_tables: torch.Tensor | None = None  # [B, W]
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W * block_size]
+    decode_lens: torch.Tensor | None = None  # [B]
 
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
-    def __init__(self, pool: KVPool, batch_decode: bool = False, tiled_prefill: bool = False):
+    def __init__(self, pool: KVPool, batch_decode: bool = False, tiled_prefill: bool = False,
+                 decode_kernel: bool = False):
         super().__init__(pool)
         self.batch_decode = batch_decode
         self.tiled_prefill = tiled_prefill
+        self.decode_kernel = PagedDecode.shared() if decode_kernel else None  # compiled at its first use
 
     def shapes(self, *, max_tokens: int, max_rows: int, max_blocks: int) -> DecodeBuckets:
         """Decode-only steps: their metadata without a plan takes the batched path, from its tensors alone."""
@@ -68,7 +77,7 @@ class SdpaBackend(AttentionBackend):
             mask = None if n == 1 or self.tiled_prefill else _offset_causal(start, n, device)
             if start == 0 and n > 1:
                 plan.own.append((offset, n))
-            elif self.batch_decode and n == 1:
+            elif n == 1 and (self.batch_decode or self.decode_kernel is not None):
                 decode_rows.append((row, offset, len(used)))
             elif used[-1] - used[0] == len(used) - 1 and all(b - a == 1 for a, b in zip(used, used[1:])):
                 plan.views.append((offset, n, used[0] * bs, ctx_len, mask))
@@ -78,22 +87,17 @@ class SdpaBackend(AttentionBackend):
         if decode_rows:
             rows = torch.tensor([r for r, _, _ in decode_rows], dtype=torch.long, device=device)
             plan.decode_q = torch.tensor([q for _, q, _ in decode_rows], dtype=torch.long, device=device)
-            plan.decode_tables, plan.decode_mask = self._decode_inputs(
-                meta.block_tables.index_select(0, rows)[:, :max(w for _, _, w in decode_rows)],
-                meta.seq_lens.index_select(0, rows))
+            width = max(w for _, _, w in decode_rows)
+            plan.decode_tables = meta.block_tables.index_select(0, rows)[:, :width].contiguous()
+            plan.decode_lens = meta.seq_lens.index_select(0, rows)
         meta.plan = plan
-
-    def _decode_inputs(self, tables: torch.Tensor, lens: torch.Tensor):
-        cols = torch.arange(tables.shape[1] * self.pool.block_size, device=tables.device)
-        return tables, (cols[None, :] < lens[:, None])[:, None, None, :]
 
     def forward(self, layer: int, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         pool = self.pool
         pool.write(layer, k, v, meta.slot_mapping, meta.fresh_blocks)
         plan: _Plan | None = meta.plan
         if plan is None:  # decode-only fixed shapes: every row batched, from the tensors alone
-            tables, mask = self._decode_inputs(meta.block_tables, meta.seq_lens)
-            return self._attend_blocks(layer, q, tables, mask, scale)
+            return self._attend_blocks(layer, q, meta.block_tables, meta.seq_lens, scale)
         k_pool, v_pool = pool.keys[layer], pool.values[layer]
         out = torch.empty_like(q)
         o = out.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D] views, as SDPA wants them
@@ -114,7 +118,7 @@ class SdpaBackend(AttentionBackend):
             self._attend_row(out, q, start, n, keys, values, mask, scale)
         if plan.decode_q is not None:
             out[plan.decode_q] = self._attend_blocks(layer, q.index_select(0, plan.decode_q), plan.decode_tables,
-                                                     plan.decode_mask, scale)
+                                                     plan.decode_lens, scale)
         return out
 
     def _attend_row(self, out, q, start: int, n: int, k, v, mask, scale) -> None:
@@ -129,12 +133,35 @@ class SdpaBackend(AttentionBackend):
             qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[s], k, v))  # [1, H, len, D], as SDPA wants
             out[s] = _sdpa(qh, kh, vh, mask, False, scale)[0].transpose(0, 1)
 
-    def _attend_blocks(self, layer: int, q, tables, mask, scale) -> torch.Tensor:
-        """One query per row, q [B, Hq, D], over the whole blocks ``tables`` [B, W] of that row (padding masked
-        out by ``mask``) → [B, Hq, D]. Gathers the blocks, then one SDPA."""
-        k = self.pool.gather(self.pool.keys[layer], tables)  # [B, Hkv, W * bs, D]
-        v = self.pool.gather(self.pool.values[layer], tables)
+    def _attend_blocks(self, layer: int, q, tables, lens, scale) -> torch.Tensor:
+        """One query per row, q [B, Hq, D], over the first ``lens[b]`` slots of the blocks ``tables`` [B, W] of
+        that row (the rest masked) → [B, Hq, D]: the compiled decode kernel, else a gather of the blocks and one
+        SDPA."""
+        pool = self.pool
+        if self.decode_kernel is not None and self._decode_kernel_ready(layer, q.shape[1]):
+            return self.decode_kernel(q, pool.blocks(pool.keys[layer]), pool.blocks(pool.values[layer]), tables,
+                                      lens, scale)
+        k = pool.gather(pool.keys[layer], tables)  # [B, Hkv, W * bs, D]
+        v = pool.gather(pool.values[layer], tables)
+        cols = torch.arange(tables.shape[1] * pool.block_size, device=tables.device)
+        mask = (cols[None, :] < lens[:, None])[:, None, None, :]
         return _sdpa(q.unsqueeze(2), k, v, mask, False, scale).squeeze(2)
+
+    def _decode_kernel_ready(self, layer: int, heads: int) -> bool:
+        """Compile the decode kernel at its first use (the runner's warm-up step, at start-up), for this pool and
+        query head count; where it cannot be built, drop it for good (per-row paths from the next step on)."""
+        pool, kernel = self.pool, self.decode_kernel
+        blocks = pool.blocks(pool.keys[layer]), pool.blocks(pool.values[layer])
+        if kernel.ready(blocks[0], heads):
+            return True
+        try:
+            kernel.warm_up(*blocks, heads)
+            return True
+        except Exception as e:  # noqa: BLE001 - Inductor raises many types where a toolchain is missing
+            logger.warning("CPU decode attention kernel unavailable (%s: %s); decode rows use per-row attention, "
+                           "which is slower at large batches", type(e).__name__, str(e).splitlines()[0][:200])
+            self.decode_kernel = None
+            return False
 
 
 def _offset_causal(start: int, n: int, device) -> torch.Tensor:
