@@ -96,3 +96,24 @@ def test_the_kernel_gives_a_row_the_same_numbers_in_any_batch_and_never_recompil
     for size in (3, 2, 4):  # other row counts and widths
         decode_step(pool, tables[:size], starts[:size], q[:size], k[:size], v[:size], kernel=True)
     assert PagedDecode.shared().recompiles == before
+
+
+def test_without_a_toolchain_decode_rows_fall_back_to_per_row_attention(monkeypatch, caplog):
+    """Where Inductor cannot build the kernel (no C++ compiler), the step still computes, per row, with a warning."""
+    from raytp.gang.attention.cpu_decode import PagedDecode
+
+    def no_compiler(self, *args):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+    monkeypatch.setattr(PagedDecode, "warm_up", no_compiler)
+    gen = torch.Generator().manual_seed(2)
+    pool = KVPool({0: (2, HEAD_DIM, torch.float32)}, 20, BLOCK, "cpu")
+    for t in (pool.keys[0], pool.values[0]):
+        t[BLOCK:].copy_(torch.randn(t[BLOCK:].shape, generator=gen))
+    q = torch.randn(2, 6, HEAD_DIM, generator=gen)
+    k, v = (torch.randn(2, 2, HEAD_DIM, generator=gen) for _ in range(2))
+    tables, starts = [(3, 4), (9,)], [20, 5]
+    kernel_rows = decode_step(pool, tables, starts, q, k, v, kernel=True)
+    assert "decode attention kernel unavailable" in caplog.text
+    per_row = decode_step(pool, tables, starts, q, k, v, kernel=False)
+    torch.testing.assert_close(kernel_rows, per_row, atol=1e-5, rtol=1e-5)

@@ -4,16 +4,16 @@ Why not torch ops: per row, two float32 einsums over a float32 copy of the row's
 _decode_one``) spend most of their time making that copy and dispatching small ops; at 16 decode rows of ~200
 tokens it was ~40 % of a 0.5B step on one core. A batched einsum over the gathered blocks is slower still (batched
 GEMMs of tiny matrices). Why not a hand-written kernel: Inductor, from the few lines below, generates the loop
-vLLM's CPU backend writes by hand — block tables read inside the loop, bf16 loaded and widened in registers, float32
-scores, softmax and sums, no copy of the context — vectorized for this CPU, built with the compiler the compiled
-model step already uses and kept in Inductor's on-disk cache across restarts (``TORCHINDUCTOR_CACHE_DIR``). One
-graph with dynamic sizes serves every step (rows, table widths, pool size; head counts and sizes stay static):
-``warm_up`` compiles it at start-up (the 0/1 specialisations included, with realistic sizes: Inductor's loop choices follow
-the sizes it first sees), and ``compiles`` counts graphs so tests can forbid a recompile in steady state.
+vLLM's CPU backend writes by hand — block tables read inside the loop, bf16 loaded and widened in registers,
+float32 scores, softmax and sums, no copy of the context — vectorized for this CPU, built with the compiler the
+compiled model step already uses and kept in Inductor's on-disk cache across restarts (``TORCHINDUCTOR_CACHE_DIR``).
+Row counts, table widths and the pool size are dynamic, head counts and sizes static: two graphs (one row, more)
+serve every step. ``warm_up`` compiles them at start-up with realistic sizes (Inductor's loop choices follow the
+first sizes it sees); ``recompiles`` counts graphs compiled later, which tests forbid.
 
 Numbers: a row's result does not depend on the other rows of the step nor on how far its table is padded (padded
 keys are masked to exactly zero weight; the loops keep a key's place in the reduction whatever the width), so
-the same request decodes to the same bits in any batch (tested: ``tests/unit/test_cpu_decode.py``).
+the same request decodes to the same bits in any batch (tested: ``tests/unit/test_sdpa_decode.py``).
 """
 
 from __future__ import annotations
@@ -102,10 +102,9 @@ class PagedDecode:
         return self._key(key_blocks, heads) in self._fns
 
     def warm_up(self, key_blocks: torch.Tensor, value_blocks: torch.Tensor, heads: int) -> float:
-        """Compile for both shape classes a step of this pool with ``heads`` query heads can have — one row or
-        more (the compiler specialises sizes 0 and 1; tables are at least two blocks wide) — over the null block 0 (its contents
-        are masked), with realistic sizes (Inductor's loop choices follow the first sizes it sees); returns the
-        seconds."""
+        """Compile both shape classes a step of this pool with ``heads`` query heads can have — one row, more
+        (the compiler specialises sizes 0 and 1; tables are at least two blocks wide) — over the null block 0 (its
+        contents are masked), with realistic sizes; returns the seconds."""
         start = time.perf_counter()
         device, d = key_blocks.device, key_blocks.shape[-1]
         self._warming = True
