@@ -1,10 +1,12 @@
 """One rank's model step, plain eager against each variant, on this machine, in one run: torch's plain linears vs
-oneDNN-prepacked ones (``raytp.gang.linears``, the ``prepack_weights`` default on CPU) and vs the step compiled
-(``raytp.gang.compiled``) with each set of Inductor options. Decode tok/s at batch 1 and 8 (one token per row,
-contexts of ``--context`` tokens) and a prefill chunk, through a rank's ``ModelRunner`` forward (paged KV, the
-sdpa backend), plus the compile seconds.
+oneDNN-prepacked ones (``raytp.gang.linears``, the ``prepack_weights`` default on CPU), vs the step compiled
+(``raytp.gang.compiled``) with each set of Inductor options, and (``decode_kernel``, prepacked both ways) decode
+rows attended per row vs by the compiled CPU decode kernel (``raytp.gang.attention.cpu_decode``, the default).
+Decode tok/s at ``--batches`` (1 and 8 by default; one token per row, contexts of ``--context`` tokens) and a
+prefill chunk, through a rank's ``ModelRunner`` forward (paged KV, the sdpa backend), plus the compile seconds.
 
     python benchmarks/model_step.py --model raytp-llama-0.5b --dtype bfloat16
+    python benchmarks/model_step.py --options decode_kernel --threads 1 --context 200 --batches 1,16
 
 Each variant runs in its own process (a fresh compile cache entry) and times plain eager steps of the same model
 there too, interleaved with the variant's, so every ratio is within one process and one minute. Results:
@@ -25,8 +27,10 @@ import _results  # noqa: E402 - benchmarks/ is on sys.path when run as a script
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-OPTION_SETS = {  # variant -> Inductor options (None: eager, with prepacked linears)
+OPTION_SETS = {  # variant -> Inductor options (None: eager, with prepacked linears; "decode_kernel": see below)
     "prepacked": None,
+    # prepacked linears both ways; decode rows per row (two float32 einsums each) vs the compiled CPU decode kernel
+    "decode_kernel": "decode_kernel",
     "default": {},
     "freezing": {"freezing": True},
     "freezing+cpp_wrapper": {"freezing": True, "cpp_wrapper": True},
@@ -48,10 +52,18 @@ def measure(args, options: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(getattr(torch, args.dtype))).eval()
     bs = 16
     width = -(-(args.context + args.steps + args.chunk) // bs)
-    runner = ModelRunner(model, "cpu", 0, 1, block_size=bs, kv_cache_bytes=2 << 30, max_batch=8,
-                         max_model_len=width * bs, compile_options=options)
+    kernel = options == "decode_kernel"
+    if kernel:
+        from raytp.gang.linears import prepack_linears
+
+        prepack_linears(model)
+    runner = ModelRunner(model, "cpu", 0, 1, block_size=bs, kv_cache_bytes=2 << 30, max_batch=max(args.batches),
+                         max_model_len=width * bs, compile_options=None if kernel else options)
     variant, compile_s = None, 0.0
-    if options is None:  # a second copy of the model, its linears prepacked, over the same paged KV pool
+    if kernel:  # the runner's backend has the kernel (the CPU default); the baseline attends per row
+        variant, compile_s = runner.backend, runner.backend.compile_s
+        per_row = attention.create("sdpa", runner.pool, tiled_prefill=True)
+    elif options is None:  # a second copy of the model, its linears prepacked, over the same paged KV pool
         from raytp.gang.linears import prepack_linears
 
         packed = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(getattr(torch, args.dtype))).eval()
@@ -65,7 +77,9 @@ def measure(args, options: dict) -> dict:
         return [tuple(range(1 + r * width, 1 + (r + 1) * width)) for r in range(batch)]
 
     def step(layout, use_variant):
-        if options is None:
+        if kernel:
+            runner.backend = variant if use_variant else per_row
+        elif options is None:
             runner.model = packed if use_variant else plain
         else:
             runner.compiled = variant if use_variant else None
@@ -88,21 +102,27 @@ def measure(args, options: dict) -> dict:
         step([(args.chunk, args.context, tables(1)[0])], use_variant)
         return time.perf_counter() - start
 
-    for r in range(8):  # every row's context written once (prefill), eagerly
-        step([(args.context, 0, tables(8)[r])], False)
+    rows = max(args.batches)
+    for r in range(rows):  # every row's context written once (prefill), eagerly
+        step([(args.context, 0, tables(rows)[r])], False)
     out = {"compile_s": round(compile_s, 1)}
     chunk_s(True)  # the variant's first prefill-sized call (oneDNN creates a primitive per new shape)
     for mode in (False, True, False, True):  # interleaved: drift hits both alike
         key = "variant" if mode else "eager"
-        for batch in (1, 8):
+        for batch in args.batches:
             out.setdefault(f"{key}_b{batch}_tok_s", []).append(decode_rate(batch, mode))
         out.setdefault(f"{key}_chunk{args.chunk}_s", []).append(chunk_s(mode))
     result = {k: (round(max(v), 2) if "tok_s" in k else round(min(v), 3)) if isinstance(v, list) else v
               for k, v in out.items()}
-    for batch in (1, 8):
+    for batch in args.batches:
         result[f"b{batch}_ratio"] = round(result[f"variant_b{batch}_tok_s"] / result[f"eager_b{batch}_tok_s"], 2)
     result["chunk_ratio"] = round(result[f"eager_chunk{args.chunk}_s"] / result[f"variant_chunk{args.chunk}_s"], 2)
-    result["recompiles"] = variant.compiles - variant.warm_up_compiles if variant is not None else None
+    if kernel:
+        from raytp.gang.attention.cpu_decode import PagedDecode
+
+        result["recompiles"] = PagedDecode.shared().recompiles
+    else:
+        result["recompiles"] = variant.compiles - variant.warm_up_compiles if variant is not None else None
     return result
 
 
@@ -114,6 +134,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--batches", type=lambda s: [int(b) for b in s.split(",")], default=[1, 8],
+                   help="decode batch sizes, comma-separated")
     p.add_argument("--options", default=",".join(OPTION_SETS), help="option sets to compare, comma-separated")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one option set in this process
     p.add_argument("--output", default="model_step")
@@ -124,16 +146,19 @@ def main() -> None:
     rows = {}
     for name in args.options.split(","):
         cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--dtype", args.dtype,
-               *(f"--{k}={getattr(args, k)}" for k in ("threads", "context", "steps", "chunk"))]
+               *(f"--{k}={getattr(args, k)}" for k in ("threads", "context", "steps", "chunk")),
+               "--batches=" + ",".join(map(str, args.batches))]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             rows[name] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
         else:
             rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         print(name, rows[name], flush=True)
-    meta = {k: getattr(args, k) for k in ("model", "dtype", "threads", "context", "steps", "chunk")}
-    cols = ["compile_s", "eager_b1_tok_s", "variant_b1_tok_s", "b1_ratio", "eager_b8_tok_s", "variant_b8_tok_s",
-            "b8_ratio", "chunk_ratio", "recompiles"]
+    meta = {k: getattr(args, k) for k in ("model", "dtype", "threads", "context", "steps", "chunk", "batches")}
+    cols = ["compile_s"]
+    for b in args.batches:
+        cols += [f"eager_b{b}_tok_s", f"variant_b{b}_tok_s", f"b{b}_ratio"]
+    cols += ["chunk_ratio", "recompiles"]
     md = ["| variant | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
     md += [f"| {n} | " + " | ".join(str(r.get(c, r.get("error", ""))) for c in cols) + " |" for n, r in rows.items()]
     _results.write(args.output, {"config": meta, "results": rows}, md)

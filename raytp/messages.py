@@ -175,5 +175,7 @@ class LoadReport:
     weight_bytes: int = 0  # bytes of this rank's weights as stored (quantized ones packed)
     decode_mode: str = "eager"  # how steps run: eager | cuda_graphs (raytp.gang.graph_runner)
     decode_warm_up_s: float = 0.0  # start-up seconds spent capturing graphs (part of load_s)
-    compile_s: float = 0.0  # start-up seconds spent compiling the model step, 0 when eager (part of load_s)
+    # start-up seconds spent compiling: the model step (compile_model) and attention kernels (the CPU decode
+    # kernel); part of load_s
+    compile_s: float = 0.0
     attention_backend: str = "sdpa"  # raytp.gang.attention backend of this rank (legacy: transformers 4.x adapter)

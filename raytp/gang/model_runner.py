@@ -49,12 +49,13 @@ class ModelRunner:
     ``attention_backend``: a name of ``raytp.gang.attention.BACKENDS`` (transformers 4.x has one path, the
     compatibility adapter, whatever is asked). ``graph_capture``: the platform's capture strategy
     (``Platform.graph_capture``); with it, the steps the backend's bucket policy accepts are replayed graphs.
-    ``compile_options``: Inductor options to compile the model step with (``raytp.gang.compiled``); None: eager."""
+    ``compile_options``: Inductor options to compile the model step with (``raytp.gang.compiled``); None: eager.
+    ``batch_invariant``: attention computes a row the same way whatever else the step holds."""
 
     def __init__(self, model, device: str, rank: int, world_size: int, *, block_size: int = 16,
                  kv_cache_bytes: int = 1 << 30, max_blocks: int | None = None, graph_capture=None,
                  max_batch: int = 8, max_model_len: int = 2048, attention_backend: str = "sdpa",
-                 max_step_tokens: int = 512, compile_options: dict | None = None):
+                 max_step_tokens: int = 512, compile_options: dict | None = None, batch_invariant: bool = False):
         self.model = model
         self.device = device
         self.rank = rank
@@ -91,7 +92,8 @@ class ModelRunner:
 
             platform = platforms.get(torch.device(device).type)
             options = ({"batch_decode": platform.batch_decode, "tiled_prefill": platform.tiled_prefill,
-                        "decode_kernel": platform.decode_kernel} if attention_backend == "sdpa" else {})
+                        "decode_kernel": platform.decode_kernel, "batch_invariant": batch_invariant}
+                       if attention_backend == "sdpa" else {})
             self.backend = attention.create(attention_backend, self.pool, **options)
             self._warm_up_backend()
         # the model step compiled once (a compiled step counts as one unit of progress)
@@ -124,7 +126,8 @@ class ModelRunner:
                    max_batch=config.max_num_seqs, max_model_len=config.max_model_len,
                    attention_backend=platform.attention_backend(config.attention_backend),
                    max_step_tokens=config.max_num_batched_tokens,
-                   compile_options=platform.compile_options(config.enforce_eager, config.compile_model))
+                   compile_options=platform.compile_options(config.enforce_eager, config.compile_model),
+                   batch_invariant=config.batch_invariant)
         if config.batch_invariant and not getattr(runner.backend, "tiled_prefill", False):
             raise ConfigError("batch_invariant", f"needs the sdpa attention backend over the paged cache (here: "
                               f"{runner.attention_backend}; transformers >= 5 provides the attention interface).")
@@ -136,13 +139,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warm_up_backend(self) -> None:
-        """One decode step of one token in the null block before any request, so the backend's kernels are built
-        now (the CPU decode kernel, Triton's JIT), not in a request's first step; the null block is zeroed after."""
-        layout = [(1, 0, (0,))]
+        """A decode step of two one-token rows in the null block before any request, so the backend's kernels are
+        built now (the CPU decode kernel, Triton's JIT), not in a request's first step; the null block is zeroed
+        after."""
+        layout = [(1, 0, (0,)), (1, 0, (0,))]
         with torch.inference_mode():
             meta = attention.build(layout, self.block_size, self.device)
             self.backend.prepare(meta, layout)
-            zero = torch.zeros(1, dtype=torch.long, device=self.device)
+            zero = torch.zeros(2, dtype=torch.long, device=self.device)
             self._forward(meta, zero[None], zero)
             self.pool.zero_null_block()
 

@@ -55,7 +55,8 @@ def load_report(rank: int, start: float, model, runner) -> LoadReport:
         kv_block_bytes=runner.block_bytes, kv_block_size=runner.block_size, weight_bytes=weight_bytes(model),
         decode_mode=runner.graphs.mode if runner.graphs is not None else "eager",
         decode_warm_up_s=runner.graphs.warm_up_s if runner.graphs is not None else 0.0,
-        compile_s=runner.compiled.warm_up_s if runner.compiled is not None else 0.0,
+        compile_s=(runner.compiled.warm_up_s if runner.compiled is not None else 0.0)
+        + getattr(runner.backend, "compile_s", 0.0),
         attention_backend=runner.attention_backend,
     )
     logger.info("rank %d: model loaded in %.1fs, peak RSS %.0f MB, KV cache %d blocks of %d tokens (%.0f MB)", rank,

@@ -17,7 +17,8 @@ HEAD_DIM = 64
 
 def decode_step(pool: KVPool, tables: list[tuple[int, ...]], starts: list[int], q, k, v, kernel: bool = False):
     layout = [(1, start, table) for start, table in zip(starts, tables)]
-    backend = attention.create("sdpa", pool, decode_kernel=kernel)
+    # batch_invariant: the kernel for a lone decode row too (without it, one row goes per row)
+    backend = attention.create("sdpa", pool, decode_kernel=kernel, batch_invariant=kernel)
     with torch.inference_mode():  # as a rank's steps run (the kernel's graphs are compiled for inference tensors)
         meta = attention.build(layout, BLOCK, "cpu")
         backend.prepare(meta, layout)
@@ -64,6 +65,8 @@ def test_a_decode_row_gives_the_same_numbers_wherever_its_blocks_are(dtype, kern
     outs = []
     for table in ((3, 4, 5, 6, 7), (9, 2, 17, 5, 11)):  # the view path, then the gather path
         pool = KVPool({0: (kv_heads, HEAD_DIM, dtype)}, 20, BLOCK, "cpu")
+        for store in (pool.keys[0], pool.values[0]):  # a block's unwritten tail may hold anything, NaN included
+            store[BLOCK:].fill_(float("nan"))
         for store, data in zip((pool.keys[0], pool.values[0]), context):
             for p in range(start):
                 store[table[p // BLOCK] * BLOCK + p % BLOCK] = data[p]

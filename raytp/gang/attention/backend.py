@@ -31,6 +31,7 @@ class AttentionBackend:
     can have those steps captured as graphs and replayed (``raytp.gang.graph_runner``)."""
 
     name = ""
+    compile_s = 0.0  # seconds spent building the backend's kernels (reported in /health as part of compile_s)
 
     def __init__(self, pool: KVPool):
         self.pool = pool

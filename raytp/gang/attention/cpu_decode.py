@@ -43,6 +43,8 @@ def paged_decode(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
     past = torch.arange(w * bs, device=q.device)[None, :] >= lens[:, None]
     scores = scores.masked_fill(past[:, :, None, None], float("-inf"))
     weights = torch.softmax(scores, 1)
+    # slots past a row's context may hold anything (a block's unwritten tail): a zero weight times NaN is NaN
+    values = values.masked_fill(past[:, :, None, None], 0.0)
     out = (weights[..., None] * values[:, :, :, None, :]).sum(1)  # [B, Hkv, group, D]
     return out.reshape(q.shape)
 
