@@ -50,6 +50,7 @@ class _Plan:
     decode_q: torch.Tensor | None = None  # token index of each batched decode row
     decode_tables: torch.Tensor | None = None  # [B, W]
     decode_lens: torch.Tensor | None = None  # [B]
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, W * block_size] for SDPA (None: the kernel masks by lens)
 
 
 class SdpaBackend(AttentionBackend):
@@ -95,14 +96,20 @@ class SdpaBackend(AttentionBackend):
             width = max(w for _, _, w in decode_rows)
             plan.decode_tables = meta.block_tables.index_select(0, rows)[:, :width].contiguous()
             plan.decode_lens = meta.seq_lens.index_select(0, rows)
+            if self.decode_kernel is None:  # once per step, not per layer
+                plan.decode_mask = self._decode_mask(plan.decode_tables, plan.decode_lens)
         meta.plan = plan
+
+    def _decode_mask(self, tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        cols = torch.arange(tables.shape[1] * self.pool.block_size, device=tables.device)
+        return (cols[None, :] < lens[:, None])[:, None, None, :]
 
     def forward(self, layer: int, q, k, v, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         pool = self.pool
         pool.write(layer, k, v, meta.slot_mapping, meta.fresh_blocks)
         plan: _Plan | None = meta.plan
         if plan is None:  # decode-only fixed shapes: every row batched, from the tensors alone
-            return self._attend_blocks(layer, q, meta.block_tables, meta.seq_lens, scale)
+            return self._attend_blocks(layer, q, meta.block_tables, meta.seq_lens, None, scale)
         k_pool, v_pool = pool.keys[layer], pool.values[layer]
         out = torch.empty_like(q)
         o = out.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D] views, as SDPA wants them
@@ -123,7 +130,7 @@ class SdpaBackend(AttentionBackend):
             self._attend_row(out, q, start, n, keys, values, mask, scale)
         if plan.decode_q is not None:
             out[plan.decode_q] = self._attend_blocks(layer, q.index_select(0, plan.decode_q), plan.decode_tables,
-                                                     plan.decode_lens, scale)
+                                                     plan.decode_lens, plan.decode_mask, scale)
         return out
 
     def _attend_row(self, out, q, start: int, n: int, k, v, mask, scale) -> None:
@@ -138,18 +145,18 @@ class SdpaBackend(AttentionBackend):
             qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q[s], k, v))  # [1, H, len, D], as SDPA wants
             out[s] = _sdpa(qh, kh, vh, mask, False, scale)[0].transpose(0, 1)
 
-    def _attend_blocks(self, layer: int, q, tables, lens, scale) -> torch.Tensor:
+    def _attend_blocks(self, layer: int, q, tables, lens, mask, scale) -> torch.Tensor:
         """One query per row, q [B, Hq, D], over the first ``lens[b]`` slots of the blocks ``tables`` [B, W] of
         that row (the rest masked) → [B, Hq, D]: the compiled decode kernel, else a gather of the blocks and one
-        SDPA."""
+        SDPA under ``mask`` (``_decode_mask``; None: built here)."""
         pool = self.pool
         if self.decode_kernel is not None and self._decode_kernel_ready(layer, q.shape[1]):
             return self.decode_kernel(q, pool.blocks(pool.keys[layer]), pool.blocks(pool.values[layer]), tables,
                                       lens, scale)
         k = pool.gather(pool.keys[layer], tables)  # [B, Hkv, W * bs, D]
         v = pool.gather(pool.values[layer], tables)
-        cols = torch.arange(tables.shape[1] * pool.block_size, device=tables.device)
-        mask = (cols[None, :] < lens[:, None])[:, None, None, :]
+        if mask is None:
+            mask = self._decode_mask(tables, lens)
         return _sdpa(q.unsqueeze(2), k, v, mask, False, scale).squeeze(2)
 
     def _decode_kernel_ready(self, layer: int, heads: int) -> bool:
