@@ -150,20 +150,21 @@ class SdpaBackend(AttentionBackend):
         that row (the rest masked) → [B, Hq, D]: the compiled decode kernel, else a gather of the blocks and one
         SDPA under ``mask`` (``_decode_mask``; None: built here)."""
         pool = self.pool
-        if self.decode_kernel is not None and self._decode_kernel_ready(layer, q.shape[1]):
-            return self.decode_kernel(q, pool.blocks(pool.keys[layer]), pool.blocks(pool.values[layer]), tables,
-                                      lens, scale)
+        if self.decode_kernel is not None:
+            blocks = pool.blocks(pool.keys[layer]), pool.blocks(pool.values[layer])
+            if self._decode_kernel_ready(blocks, q.shape[1]):
+                return self.decode_kernel(q, *blocks, tables, lens, scale)
         k = pool.gather(pool.keys[layer], tables)  # [B, Hkv, W * bs, D]
         v = pool.gather(pool.values[layer], tables)
         if mask is None:
             mask = self._decode_mask(tables, lens)
         return _sdpa(q.unsqueeze(2), k, v, mask, False, scale).squeeze(2)
 
-    def _decode_kernel_ready(self, layer: int, heads: int) -> bool:
-        """Compile the decode kernel at its first use (the runner's warm-up step, at start-up), for this pool and
-        query head count; where it cannot be built, drop it for good (per-row paths from the next step on)."""
-        pool, kernel = self.pool, self.decode_kernel
-        blocks = pool.blocks(pool.keys[layer]), pool.blocks(pool.values[layer])
+    def _decode_kernel_ready(self, blocks: tuple[torch.Tensor, torch.Tensor], heads: int) -> bool:
+        """Compile the decode kernel at its first use (the runner's warm-up step, at start-up), for a layer's key
+        and value ``blocks`` and query head count; where it cannot be built, drop it for good (per-row paths from
+        the next step on)."""
+        kernel = self.decode_kernel
         if kernel.ready(blocks[0], heads):
             return True
         try:
