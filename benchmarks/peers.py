@@ -26,8 +26,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 TARGETS = {
     "vllm": "vllm:dtype=bfloat16,venv={venv}",
-    "raytp_default": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16",
-    "raytp_tp1": "raytp:tensor_parallel_size=1,dtype=bfloat16",
+    "raytp_default": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16,ingress=in_server",
+    "raytp_tp1": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server",
     "raytp_tp1_compiled": "raytp:tensor_parallel_size=1,dtype=bfloat16,compile_model=true",
     "transformers_serve": "transformers-serve:dtype=bfloat16",
 }

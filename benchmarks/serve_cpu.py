@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import collections
 import os
+import statistics
 import sys
 import time
 
@@ -58,6 +59,29 @@ async def load(url: str, model: str, clients: int, seconds: float):
     return tokens[0] / elapsed, elapsed, before, after
 
 
+def measure(args, opts: dict) -> dict:
+    """One app with ``opts`` under the load: output tok/s, the Serve path's CPU ms per token, CPU s per process."""
+    import ray
+
+    from raytp.bench.targets import _raytp_app
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    try:
+        with _raytp_app(args.model, opts, args.port):
+            rate, elapsed, before, after = asyncio.run(load(f"http://127.0.0.1:{args.port}", args.model,
+                                                            args.clients, args.seconds))
+    finally:
+        ray.shutdown()
+    me = os.getpid()
+    per = collections.defaultdict(float)
+    for pid, (name, t) in after.items():
+        if pid in before and t - before[pid][1] > 0.05:
+            per["this script (clients)" if pid == me else name.strip()] += t - before[pid][1]
+    serve_path = sum(v for k, v in per.items() if any(s in k for s in ("OpenAIIngress", "LLMServer", "ProxyActor")))
+    return {"tok_s": rate, "seconds": elapsed, "serve_path_s": serve_path,
+            "serve_path_ms_per_token": serve_path / (rate * elapsed) * 1e3, "cpu_s": dict(per)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="raytp-tiny-llama")
@@ -66,41 +90,49 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=30)
     ap.add_argument("--port", type=int, default=8151)
     ap.add_argument("--set", action="append", default=[], help="a config field, k=v")
+    ap.add_argument("--alternate", default=None, help="k=v1,v2,...: one app per value in turn, --rounds times; "
+                    "ratios to the first value")
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--output", default="serve_cpu")
     args = ap.parse_args()
-    import ray
     import yaml
-
-    from raytp.bench.targets import _raytp_app
 
     opts = {"tensor_parallel_size": args.tp, "device": "cpu",
             **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}}
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    with _raytp_app(args.model, opts, args.port):
-        rate, elapsed, before, after = asyncio.run(load(f"http://127.0.0.1:{args.port}", args.model, args.clients,
-                                                        args.seconds))
-    ray.shutdown()
-    me = os.getpid()
-    per = collections.defaultdict(float)
-    for pid, (name, t) in after.items():
-        if pid in before and t - before[pid][1] > 0.05:
-            per["this script (clients)" if pid == me else name.strip()] += t - before[pid][1]
-    serve_path = sum(v for k, v in per.items() if any(s in k for s in ("OpenAIIngress", "LLMServer", "ProxyActor")))
-    tokens = rate * elapsed
     env = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
-    lines = [f"# CPU per process under {args.clients} streaming clients ({args.model}, TP={args.tp}, cpu, "
-             f"{elapsed:.0f} s; Serve env: {env or 'none'}; overrides: {args.set or 'none'})", "",
-             f"Output {rate:.1f} tok/s; proxy + ingress + server replica: {serve_path:.2f} CPU s = "
-             f"{serve_path / tokens * 1e3:.2f} ms per token; {os.cpu_count()} cores = {os.cpu_count() * elapsed:.0f}"
-             f" CPU s available.", "", "| CPU s | process |", "| --- | --- |"]
-    lines += [f"| {v:.2f} | {k} |" for k, v in sorted(per.items(), key=lambda kv: -kv[1])]
-    lines += ["", "`" + " ".join(([f"{k}={v}" for k, v in env.items()]) + [".venv/bin/python",
-                                                                           "benchmarks/serve_cpu.py"] + sys.argv[1:])
-              + "`"]
+    command = "`" + " ".join([f"{k}={v}" for k, v in env.items()] + [".venv/bin/python", "benchmarks/serve_cpu.py"]
+                             + sys.argv[1:]) + "`"
     from _results import write
 
-    write(args.output, {"args": vars(args), "serve_env": env, "tok_s": rate, "seconds": elapsed,
-                        "serve_path_ms_per_token": serve_path / tokens * 1e3, "cpu_s": dict(per)}, lines)
+    if args.alternate:
+        key, _, values = args.alternate.partition("=")
+        values = values.split(",")
+        runs = {v: [] for v in values}
+        for _ in range(args.rounds):
+            for v in values:
+                runs[v].append(measure(args, {**opts, key: yaml.safe_load(v)}))
+        med = {v: statistics.median(r["tok_s"] for r in rs) for v, rs in runs.items()}
+        lines = [f"# {key} alternated under {args.clients} streaming clients ({args.model}, TP={args.tp}, cpu, "
+                 f"{args.rounds} rounds of {args.seconds:.0f} s each; Serve env: {env or 'none'}; overrides: "
+                 f"{args.set or 'none'})", "",
+                 f"| {key} | output tok/s per round | median | × {values[0]} | Serve path CPU ms per token |",
+                 "| --- | --- | --- | --- | --- |"]
+        for v, rs in runs.items():
+            rates = ", ".join(f"{r['tok_s']:.1f}" for r in rs)
+            costs = ", ".join(f"{r['serve_path_ms_per_token']:.2f}" for r in rs)
+            lines.append(f"| {v} | {rates} | {med[v]:.1f} | {med[v] / med[values[0]]:.2f} | {costs} |")
+        lines += ["", command]
+        write(args.output, {"args": vars(args), "serve_env": env, "runs": runs, "median_tok_s": med}, lines)
+        return
+    r = measure(args, opts)
+    lines = [f"# CPU per process under {args.clients} streaming clients ({args.model}, TP={args.tp}, cpu, "
+             f"{r['seconds']:.0f} s; Serve env: {env or 'none'}; overrides: {args.set or 'none'})", "",
+             f"Output {r['tok_s']:.1f} tok/s; proxy + ingress + server replica: {r['serve_path_s']:.2f} CPU s = "
+             f"{r['serve_path_ms_per_token']:.2f} ms per token; {os.cpu_count()} cores = "
+             f"{os.cpu_count() * r['seconds']:.0f} CPU s available.", "", "| CPU s | process |", "| --- | --- |"]
+    lines += [f"| {v:.2f} | {k} |" for k, v in sorted(r["cpu_s"].items(), key=lambda kv: -kv[1])]
+    lines += ["", command]
+    write(args.output, {"args": vars(args), "serve_env": env, **r}, lines)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,14 @@ class RaytpConfig(BaseModel):
         "soon as it exists. Larger values cut the per-token work of Serve's two process hops, which on a small "
         "model with millisecond steps, or a busy CPU, bounds streamed throughput (docs/performance.md).",
     )
+    ingress: Literal["separate", "in_server"] = Field(
+        "separate", description="Where HTTP is answered. 'separate': an OpenAIIngress deployment in front of the "
+        "LLMServer replicas (each streamed chunk crosses two Ray hops: server -> ingress -> HTTP proxy; requests "
+        "that share a prompt prefix go to the same replica). 'in_server': the LLMServer replicas answer HTTP "
+        "themselves, one deployment (one Ray hop per chunk, one process fewer per token: faster streaming where "
+        "steps take milliseconds; with several replicas HTTP requests are routed by load only, not by prefix). "
+        "serve_config.yaml's deployments: then lists only LLMServer.",
+    )
     max_queue_size: int = Field(
         256, ge=1, description="Most requests waiting for a batch slot per replica; more are rejected (HTTP 429)."
     )

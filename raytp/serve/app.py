@@ -3,10 +3,11 @@
 ``build_app(args)`` validates ``args`` with checks that need no node (``RaytpConfig``), decides
 the device kind of the placement bundles (``raytp.config.bundle_device``), and binds the ingress
 to one server deployment whose replicas each own a placement group of ``tensor_parallel_size``
-bundles. Everything that depends on a node (model files, HF config, device presence, ``auto``
-dtype) is resolved later, in each replica. Deployment options in serve_config.yaml's
-``deployments:`` section (num_replicas, autoscaling_config, ...) override these defaults by
-deployment name: ``OpenAIIngress`` and ``LLMServer``.
+bundles; with ``ingress: in_server``, one deployment named ``LLMServer`` whose replicas are both (the
+ingress's routes over a server in the same process). Everything that depends on a node (model files,
+HF config, device presence, ``auto`` dtype) is resolved later, in each replica. Deployment options in
+serve_config.yaml's ``deployments:`` section (num_replicas, autoscaling_config, ...) override these
+defaults by deployment name: ``LLMServer`` and (``ingress: separate``) ``OpenAIIngress``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ray import serve
 from raytp import platforms
 from raytp.config import RaytpConfig, bundle_device, check_dtype_on
 from raytp.serve.ingress import OpenAIIngress
+from raytp.serve.local_server import InServer
 from raytp.serve.server import LLMServer
 
 # Updates that lose nothing: a changed config's replicas start beside the old ones, which keep serving until the
@@ -26,12 +28,13 @@ from raytp.serve.server import LLMServer
 SURGE_PERCENT = 100
 
 
-def server_deployment(cfg: RaytpConfig, device: str):
-    """The ``LLMServer`` deployment with one bundle per rank."""
+def server_deployment(cfg: RaytpConfig, device: str, cls=LLMServer):
+    """The ``LLMServer`` deployment with one bundle per rank (of ``cls``: the server, or with ``ingress:
+    in_server`` the ingress that holds it)."""
     bundle = platforms.get(device).bundle(cfg.num_cpus_per_worker)
     max_num_seqs, _ = cfg.scheduling_limits(device)
     return serve.deployment(
-        LLMServer,
+        cls,
         name="LLMServer",
         placement_group_bundles=[bundle] * cfg.tensor_parallel_size,
         placement_group_strategy=cfg.placement_strategy,
@@ -85,6 +88,9 @@ def bind_app(cfg: RaytpConfig | dict, engine_factory=None, server_options: dict 
     cfg = (RaytpConfig(**cfg) if isinstance(cfg, dict) else cfg).check_static()
     device = bundle_device(cfg.device)
     check_dtype_on(device, cfg.dtype)  # 'auto' may have become cpu: fail here, not in every replica
+    if cfg.ingress == "in_server":  # one deployment: each replica answers HTTP and runs its own gang
+        return server_deployment(cfg, device, OpenAIIngress).options(**(server_options or {})).bind(
+            InServer(cfg.for_server(), device, engine_factory), cfg.api_key, cfg.max_request_body_bytes)
     server = server_deployment(cfg, device).options(**(server_options or {})).bind(
         cfg.for_server(), device, engine_factory)
     ingress = serve.deployment(OpenAIIngress, name="OpenAIIngress", ray_actor_options={"num_cpus": 0},

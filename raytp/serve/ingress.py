@@ -222,14 +222,18 @@ def _http_request_id() -> str:
 
 @serve.ingress(app)
 class OpenAIIngress:
-    """``server``: the LLMServer deployment's handle. ``api_key``: from the config, else env ``RAYTP_API_KEY``
-    on this ingress's node; it never leaves the ingress."""
+    """``server``: the LLMServer deployment's handle, or (``ingress: in_server``) an ``InServer`` whose server this
+    replica builds and calls in process (``raytp.serve.local_server``). ``api_key``: from the config, else env
+    ``RAYTP_API_KEY`` on this ingress's node; it never leaves the ingress (nor, in process, reaches the server's
+    config or the ranks)."""
 
     async def __init__(self, server, api_key: "str | None" = None, max_request_body_bytes: int = 1_048_576):
         from raytp.logs import quiet_client_errors
+        from raytp.serve.local_server import InServer
 
         quiet_client_errors()
-        self.server = server
+        self._local = isinstance(server, InServer)  # (a handle answers any attribute: no duck typing here)
+        self.server = await server.start() if self._local else server
         self.api_key = api_key or os.environ.get("RAYTP_API_KEY") or None
         BodySizeLimit.limit = max_request_body_bytes
         self.responses_api = ResponsesServing(ResponseStore(), _stream_error)  # the Responses API's store lives here
@@ -237,12 +241,15 @@ class OpenAIIngress:
         # for a replica for as long as the model takes to load, with no answer for the client).
         self._ready = asyncio.Event()
         self._not_ready_because: str | None = None  # the last failed readiness probe, for the 503's message
-        self._ready_task = asyncio.get_running_loop().create_task(self._wait_until_ready())
+        if self._local:  # the server in this process has started: this replica is ready when Serve runs it
+            self._ready.set()
+        else:
+            self._ready_task = asyncio.get_running_loop().create_task(self._wait_until_ready())
         # In an update (a new ingress version while some server replica already runs), this replica takes HTTP
         # traffic only once it reaches a server replica: else its first requests would get 503 while its handle
         # learns the running replicas (seconds on a busy host), though one could serve them. At first deploy no
         # server replica runs yet: this replica starts at once and answers 503 while the model loads.
-        if await asyncio.to_thread(self._server_replicas_running):
+        if not self._local and await asyncio.to_thread(self._server_replicas_running):
             try:
                 await asyncio.wait_for(asyncio.shield(self._ready.wait()), UPDATE_READY_WAIT_S)
             except asyncio.TimeoutError:
@@ -526,3 +533,22 @@ class OpenAIIngress:
 
     async def health(self) -> dict:
         return await self.server.health.remote()
+
+    # ---- the server's Serve hooks, when it lives in this replica (``ingress: in_server``) ---------------------------
+    async def check_health(self) -> None:
+        """Serve's health check: the in-process server's (its ranks answer); nothing to check for a handle."""
+        if self._local:
+            await self.server.server.check_health()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaling hook: the in-process server's TTFT window (``TTFTPolicy``); none for a handle."""
+        return self.server.server.record_autoscaling_stats() if self._local else {}
+
+    async def worker_pids(self) -> list[int]:
+        """The in-process server's rank pids (operators, fault tests), as the LLMServer deployment answers them."""
+        return await self.server.worker_pids.remote()
+
+    def __del__(self):
+        # Serve stops this replica: free the in-process server's ranks now (LLMServer.__del__ does the same).
+        if getattr(self, "_local", False):
+            self.server.server.__del__()

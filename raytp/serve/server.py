@@ -117,6 +117,13 @@ class LLMServer:
         logger.info("raytp: TP=%d gang for %s healthy after %.1fs", config.tensor_parallel_size,
                     config.served_model_name, self.startup_s)
 
+    @classmethod
+    async def create(cls, cfg: RaytpConfig, device: str, engine_factory=None) -> "LLMServer":
+        """The server as an object of the calling replica (``ingress: in_server``), started as Serve starts it."""
+        server = cls.__new__(cls)
+        await server.__init__(cfg, device, engine_factory)
+        return server
+
     def __del__(self):
         # Serve calls this when it stops the replica (scale-down, redeploy, failed health check):
         # free the ranks now rather than when Ray notices their owner is gone.
