@@ -6,7 +6,9 @@ replica, proxy, controller, ...) over a fixed window of streaming load, and the 
 The app is raytp's default config for ``--model`` / ``--tp`` on CPU (``--set k=v`` overrides a field), served on
 127.0.0.1:``--port``; ``--clients`` httpx clients (one thread, asyncio) stream 64-token completions of ~80-token
 prompts in a loop. Serve's environment variables (e.g. ``RAY_SERVE_THROUGHPUT_OPTIMIZED``) apply when set in this
-process's environment: Ray is started from here. Results: benchmarks/results/<--output>.{json,md}.
+process's environment: Ray is started from here. ``--alternate k=v1,v2`` measures one app per value in turn
+(``--rounds`` times); ``--alternate endpoint=proxy,direct`` one app with Serve's direct ingress on, loaded through
+Serve's proxy and on the replica's own HTTP port (30000) in turn. Results: benchmarks/results/<--output>.{json,md}.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import os
 import statistics
 import sys
@@ -59,8 +62,12 @@ async def load(url: str, model: str, clients: int, seconds: float):
     return tokens[0] / elapsed, elapsed, before, after
 
 
-def measure(args, opts: dict) -> dict:
-    """One app with ``opts`` under the load: output tok/s, the Serve path's CPU ms per token, CPU s per process."""
+DIRECT_PORT = 30000  # Serve's first direct-ingress port (RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT): one replica
+
+
+@contextlib.contextmanager
+def app(args, opts: dict):
+    """Ray and the app with ``opts`` for the block."""
     import ray
 
     from raytp.bench.targets import _raytp_app
@@ -68,10 +75,14 @@ def measure(args, opts: dict) -> dict:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         with _raytp_app(args.model, opts, args.port):
-            rate, elapsed, before, after = asyncio.run(load(f"http://127.0.0.1:{args.port}", args.model,
-                                                            args.clients, args.seconds))
+            yield
     finally:
         ray.shutdown()
+
+
+def measure_load(args, url: str) -> dict:
+    """The load against ``url`` once: output tok/s, the Serve path's CPU ms per token, CPU s per process."""
+    rate, elapsed, before, after = asyncio.run(load(url, args.model, args.clients, args.seconds))
     me = os.getpid()
     per = collections.defaultdict(float)
     for pid, (name, t) in after.items():
@@ -80,6 +91,36 @@ def measure(args, opts: dict) -> dict:
     serve_path = sum(v for k, v in per.items() if any(s in k for s in ("OpenAIIngress", "LLMServer", "ProxyActor")))
     return {"tok_s": rate, "seconds": elapsed, "serve_path_s": serve_path,
             "serve_path_ms_per_token": serve_path / (rate * elapsed) * 1e3, "cpu_s": dict(per)}
+
+
+def measure(args, opts: dict) -> dict:
+    with app(args, opts):
+        return measure_load(args, f"http://127.0.0.1:{args.port}")
+
+
+def endpoints(args, opts: dict, values: list[str]) -> dict:
+    """``--alternate endpoint=proxy,direct``: one app with Serve's direct ingress on (the ingress replica also
+    serves HTTP on its own port), loaded through Serve's proxy and on the replica's port in turn."""
+    import requests
+
+    os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # before Ray starts: its processes inherit it
+    urls = {"proxy": f"http://127.0.0.1:{args.port}", "direct": f"http://127.0.0.1:{DIRECT_PORT}"}
+    runs = {v: [] for v in values}
+    with app(args, opts):
+        deadline = time.monotonic() + 120
+        while True:  # the replica's own server starts with the replica; the proxy answered already
+            try:
+                if requests.get(urls["direct"] + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing answers on {urls['direct']}")
+            time.sleep(0.5)
+        for _ in range(args.rounds):
+            for v in values:
+                runs[v].append(measure_load(args, urls[v]))
+    return runs
 
 
 def main() -> None:
@@ -91,7 +132,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8151)
     ap.add_argument("--set", action="append", default=[], help="a config field, k=v")
     ap.add_argument("--alternate", default=None, help="k=v1,v2,...: one app per value in turn, --rounds times; "
-                    "ratios to the first value")
+                    "ratios to the first value. endpoint=proxy,direct: one app with Serve's direct ingress, loaded "
+                    "through the proxy and on the replica's own port in turn")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--output", default="serve_cpu")
     args = ap.parse_args()
@@ -107,10 +149,14 @@ def main() -> None:
     if args.alternate:
         key, _, values = args.alternate.partition("=")
         values = values.split(",")
-        runs = {v: [] for v in values}
-        for _ in range(args.rounds):
-            for v in values:
-                runs[v].append(measure(args, {**opts, key: yaml.safe_load(v)}))
+        if key == "endpoint":
+            runs = endpoints(args, opts, values)
+        else:
+            runs = {v: [] for v in values}
+            for _ in range(args.rounds):
+                for v in values:
+                    runs[v].append(measure(args, {**opts, key: yaml.safe_load(v)}))
+        env = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}  # endpoint= sets one
         med = {v: statistics.median(r["tok_s"] for r in rs) for v, rs in runs.items()}
         lines = [f"# {key} alternated under {args.clients} streaming clients ({args.model}, TP={args.tp}, cpu, "
                  f"{args.rounds} rounds of {args.seconds:.0f} s each; Serve env: {env or 'none'}; overrides: "
