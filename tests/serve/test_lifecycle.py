@@ -4,6 +4,7 @@ import json
 import threading
 import time
 
+import pytest
 import requests
 
 from raytp.testing import scripted_engine_factory
@@ -44,11 +45,14 @@ def test_requests_before_any_replica_is_ready_get_503_at_once(ray_session):
         serve.delete("raytp")
 
 
-def test_a_gang_dying_mid_stream_ends_the_stream_with_an_error_and_the_replica_is_replaced(ray_session):
+@pytest.mark.parametrize("ingress", ["separate", "in_server"])
+def test_a_gang_dying_mid_stream_ends_the_stream_with_an_error_and_the_replica_is_replaced(ray_session, ingress):
     """A scripted gang failure (as a dead rank): the stream gets an error event and [DONE], queued and new
-    requests get 503, and Serve replaces the replica, which then serves again."""
+    requests get 503, and Serve replaces the replica, which then serves again (in_server: the replica that answers
+    HTTP is the one that exits)."""
     factory = scripted_engine_factory(step_delay_s=0.01, fail_prompt="boom", fail_prompt_after=5)
-    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu"}, engine_factory=factory):
+    with serve_app({"model": MODEL, "tensor_parallel_size": 1, "device": "cpu", "ingress": ingress},
+                   engine_factory=factory):
         before = requests.get(URL + "/health", timeout=30).json()["replica_id"]
         body = {"model": MODEL, "prompt": "boom now", "max_tokens": 100, "ignore_eos": True, "stream": True}
         with requests.post(URL + "/v1/completions", json=body, stream=True, timeout=60) as r:
