@@ -2,9 +2,9 @@
 every step shape.
 
 What makes one graph serve every step (vLLM's CPU and GPU runners do the same):
-  - the token dimension (``input_ids`` / ``position_ids``) is an *unbacked* dynamic size: the compiler assumes
-    nothing about it, not even that it is not 1, so a decode step of one token and a prefill chunk of 512 run
-    the same code (no 0/1 specialisation, no recompile);
+  - the token dimension (``input_ids`` / ``position_ids``) is a dynamic size traced *size-obliviously* (vLLM's
+    choice too): the compiler does not specialise it on 0 or 1, so a decode step of one token and a prefill chunk
+    of 512 run the same code (no recompile), yet it has a hint, which Inductor's weight prepacking needs;
   - attention, with its KV write, is one opaque operator per layer (``raytp.gang.attention.op``) that reads the
     step's backend and metadata from a context, so block tables, plans and row counts never reach the compiler.
 Everything else of the decoder — embeddings, RMSNorm, RoPE, the projections and the MLP (and, with TP > 1,
@@ -19,6 +19,7 @@ platform), so a restart reuses them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -42,6 +43,19 @@ class CompiledModel:
         self._decoder = torch.compile(model.get_decoder(), backend=self._compile, dynamic=True)
         self._head = model.get_output_embeddings()
 
+    def _tracing(self):
+        """The settings Dynamo traces under (on a first call or a recompile; a cheap no-op otherwise):
+        dynamic sizes not specialised on 0 or 1 (one graph for a 1-token decode and a 512-token chunk) but with a
+        hint, which Inductor's weight prepacking needs (an unbacked size fails it); and ``freezing``, which Dynamo
+        reads too: only then are the weights graph constants that Inductor can reorder once for oneDNN."""
+        import torch._inductor.config as inductor_config
+        import torch.fx.experimental._config as fx_config
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(fx_config.patch(backed_size_oblivious=True))
+        stack.enter_context(inductor_config.patch(self.options))
+        return stack
+
     def _compile(self, graph_module, example_inputs):
         import torch._inductor.config as inductor_config
         from torch._inductor.compile_fx import compile_fx
@@ -56,9 +70,9 @@ class CompiledModel:
     def __call__(self, backend: AttentionBackend, meta: AttentionMetadata, ids: torch.Tensor,
                  keep: torch.Tensor) -> torch.Tensor:
         """Logits [len(keep), V] of a step: ``ids`` [1, T], ``keep`` [K] token indices whose logits are wanted."""
-        torch._dynamo.decorators.mark_unbacked(ids, 1)
-        torch._dynamo.decorators.mark_unbacked(meta.positions, 1)
-        with step_context(backend, meta):
+        torch._dynamo.decorators.mark_dynamic(ids, 1)
+        torch._dynamo.decorators.mark_dynamic(meta.positions, 1)
+        with step_context(backend, meta), self._tracing():
             hidden = self._decoder(input_ids=ids, position_ids=meta.positions, use_cache=False, raytp_op=True)
         # [1, K, H] in: DeepSpeed's sharded head slices a 3-D input
         return self._head(hidden.last_hidden_state[:, keep])[0]
@@ -69,12 +83,15 @@ class CompiledModel:
         from raytp.gang.attention import build
 
         start = time.perf_counter()
-        layout = [(2, 0, (0,))]
-        with torch.inference_mode():  # as steps run: inference tensors (their dispatch keys are guarded)
-            meta = build(layout, backend.pool.block_size, device)
-            backend.prepare(meta, layout)
-            self(backend, meta, torch.zeros((1, 2), dtype=torch.long, device=device),
-                 torch.tensor([0, 1], device=device))
+        # a 2-token step, then a 1-token one: Inductor's cache guards the token count's hint against 1 (a second
+        # graph for single-token steps), so both are compiled here and steady state never compiles
+        for tokens in (2, 1):
+            layout = [(tokens, 0, (0,))]
+            with torch.inference_mode():  # as steps run: inference tensors (their dispatch keys are guarded)
+                meta = build(layout, backend.pool.block_size, device)
+                backend.prepare(meta, layout)
+                self(backend, meta, torch.zeros((1, tokens), dtype=torch.long, device=device),
+                     torch.arange(tokens, device=device))
         self.warm_up_s = time.perf_counter() - start
         self.warm_up_compiles = self.compiles
         logger.info("model step compiled in %.1f s (%d graphs, inductor options %s)", self.warm_up_s, self.compiles,
