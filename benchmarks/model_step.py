@@ -1,7 +1,8 @@
 """One rank's model step, plain eager against each variant, on this machine, in one run: torch's plain linears vs
 oneDNN-prepacked ones (``raytp.gang.linears``, the ``prepack_weights`` default on CPU), vs the step compiled
 (``raytp.gang.compiled``) with each set of Inductor options, and (``decode_kernel``, prepacked both ways) decode
-rows attended per row vs by the compiled CPU decode kernel (``raytp.gang.attention.cpu_decode``, the default).
+rows attended per row vs by the compiled CPU decode kernel (``raytp.gang.attention.cpu_decode``, the default), and
+(``compiled_vs_prepacked``) the compiled step with CPU's compile options against the eager prepacked step.
 Decode tok/s at ``--batches`` (1 and 8 by default; one token per row, contexts of ``--context`` tokens) and a
 prefill chunk, through a rank's ``ModelRunner`` forward (paged KV, the sdpa backend), plus the compile seconds.
 
@@ -31,6 +32,9 @@ OPTION_SETS = {  # variant -> Inductor options (None: eager, with prepacked line
     "prepacked": None,
     # prepacked linears both ways; decode rows per row (two float32 einsums each) vs the compiled CPU decode kernel
     "decode_kernel": "decode_kernel",
+    # the compiled step (CPU's compile options: freezing, which prepacks inside the graph) vs the eager prepacked
+    # step, the default, in one process
+    "compiled_vs_prepacked": "compiled_vs_prepacked",
     "default": {},
     "freezing": {"freezing": True},
     "freezing+cpp_wrapper": {"freezing": True, "cpp_wrapper": True},
@@ -53,6 +57,11 @@ def measure(args, options: dict) -> dict:
     bs = 16
     width = -(-(args.context + args.steps + args.chunk) // bs)
     kernel = options == "decode_kernel"
+    against_packed = options == "compiled_vs_prepacked"
+    if against_packed:
+        from raytp.platforms import get
+
+        options = get("cpu").compile_options(False, True)
     if kernel:
         from raytp.gang.linears import prepack_linears
 
@@ -72,6 +81,12 @@ def measure(args, options: dict) -> dict:
     else:
         compile_s = runner.compiled.warm_up_s
         variant, runner.compiled = runner.compiled, None
+        if against_packed:  # the eager baseline: a second copy of the model, prepacked (the default step)
+            from raytp.gang.linears import prepack_linears
+
+            packed = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(getattr(torch, args.dtype))).eval()
+            prepack_linears(packed)
+            runner.model = packed
 
     def tables(batch):  # each row its own blocks, after the null block
         return [tuple(range(1 + r * width, 1 + (r + 1) * width)) for r in range(batch)]
