@@ -3,8 +3,9 @@ every step shape.
 
 What makes one graph serve every step (vLLM's CPU and GPU runners do the same):
   - the token dimension (``input_ids`` / ``position_ids``) is a dynamic size traced *size-obliviously* (vLLM's
-    choice too): the compiler does not specialise it on 0 or 1, so a decode step of one token and a prefill chunk
-    of 512 run the same code (no recompile), yet it has a hint, which Inductor's weight prepacking needs;
+    choice too), with a hint, which Inductor's weight prepacking needs: a 2-token step and a 512-token chunk run
+    one graph; Inductor's cache guards the hint against 1, so single-token steps get a second graph; both are
+    compiled at start-up (``warm_up``), and steady state never compiles;
   - attention, with its KV write, is one opaque operator per layer (``raytp.gang.attention.op``) that reads the
     step's backend and metadata from a context, so block tables, plans and row counts never reach the compiler.
 Everything else of the decoder — embeddings, RMSNorm, RoPE, the projections and the MLP (and, with TP > 1,
@@ -48,9 +49,9 @@ class CompiledModel:
 
     def _tracing(self):
         """The settings Dynamo traces under (on a first call or a recompile; a cheap no-op otherwise):
-        dynamic sizes not specialised on 0 or 1 (one graph for a 1-token decode and a 512-token chunk) but with a
-        hint, which Inductor's weight prepacking needs (an unbacked size fails it); and ``freezing``, which Dynamo
-        reads too: only then are the weights graph constants that Inductor can reorder once for oneDNN."""
+        size-oblivious dynamic sizes that keep a hint, which Inductor's weight prepacking needs (an unbacked size
+        fails it); and the Inductor options, whose ``freezing`` Dynamo reads too: only then are the weights graph
+        constants that Inductor can reorder once for oneDNN."""
         import torch._inductor.config as inductor_config
         import torch.fx.experimental._config as fx_config
 
