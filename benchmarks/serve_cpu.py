@@ -101,22 +101,14 @@ def measure(args, opts: dict) -> dict:
 def endpoints(args, opts: dict, values: list[str]) -> dict:
     """``--alternate endpoint=proxy,direct``: one app with Serve's direct ingress on (the ingress replica also
     serves HTTP on its own port), loaded through Serve's proxy and on the replica's port in turn."""
-    import requests
+    from raytp.bench.targets import wait_healthy
 
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # before Ray starts: its processes inherit it
     urls = {"proxy": f"http://127.0.0.1:{args.port}", "direct": f"http://127.0.0.1:{DIRECT_PORT}"}
     runs = {v: [] for v in values}
     with app(args, opts):
-        deadline = time.monotonic() + 120
-        while True:  # the replica's own server starts with the replica; the proxy answered already
-            try:
-                if requests.get(urls["direct"] + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing answers on {urls['direct']}")
-            time.sleep(0.5)
+        # the replica's own server starts with the replica; the proxy answered already
+        wait_healthy(urls["direct"], 120, f"the replica's own port {DIRECT_PORT}")
         for _ in range(args.rounds):
             for v in values:
                 runs[v].append(measure_load(args, urls[v]))

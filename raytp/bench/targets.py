@@ -173,7 +173,6 @@ def _cpu_threads(opts: dict, tp: int) -> dict:
 @contextlib.contextmanager
 def _raytp_app(model: str, opts: dict, port: int, timeout_s: float = 900.0):
     import ray
-    import requests
     from ray import serve
 
     from raytp.serve.app import build_app
@@ -184,14 +183,21 @@ def _raytp_app(model: str, opts: dict, port: int, timeout_s: float = 900.0):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(args), name="raytp-bench", route_prefix="/")
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"raytp {opts} was not healthy after {timeout_s:.0f}s")
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{port}", timeout_s, f"raytp {opts}")
         yield
     finally:
         serve.shutdown()
+
+
+def wait_healthy(url: str, timeout_s: float, what: str) -> None:
+    """Poll ``url``/health until it answers 200; ``TimeoutError`` naming ``what`` after ``timeout_s``."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/health", timeout=10).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} was not healthy after {timeout_s:.0f}s")
+        time.sleep(0.5)

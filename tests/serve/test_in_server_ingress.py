@@ -49,7 +49,7 @@ def _send_the_key(monkeypatch):
     monkeypatch.setattr(requests.Session, "request", with_key)
 
 
-def test_one_deployment_named_llmserver_serves_http():
+def test_one_deployment_named_llmserver_serves_http(app):
     from ray import serve
 
     app = serve.status().applications["raytp"]
