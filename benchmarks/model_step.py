@@ -32,8 +32,8 @@ OPTION_SETS = {  # variant -> Inductor options (None: eager, with prepacked line
     "prepacked": None,
     # prepacked linears both ways; decode rows per row (two float32 einsums each) vs the compiled CPU decode kernel
     "decode_kernel": "decode_kernel",
-    # the compiled step (CPU's compile options: freezing, which prepacks inside the graph) vs the eager prepacked
-    # step, the default, in one process
+    # the compiled step as a rank runs it (CPU's compile options; decode steps through the graph, attention inline;
+    # prompt chunks eager) vs the eager prepacked step, the default, in one process
     "compiled_vs_prepacked": "compiled_vs_prepacked",
     "default": {},
     "freezing": {"freezing": True},
@@ -62,7 +62,7 @@ def measure(args, options: dict) -> dict:
         from raytp.platforms import get
 
         options = get("cpu").compile_options(False, True)
-    if kernel:
+    if kernel or against_packed:  # (compiled: as a rank loads it, prepacked; the graph holds the packed weights)
         from raytp.gang.linears import prepack_linears
 
         prepack_linears(model)
@@ -80,13 +80,7 @@ def measure(args, options: dict) -> dict:
         plain = runner.model
     else:
         compile_s = runner.compiled.warm_up_s
-        variant, runner.compiled = runner.compiled, None
-        if against_packed:  # the eager baseline: a second copy of the model, prepacked (the default step)
-            from raytp.gang.linears import prepack_linears
-
-            packed = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(getattr(torch, args.dtype))).eval()
-            prepack_linears(packed)
-            runner.model = packed
+        variant, runner.compiled = runner.compiled, None  # against_packed: the eager baseline is the same model
 
     def tables(batch):  # each row its own blocks, after the null block
         return [tuple(range(1 + r * width, 1 + (r + 1) * width)) for r in range(batch)]
@@ -100,8 +94,11 @@ def measure(args, options: dict) -> dict:
             runner.compiled = variant if use_variant else None
         with torch.inference_mode():  # as a rank's steps: inference tensors
             meta = attention.build(layout, bs, "cpu")
-            runner.backend.prepare(meta, layout)
             ids = torch.randint(10, 400, (1, meta.num_tokens))
+            if runner.compiled is not None and runner.compiled.decode_only and meta.num_tokens == len(layout):
+                runner.compiled.decode(runner.backend, meta, ids)  # as ModelRunner.step routes decode steps
+                return
+            runner.backend.prepare(meta, layout)
             ends = torch.cumsum(torch.tensor([n for n, _, _ in layout]), 0) - 1
             runner._forward(meta, ids, ends)
 

@@ -74,7 +74,7 @@ class RaytpConfig(BaseModel):
         "capability >= 8.9 only). Needs the 'torchao' extra; exclusive with low_bit. null = none.",
     )
     prepack_weights: bool = Field(
-        True, description="cpu, without quantization, low_bit or compile_model: reorder each linear's weight once "
+        True, description="cpu, without quantization or low_bit: reorder each linear's weight once "
         "into oneDNN's blocked layout at load (raytp/gang/linears.py); decode reads weights several times faster "
         "than torch's plain linear does. false: plain torch linears.",
     )
@@ -132,10 +132,12 @@ class RaytpConfig(BaseModel):
         "eager anyway.",
     )
     compile_model: bool | None = Field(
-        None, description="Compile the model step once with torch.compile (Inductor; one graph for every step shape, "
-        "attention an opaque op; compiled artefacts cached under RAYTP_CACHE_DIR/inductor across restarts, the "
-        "compile time reported by /health as ranks[].compile_s). null: the device's default (raytp/platforms). "
-        "enforce_eager turns it off.",
+        None, description="Compile the model step once with torch.compile (Inductor) at start-up. cpu (sdpa): decode "
+        "steps run one compiled graph with the paged attention inside it, prompt chunks run eagerly (batch-1 decode "
+        "~1.2x; ~100 s of start-up per graph for a 0.5B model on 2 cores, not cached across restarts: Inductor "
+        "cannot cache graphs holding oneDNN's packed weights). Other backends: every step one graph, attention an "
+        "opaque op (cached under RAYTP_CACHE_DIR/inductor). The compile time is reported by /health as "
+        "ranks[].compile_s. null: the device's default (raytp/platforms). enforce_eager turns it off.",
     )
     attention_backend: Literal["auto", "sdpa", "triton"] = Field(
         "auto", description="Attention over the paged KV cache (raytp/gang/attention): 'triton' (one fused paged "

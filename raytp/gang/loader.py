@@ -92,8 +92,8 @@ def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
     #    weights prepacked for oneDNN.
     if cfg.quantization:
         quantize_shard(model, cfg.quantization, device, cfg.quantization_group_size, head=cfg.quantize_lm_head)
-    elif cfg.prepack_weights and not (cfg.low_bit or cfg.compile_model) and device == "cpu" and can_prepack(dtype):
-        # (not under compile_model: Inductor does not lower the prepacked op from eager code; its freezing packs)
+    elif cfg.prepack_weights and not cfg.low_bit and device == "cpu" and can_prepack(dtype):
+        # (compile_model too: under the CPU's `freezing` the packed weights are the graph's constants, no copy)
         if tp > 1:
             plain_linears(model, head=True)
         packed = prepack_linears(model, min_rows=2 if cfg.batch_invariant else 1)

@@ -98,7 +98,7 @@ class ModelRunner:
             self._warm_up_backend()
         # the model step compiled once (a compiled step counts as one unit of progress)
         if compile_options is not None and self.backend is not None and self._keep_kwarg:
-            self.compiled = CompiledModel(model, compile_options)
+            self.compiled = CompiledModel(model, compile_options, decode_only=self.backend.graph_decode is not None)
             self.compiled.warm_up(self.backend, device)
         # steps on fixed shapes replayed as graphs: the backend's bucket policy, the platform's capture (None: eager)
         self.graphs = None
@@ -175,14 +175,15 @@ class ModelRunner:
         self._sync_tables()
         bucket = self.graphs.accepts(rows) if self.graphs is not None else None
         if bucket is not None:
-            logits = self.graphs.run(rows, bucket, self.tables)  # at each row's last token
             self.progress += 1  # a replayed graph runs no layer hooks
-            sampled = [i for i, r in enumerate(rows) if r.sample]
-            if not sampled:
-                return StepOutput()
-            return self._sample(logits if len(sampled) == len(rows) else logits[sampled], [rows[i] for i in sampled])
+            return self._sample_rows(self.graphs.run(rows, bucket, self.tables), rows)  # at each row's last token
         layout = [(len(r.token_ids), r.start_pos, r.block_table) for r in rows]
         meta = attention.build_on_device(layout, self.block_size, self.tables, [r.slot for r in rows])
+        if self.compiled is not None and self.compiled.decode_only and \
+                all(len(r.token_ids) == 1 and not r.prompt_targets for r in rows):
+            self.progress += 1  # (as a replayed graph: no layer hooks run)
+            ids = torch.tensor([[r.token_ids[0] for r in rows]], dtype=torch.long, device=self.device)
+            return self._sample_rows(self.compiled.decode(self.backend, meta, ids), rows)
         if self.backend is not None:
             self.backend.prepare(meta, layout)
         ids = torch.tensor([[t for r in rows for t in r.token_ids]], dtype=torch.long, device=self.device)
@@ -200,7 +201,7 @@ class ModelRunner:
                 keep.append(offset + n - 1)
             offset += n
         if not keep:  # only prompt chunks that do not finish their prompts: fill the cache, sample nothing
-            if self.compiled is None:
+            if self.compiled is None or self.compiled.decode_only:
                 self._forward(meta, ids, None)
                 return StepOutput()
             keep = [offset - 1]  # the compiled step always keeps logits: one row more beats an eager step
@@ -226,6 +227,13 @@ class ModelRunner:
         index, blocks = host.to(self.device, non_blocking=True)
         self.tables.view(-1).index_copy_(0, index, blocks.int())
 
+    def _sample_rows(self, logits, rows) -> StepOutput:
+        """Sample the rows that ask for it from ``logits`` [len(rows), V] (one position per row)."""
+        sampled = [i for i, r in enumerate(rows) if r.sample]
+        if not sampled:
+            return StepOutput()
+        return self._sample(logits if len(sampled) == len(rows) else logits[sampled], [rows[i] for i in sampled])
+
     def _sample(self, logits, rows) -> StepOutput:
         """Every rank samples one token per row from its logits row (the same logits, so the same tokens) and
         records them as the next step's pending inputs; rank 0 returns them, with logprobs if asked."""
@@ -245,7 +253,7 @@ class ModelRunner:
     def _forward(self, meta: attention.AttentionMetadata, ids, keep, probe: dict | None = None):
         """Logits [len(keep), V] of the positions ``keep`` (None: run for the cache only). No backend, no pool:
         the shape probe (plain attention over the given tokens)."""
-        if self.compiled is not None and probe is None and keep is not None:
+        if self.compiled is not None and not self.compiled.decode_only and probe is None and keep is not None:
             self.progress += 1
             return self.compiled(self.backend, meta, ids, keep)
         if self._interface:

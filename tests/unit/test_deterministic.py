@@ -61,7 +61,18 @@ def run_three_times(tokenizer, **config):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("float32", marks=legacy_differs)])
 def test_a_cached_prefix_does_not_change_a_greedy_answer(tiny_tokenizer, dtype):
-    runs, status = run_three_times(tiny_tokenizer, dtype=dtype)
+    assert_cold_equals_warm(*run_three_times(tiny_tokenizer, dtype=dtype))
+
+
+@pytest.mark.skipif(LEGACY, reason="the compiled step needs transformers' attention interface (transformers >= 5)")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_nor_with_the_model_step_compiled(tiny_tokenizer, dtype):
+    """compile_model: decode steps run the compiled graph (a one-row step as two rows), prompts eagerly, cold or
+    warm alike."""
+    assert_cold_equals_warm(*run_three_times(tiny_tokenizer, dtype=dtype, compile_model=True))
+
+
+def assert_cold_equals_warm(runs, status):
     assert status.prefix_cache_hit_tokens >= 2 * sum(16 * ((len(p) - 2) // 16) for p in PROMPTS), "warm runs hit"
     differ = [(len(PROMPTS[i]), next(j for j, (a, b) in enumerate(zip(cold, warm)) if a != b))
               for i, (cold, warm, _) in enumerate(runs) if cold != warm]

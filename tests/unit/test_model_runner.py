@@ -128,8 +128,9 @@ def test_fixed_shape_whole_steps_equal_plain_transformers(model, tiny_tokenizer,
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_compiled_step_equals_plain_transformers_and_never_recompiles(model, tiny_tokenizer, backend):
-    """The model step compiled once (one graph, attention an opaque op): every step shape of a random schedule —
-    decodes, chunks, mixed steps, preemption, prefix hits — gives plain transformers' tokens with no recompile."""
+    """The model step compiled once (sdpa on CPU: decode steps, one graph, attention traced inline; triton: every
+    step, one graph, attention an opaque op): a random schedule — decodes, chunks, mixed steps, preemption, prefix
+    hits — gives plain transformers' tokens with no recompile."""
     from raytp.gang.attention import hf
 
     if not hf.register():
@@ -137,6 +138,9 @@ def test_compiled_step_equals_plain_transformers_and_never_recompiles(model, tin
     needs_backend(backend)
     counts = check_random_schedule(model, tiny_tokenizer, 5, attention_backend=backend, compile_model=True)
     assert counts["recompiles"] == 0
+    # sdpa on CPU compiles decode steps only (attention inline), so the schedule's decode steps ran the graph
+    assert counts["compiled_decode_only"] == (backend == "sdpa")
+    assert counts["compiled_steps"] > 10
 
 
 def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
@@ -163,7 +167,9 @@ def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
             runner = engine.executor.runner
             counts = {"graph_replays": runner.graphs.replays if runner.graphs is not None else 0,
                       "recompiles": runner.compiled.compiles - runner.compiled.warm_up_compiles
-                      if runner.compiled is not None else None}
+                      if runner.compiled is not None else None,
+                      "compiled_steps": runner.compiled.steps if runner.compiled is not None else 0,
+                      "compiled_decode_only": runner.compiled is not None and runner.compiled.decode_only}
             return got, engine.status(), counts
         finally:
             engine.shutdown()

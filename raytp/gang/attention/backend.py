@@ -32,6 +32,12 @@ class AttentionBackend:
 
     name = ""
     compile_s = 0.0  # seconds spent building the backend's kernels (reported in /health as part of compile_s)
+    # A function a compiled decode-only step traces inline (``raytp.gang.compiled``), or None (compiled steps call
+    # ``forward`` through the opaque ``torch.ops.raytp.paged_attention``): ``(q [B, Hq, D], k / v [B, Hkv, D], keys,
+    # values (the layer's pool tensors), slots [B], tables [B, W], lens [B], scale) -> [B, Hq, D]``, one query per
+    # row, writing the row's key and value into its slot first. Pure tensor code on its arguments: no plan, no
+    # host sync, no Python branch on values.
+    graph_decode = None
 
     def __init__(self, pool: KVPool):
         self.pool = pool

@@ -49,6 +49,20 @@ def paged_decode(q: torch.Tensor, key_blocks: torch.Tensor, value_blocks: torch.
     return out.reshape(q.shape)
 
 
+def write_and_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     slots: torch.Tensor, tables: torch.Tensor, lens: torch.Tensor, scale: float,
+                     block_size: int) -> torch.Tensor:
+    """A decode-only step's attention for one layer, written to be traced into the compiled step
+    (``AttentionBackend.graph_decode``): the rows' keys / values [B, Hkv, D] into their ``slots`` of the layer's pool
+    ``keys`` / ``values`` [N * block_size, Hkv, D], then ``paged_decode`` of ``q`` [B, Hq, D] → [B, Hq, D] in q's
+    dtype. The same loop nest as ``PagedDecode`` (a row's numbers depend on nothing else in the step), inside the
+    step's graph: no call per layer, no guards."""
+    keys.index_copy_(0, slots, k.to(keys.dtype))
+    values.index_copy_(0, slots, v.to(values.dtype))
+    shape = (keys.shape[0] // block_size, block_size, *keys.shape[1:])
+    return paged_decode(q.float() * scale, keys.view(shape), values.view(shape), tables, lens).to(q.dtype)
+
+
 class PagedDecode:
     """``paged_decode`` compiled with dynamic row counts and table widths, once per configuration (dtype, pool
     block shape, query heads: a rank has one, a test process many); one per process (``shared``: every backend of

@@ -34,6 +34,13 @@ ATTN_NAME = "raytp_paged"
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-interface signature: query [1, Hq, T, D], key/value [1, Hkv, T, D] → ([1, T, Hq, D],
     None). Without a ``raytp_backend`` (the shape probe at load), plain causal SDPA over the given keys."""
+    graph = kwargs.get("raytp_graph")
+    if graph is not None:  # a compiled decode-only step: the backend's attention traced inline (``graph_decode``)
+        attend, (slots, tables, lens, keys, values) = graph
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [B, H, D]
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        layer = module.layer_idx
+        return attend(q, k, v, keys[layer], values[layer], slots, tables, lens, scale).unsqueeze(0), None
     if kwargs.get("raytp_op"):  # a compiled step: one opaque op per layer (``attention.op``)
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5

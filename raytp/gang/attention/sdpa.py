@@ -25,6 +25,7 @@ batched path from the metadata's tensors alone, which is graph-safe.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from raytp.gang.attention.backend import AttentionBackend
-from raytp.gang.attention.cpu_decode import PagedDecode
+from raytp.gang.attention.cpu_decode import PagedDecode, write_and_decode
 from raytp.gang.attention.kv_pool import KVPool
 from raytp.gang.attention.metadata import AttentionMetadata, Layout
 from raytp.gang.attention.shapes import DecodeBuckets
@@ -65,6 +66,8 @@ class SdpaBackend(AttentionBackend):
         # kernel's call), unless a row must be computed the same way in any batch
         self.kernel_min_rows = 1 if batch_invariant else 2
         self.decode_kernel = PagedDecode.shared() if decode_kernel else None  # compiled at its first use
+        if decode_kernel:  # the same loops traced into a compiled decode step, where one is compiled
+            self.graph_decode = functools.partial(write_and_decode, block_size=pool.block_size)
 
     def shapes(self, *, max_tokens: int, max_rows: int, max_blocks: int) -> DecodeBuckets:
         """Decode-only steps: their metadata without a plan takes the batched path, from its tensors alone."""
@@ -173,7 +176,7 @@ class SdpaBackend(AttentionBackend):
         except Exception as e:  # noqa: BLE001 - Inductor raises many types where a toolchain is missing
             logger.warning("CPU decode attention kernel unavailable (%s: %s); decode rows use per-row attention, "
                            "which is slower at large batches", type(e).__name__, str(e).splitlines()[0][:200])
-            self.decode_kernel = None
+            self.decode_kernel = self.graph_decode = None
             return False
 
 
