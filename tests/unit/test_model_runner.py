@@ -141,6 +141,8 @@ def test_compiled_step_equals_plain_transformers_and_never_recompiles(model, tin
     # sdpa on CPU compiles decode steps only (attention inline), so the schedule's decode steps ran the graph
     assert counts["compiled_decode_only"] == (backend == "sdpa")
     assert counts["compiled_steps"] > 10
+    # two graphs at start-up (one row; more rows / tokens), each compiled once: no graph break, no restarted trace
+    assert counts["warm_up_compiles"] == 2
 
 
 def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
@@ -169,6 +171,7 @@ def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
                       "recompiles": runner.compiled.compiles - runner.compiled.warm_up_compiles
                       if runner.compiled is not None else None,
                       "compiled_steps": runner.compiled.steps if runner.compiled is not None else 0,
+                      "warm_up_compiles": runner.compiled.warm_up_compiles if runner.compiled is not None else 0,
                       "compiled_decode_only": runner.compiled is not None and runner.compiled.decode_only}
             return got, engine.status(), counts
         finally:
