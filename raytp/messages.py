@@ -173,7 +173,8 @@ class LoadReport:
     kv_block_bytes: int = 0  # bytes of one block on this rank (its share of heads, every layer, keys + values)
     kv_block_size: int = 16  # tokens per block
     weight_bytes: int = 0  # bytes of this rank's weights as stored (quantized ones packed)
-    decode_mode: str = "eager"  # how steps run: eager | cuda_graphs (raytp.gang.graph_runner)
+    # how steps run: eager | cuda_graphs (raytp.gang.graph_runner) | compiled (raytp.gang.compiled: compile_model)
+    decode_mode: str = "eager"
     decode_warm_up_s: float = 0.0  # start-up seconds spent capturing graphs (part of load_s)
     # start-up seconds spent compiling: the model step (compile_model) and attention kernels (the CPU decode
     # kernel); part of load_s

@@ -98,8 +98,7 @@ class ModelRunner:
             self._warm_up_backend()
         # the model step compiled once (a compiled step counts as one unit of progress)
         if compile_options is not None and self.backend is not None and self._keep_kwarg:
-            self.compiled = CompiledModel(model, compile_options, decode_only=self.backend.graph_decode is not None)
-            self.compiled.warm_up(self.backend, device)
+            self._compile(compile_options)
         # steps on fixed shapes replayed as graphs: the backend's bucket policy, the platform's capture (None: eager)
         self.graphs = None
         shapes = None
@@ -132,6 +131,21 @@ class ModelRunner:
             raise ConfigError("batch_invariant", f"needs the sdpa attention backend over the paged cache (here: "
                               f"{runner.attention_backend}; transformers >= 5 provides the attention interface).")
         return runner
+
+    def _compile(self, options: dict) -> None:
+        """Compile the model step now (``CompiledModel.warm_up``). A model the compiler cannot take (an operator
+        it cannot lower, a missing toolchain) runs eagerly, with a warning: compiling is an optimisation, which must
+        not keep a config that serves eagerly from starting (``LoadReport.decode_mode`` says which ran)."""
+        compiled = CompiledModel(self.model, options, decode_only=self.backend.graph_decode is not None)
+        try:
+            compiled.warm_up(self.backend, self.device)
+        except Exception as e:  # noqa: BLE001 - Dynamo and Inductor raise many types
+            cause = getattr(e, "inner_exception", None) or e  # Dynamo wraps the compiler's own error
+            logger.warning("rank %d: compile_model: the model step could not be compiled (%s: %s); steps run "
+                           "eagerly", self.rank, type(cause).__name__, (str(cause).splitlines() or [""])[0][:300])
+            self.pool.zero_null_block()  # a warm-up step may have written it before failing
+            return
+        self.compiled = compiled
 
     def _count_layer(self, *_args) -> None:
         if not torch.compiler.is_compiling():  # traced, the count would be a guard: a recompile per step

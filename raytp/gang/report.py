@@ -53,7 +53,8 @@ def load_report(rank: int, start: float, model, runner) -> LoadReport:
         rss_mb=psutil.Process().memory_info().rss / 2**20,
         num_params=sum(p.numel() for p in model.parameters()), num_kv_blocks=runner.num_blocks,
         kv_block_bytes=runner.block_bytes, kv_block_size=runner.block_size, weight_bytes=weight_bytes(model),
-        decode_mode=runner.graphs.mode if runner.graphs is not None else "eager",
+        decode_mode=runner.graphs.mode if runner.graphs is not None else
+        ("compiled" if runner.compiled is not None else "eager"),
         decode_warm_up_s=runner.graphs.warm_up_s if runner.graphs is not None else 0.0,
         compile_s=(runner.compiled.warm_up_s if runner.compiled is not None else 0.0)
         + getattr(runner.backend, "compile_s", 0.0),

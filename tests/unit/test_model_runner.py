@@ -143,6 +143,26 @@ def test_compiled_step_equals_plain_transformers_and_never_recompiles(model, tin
     assert counts["compiled_steps"] > 10
     # two graphs at start-up (one row; more rows / tokens), each compiled once: no graph break, no restarted trace
     assert counts["warm_up_compiles"] == 2
+    assert counts["decode_mode"] == "compiled"
+
+
+def test_a_model_step_the_compiler_cannot_take_runs_eagerly(model, tiny_tokenizer, monkeypatch, caplog):
+    """compile_model is an optimisation (serve_config.yaml turns it on for any checkpoint): where Inductor fails,
+    the rank warns, reports eager steps and serves the same tokens."""
+    from raytp.gang import compiled
+    from raytp.gang.attention import hf
+
+    if not hf.register():
+        pytest.skip("the compiled step needs transformers' attention interface (transformers >= 5)")
+
+    def broken(self, graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler on this node")
+
+    monkeypatch.setattr(compiled.CompiledModel, "_compile", broken)
+    counts = check_random_schedule(model, tiny_tokenizer, 6, compile_model=True)
+    assert counts["compiled_steps"] == 0 and counts["recompiles"] is None  # no graph kept
+    assert counts["decode_mode"] == "eager"
+    assert "could not be compiled (RuntimeError: no C++ compiler on this node)" in caplog.text
 
 
 def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
@@ -167,11 +187,13 @@ def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
         try:
             got = await asyncio.gather(*(generate(engine, rid, p, n, d) for rid, p, n, d in requests))
             runner = engine.executor.runner
+            from raytp.gang.report import load_report
             counts = {"graph_replays": runner.graphs.replays if runner.graphs is not None else 0,
                       "recompiles": runner.compiled.compiles - runner.compiled.warm_up_compiles
                       if runner.compiled is not None else None,
                       "compiled_steps": runner.compiled.steps if runner.compiled is not None else 0,
                       "warm_up_compiles": runner.compiled.warm_up_compiles if runner.compiled is not None else 0,
+                      "decode_mode": load_report(0, 0.0, model, runner).decode_mode,  # what /health shows
                       "compiled_decode_only": runner.compiled is not None and runner.compiled.decode_only}
             return got, engine.status(), counts
         finally:
