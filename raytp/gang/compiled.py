@@ -28,8 +28,10 @@ CPU's), which Inductor's cache refuses ("mkldnn tensors unpickleable"): on CPU e
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import time
+import types
 
 import torch
 
@@ -37,6 +39,12 @@ from raytp.gang.attention import AttentionBackend, AttentionMetadata
 from raytp.gang.attention.op import step_context
 
 logger = logging.getLogger(__name__)
+_instances = itertools.count()
+
+
+def _call(decoder, **kwargs):
+    """The compiled frame: the decoder's forward, inlined into it (each ``CompiledModel`` compiles a copy)."""
+    return decoder(**kwargs)
 
 
 class CompiledModel:
@@ -51,10 +59,16 @@ class CompiledModel:
         self.compiles = 0
         self.warm_up_compiles = 0  # graphs compiled by ``warm_up``: any more are recompiles
         self.warm_up_s = 0.0
+        # Dynamo keeps compiled graphs per code object and stops compiling one after 8 (its recompile limit), falling
+        # back to eager without a word: a frame of this instance's own (as ``PagedDecode``'s) keeps every model in
+        # a process — tests build many — from sharing the limit of ``LlamaModel.forward``.
+        code = _call.__code__.replace(co_name=f"raytp_model_step_{next(_instances)}")
         # No guards on the modules' attributes and weights: a rank never changes its model after loading, and those
         # guards cost ~1 ms per step on a 28-layer model (checked on every call); the inputs' guards stay.
-        self._decoder = torch.compile(model.get_decoder(), backend=self._compile, dynamic=True, options={
-            "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self._step = torch.compile(types.FunctionType(code, _call.__globals__, code.co_name), backend=self._compile,
+                                   dynamic=True,
+                                   options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
 
     def _tracing(self):
@@ -90,7 +104,8 @@ class CompiledModel:
         torch._dynamo.decorators.mark_dynamic(meta.positions, 1)
         self.steps += 1
         with step_context(backend, meta), self._tracing():
-            hidden = self._decoder(input_ids=ids, position_ids=meta.positions, use_cache=False, raytp_op=True)
+            hidden = self._step(self._decoder, input_ids=ids, position_ids=meta.positions, use_cache=False,
+                                raytp_op=True)
         # [1, K, H] in: DeepSpeed's sharded head slices a 3-D input
         return self._head(hidden.last_hidden_state[:, keep])[0]
 
@@ -108,8 +123,8 @@ class CompiledModel:
         pool = backend.pool
         self.steps += 1
         with self._tracing():
-            hidden = self._decoder(input_ids=ids, position_ids=positions, use_cache=False,
-                                   raytp_graph=(backend.graph_decode, (slots, tables, lens, pool.keys, pool.values)))
+            hidden = self._step(self._decoder, input_ids=ids, position_ids=positions, use_cache=False,
+                                raytp_graph=(backend.graph_decode, (slots, tables, lens, pool.keys, pool.values)))
         return self._head(hidden.last_hidden_state)[0]
 
     def warm_up(self, backend: AttentionBackend, device: str) -> float:

@@ -65,11 +65,10 @@ def test_a_cached_prefix_does_not_change_a_greedy_answer(tiny_tokenizer, dtype):
 
 
 @pytest.mark.skipif(LEGACY, reason="the compiled step needs transformers' attention interface (transformers >= 5)")
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_nor_with_the_model_step_compiled(tiny_tokenizer, dtype):
-    """compile_model: decode steps run the compiled graph (a one-row step as two rows), prompts eagerly, cold or
-    warm alike."""
-    assert_cold_equals_warm(*run_three_times(tiny_tokenizer, dtype=dtype, compile_model=True))
+def test_nor_with_the_model_step_compiled(tiny_tokenizer):
+    """compile_model (serve_config.yaml's): decode steps run the compiled graph, prompts eagerly, cold or warm alike.
+    bf16, where rounding shows (in float32 compiled == transformers under prefix hits: test_model_runner.py)."""
+    assert_cold_equals_warm(*run_three_times(tiny_tokenizer, dtype="bfloat16", compile_model=True))
 
 
 def assert_cold_equals_warm(runs, status):
