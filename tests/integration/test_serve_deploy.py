@@ -24,8 +24,9 @@ def write_config(path, max_num_seqs: int) -> str:
     with open(os.path.join(ROOT, "serve_config.yaml")) as f:
         config = yaml.safe_load(f)
     config["http_options"]["port"] = PORT
+    # eager: this test is about the redeploy (test_serve_run.py starts serve_config.yaml as it is, compiling)
     config["applications"][0]["args"].update(model=MODEL, tensor_parallel_size=1, num_cpus_per_worker=1,
-                                             dtype="float32", max_num_seqs=max_num_seqs)
+                                             dtype="float32", max_num_seqs=max_num_seqs, compile_model=False)
     path.write_text(yaml.safe_dump(config))
     return str(path)
 
