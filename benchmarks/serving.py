@@ -43,7 +43,9 @@ def bench_argv(args) -> list[str]:
             opts = f"tensor_parallel_size={tp},scheduling={policy},max_num_seqs={seqs[policy]},max_model_len=512"
             opts += f",dtype={args.dtype}"
             argv += ["--compare", f"tp{tp}_{policy}=raytp:{opts}"]
-    if "default" in args.runs.split(","):  # serve_config.yaml's args: TP=2, the device's scheduling defaults
+    # TP=2 with the device's scheduling defaults, as serve_config.yaml; eager and with a separate ingress (the
+    # config's defaults): peers.py runs serve_config.yaml's args as they are (in_server, compile_model)
+    if "default" in args.runs.split(","):
         argv += ["--compare", f"default=raytp:tensor_parallel_size=2,max_model_len=512,dtype={args.dtype}"]
     if "transformers-serve" in args.runs.split(","):
         argv += ["--compare", f"transformers_serve=transformers-serve:dtype={args.dtype}"]
@@ -63,8 +65,9 @@ def main() -> int:
     ap.add_argument("--continuous-max-num-seqs", type=int, help="max_num_seqs for (a) (default: --max-num-seqs)")
     ap.add_argument("--tp", type=int, action="append", help="TP sizes (default: 1 and 2)")
     ap.add_argument("--runs", default="continuous,static,transformers", help="which to run, of: continuous, "
-                    "static (per --tp), default (serve_config.yaml's args), transformers-serve (`transformers "
-                    "serve --continuous-batching`), transformers (one request at a time, in process)")
+                    "static (per --tp), default (TP=2 and the device's scheduling defaults, eager), "
+                    "transformers-serve (`transformers serve --continuous-batching`), transformers (one request at a "
+                    "time, in process)")
     ap.add_argument("--name", default="serving", help="results file name under benchmarks/results/")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
