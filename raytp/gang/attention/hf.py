@@ -34,29 +34,26 @@ ATTN_NAME = "raytp_paged"
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention-interface signature: query [1, Hq, T, D], key/value [1, Hkv, T, D] → ([1, T, Hq, D],
     None). Without a ``raytp_backend`` (the shape probe at load), plain causal SDPA over the given keys."""
+    layer = module.layer_idx
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     graph = kwargs.get("raytp_graph")
     if graph is not None:  # a compiled decode-only step: the backend's attention traced inline (``graph_decode``)
         attend, (slots, tables, lens, keys, values) = graph
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [B, H, D]
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        layer = module.layer_idx
         return attend(q, k, v, keys[layer], values[layer], slots, tables, lens, scale).unsqueeze(0), None
     if kwargs.get("raytp_op"):  # a compiled step: one opaque op per layer (``attention.op``)
         q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        return torch.ops.raytp.paged_attention(q, k, v, module.layer_idx, scale).unsqueeze(0), None
+        return torch.ops.raytp.paged_attention(q, k, v, layer, scale).unsqueeze(0), None
     backend: AttentionBackend | None = kwargs.get("raytp_backend")
     probe: dict | None = kwargs.get("raytp_probe")
     if probe is not None:
-        probe[module.layer_idx] = (key.shape[1], key.shape[3], key.dtype)
+        probe[layer] = (key.shape[1], key.shape[3], key.dtype)
     if backend is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling,
                                              enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2), None
-    layer = module.layer_idx
     dtype = backend.pool.dtype(layer)  # the pool has the dtype the probe saw: never copy it, cast the step's
     q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # [T, H, D] views when no cast
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = backend.forward(layer, q, k, v, kwargs["raytp_meta"], scale)
     return out.to(query.dtype).unsqueeze(0), None
 
