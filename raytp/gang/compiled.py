@@ -21,8 +21,8 @@ Either way the LM head runs after the graph, eagerly, on the kept positions only
 sharded head (a batched matmul over a data-dependent row count) does not lower in Inductor. Graphs are compiled at
 start-up (``warm_up``); ``compiles`` counts them, and every compile after ``warm_up`` is a recompile in steady
 state, which tests forbid. Compiled artefacts go to Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, set per
-rank by the platform), so a restart reuses them — except a graph whose constants are oneDNN's packed weights (the
-CPU's), which Inductor's cache refuses ("mkldnn tensors unpickleable"): on CPU every start compiles.
+rank by the platform), so a restart reuses them; on CPU, whose graphs hold oneDNN's packed weights, which that cache
+refuses by itself, through ``raytp.gang.packed_cache``.
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ class CompiledModel:
     docstring (``decode``), else the second (``__call__``)."""
 
     def __init__(self, model, options: dict, decode_only: bool = False):
+        from raytp.gang import packed_cache
+
+        packed_cache.install()  # CPU graphs hold packed weights: cached across restarts only with it
         self.options = dict(options)
         self.decode_only = decode_only
         self.steps = 0  # steps run through the graph (warm-up included)

@@ -165,6 +165,54 @@ def test_a_model_step_the_compiler_cannot_take_runs_eagerly(model, tiny_tokenize
     assert "could not be compiled (RuntimeError: no C++ compiler on this node)" in caplog.text
 
 
+def test_a_restart_takes_the_compiled_step_from_the_cache_with_its_own_weights(tiny_model_path, tmp_path,
+                                                                              monkeypatch):
+    """Inductor's on-disk cache keeps the compiled CPU step although its constants are oneDNN's packed weights
+    (``raytp.gang.packed_cache``): a second model of the same shapes — a restart — compiles no graph, and its step
+    computes with its own weights (the live module's), not those of the model that filled the cache."""
+    from torch._dynamo.utils import counters
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from raytp.gang import attention
+    from raytp.gang.attention import hf
+    from raytp.gang.linears import prepack_linears
+    from raytp.gang.model_runner import ModelRunner
+    from raytp.platforms import get
+
+    if not hf.register():
+        pytest.skip("the compiled step needs transformers' attention interface (transformers >= 5)")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # empty: the first model fills it
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    prompt = [5, 17, 42, 99, 7]
+    wanted, got, lookups = [], [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config).eval()  # random weights, the same shapes
+        with torch.inference_mode():
+            wanted.append(model(torch.tensor([prompt])).logits[0, -1])
+        prepack_linears(model)  # as a rank loads it: the packed weights become the graph's constants
+        before = dict(counters["inductor"])
+        runner = ModelRunner(model, "cpu", 0, 1, block_size=BLOCK, kv_cache_bytes=1 << 20, max_batch=4,
+                             max_model_len=64, compile_options=get("cpu").compile_options(False, True))
+        lookups.append({k: counters["inductor"][k] - before.get(k, 0)
+                        for k in ("fxgraph_cache_hit", "fxgraph_cache_miss", "fxgraph_cache_bypass")})
+        assert runner.compiled is not None and runner.compiled.warm_up_compiles == 2
+        table = (1, 2)
+        with torch.inference_mode():  # the prompt's head eagerly, its last token through the decode graph
+            layout = [(len(prompt) - 1, 0, table)]
+            meta = attention.build(layout, BLOCK, "cpu")
+            runner.backend.prepare(meta, layout)
+            runner._forward(meta, torch.tensor([prompt[:-1]]), torch.tensor([len(prompt) - 2]))
+            meta = attention.build([(1, len(prompt) - 1, table)], BLOCK, "cpu")
+            got.append(runner.compiled.decode(runner.backend, meta, torch.tensor([[prompt[-1]]]))[0])
+    assert lookups[0]["fxgraph_cache_bypass"] == 0 and lookups[0]["fxgraph_cache_miss"] >= 2
+    assert lookups[1] == {"fxgraph_cache_hit": lookups[1]["fxgraph_cache_hit"], "fxgraph_cache_miss": 0,
+                          "fxgraph_cache_bypass": 0} and lookups[1]["fxgraph_cache_hit"] >= 2
+    assert not torch.allclose(wanted[0], wanted[1], atol=1e-2)  # two models that a mix-up would show
+    for want, logits in zip(wanted, got):
+        torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
+
+
 def check_random_schedule(model, tiny_tokenizer, seed, **overrides):
     rng = random.Random(seed)
     shared = [rng.randrange(10, 400) for _ in range(11)]  # a "system prompt" of 2 full blocks + 3 tokens
