@@ -7,8 +7,12 @@ size; at TP=1 also the perplexity of the loaded shard on a fixed text (the repos
 decode against the memory-bandwidth roofline (aggregate copy bandwidth of all cores / weight bytes).
 
     python benchmarks/decode.py --model raytp-llama-0.5b --ipex-python .venv-ipex/bin/python
+    python benchmarks/decode.py --formats none --batches 1 --set compile_model=true --transformers \
+        --output decode_compiled
 
-Each configuration runs in its own process, one after another. Results: benchmarks/results/decode.{json,md}.
+``--set`` gives every gang a config field (``compile_model=true``: the compiled step); ``--transformers`` adds plain
+transformers eager at batch 1 as the baseline. Each configuration runs in its own process, one after another.
+Results: benchmarks/results/decode.{json,md} (``--output``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,34 @@ def perplexity(cfg, text: str, max_tokens: int = 512) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
 
 
+def plain_transformers(spec: dict) -> dict:
+    """The baseline: the same checkpoint in plain transformers, eager, ``generate`` one row at a time (greedy, a
+    static-free dynamic cache, every CPU), the same prompt and token counts as a gang's batch-1 decode."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raytp import tiny_model
+    from raytp.compat import dtype_kwarg
+
+    torch.set_num_threads(spec["cpus"])
+    path = tiny_model.ensure(spec["model"]) if spec["model"] in tiny_model.PRESETS else spec["model"]
+    model = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(getattr(torch, spec["dtype"]))).eval()
+    ids = torch.tensor([[random.Random(0).randrange(10, 400) for _ in range(32)]])
+    n = spec["new_tokens"]
+    kwargs = {"do_sample": False, "min_new_tokens": n, "pad_token_id": 0}
+    with torch.inference_mode():
+        model.generate(ids, max_new_tokens=4, **{**kwargs, "min_new_tokens": 4})  # warm-up
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, **{**kwargs, "min_new_tokens": 1})  # the prefill alone
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n + 1, **{**kwargs, "min_new_tokens": n + 1})
+        decode = time.perf_counter() - t - prefill
+    return {"tok_s_b1": round(n / decode, 2)}
+
+
 def one(spec: dict) -> dict:
     """Run one configuration (in this process): start a gang, decode at each batch size, report."""
     import random
@@ -54,9 +86,12 @@ def one(spec: dict) -> dict:
     from raytp.gang.executor import RayExecutor
     from raytp.messages import SamplingParams
 
+    if spec.get("transformers"):
+        return plain_transformers(spec)
     cfg = resolve({"model": spec["model"], "tensor_parallel_size": spec["tp"], "device": "cpu",
                    "dtype": spec["dtype"], "num_cpus_per_worker": spec["cpus"] // spec["tp"],
-                   "max_num_seqs": max(spec["batches"]), "max_model_len": 512, **spec["format"]})
+                   "max_num_seqs": max(spec["batches"]), "max_model_len": 512, **spec["format"],
+                   **spec.get("set", {})})
     ray.init(address="local", num_cpus=spec["cpus"], include_dashboard=False, log_to_driver=False)
 
     async def main():
@@ -101,6 +136,11 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="run every configuration this many times, round-robin "
                     "(this host's speed drifts by tens of percent within minutes): each metric is the median")
     ap.add_argument("--ipex-python", default=None, help="interpreter of the ipex-llm environment (for sym_int4)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="a config field for every gang (YAML value), e.g. compile_model=true; repeatable")
+    ap.add_argument("--transformers", action="store_true",
+                    help="also plain transformers eager at batch 1 (the baseline of issue 25's roofline target)")
+    ap.add_argument("--output", default="decode", help="result file name under benchmarks/results/")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -112,7 +152,19 @@ def main() -> int:
     dtype = args.dtype or cpu_auto_dtype()
     results = {"model": args.model, "dtype": dtype, "cpus": args.cpus, "argv": sys.argv[1:], "runs": {}}
     every: dict[str, list[dict]] = {}
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    results["set"] = overrides
     for _ in range(args.repeat):
+        if args.transformers:
+            spec = {"model": args.model, "dtype": dtype, "cpus": args.cpus, "new_tokens": args.new_tokens,
+                    "transformers": True}
+            proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            res = json.loads(lines[-1][7:]) if lines else {"error": proc.stderr[-1500:]}
+            every.setdefault("transformers", []).append(res)
+            print(f"plain transformers: {res}", file=sys.stderr, flush=True)
         for fmt in args.formats.split(","):
             fields = {} if fmt == "none" else {"quantization": fmt} if fmt in ("int4", "int8", "fp8") else \
                 {"low_bit": fmt}
@@ -122,7 +174,8 @@ def main() -> int:
                 continue
             for tp in map(int, args.tp.split(",")):
                 spec = {"model": args.model, "tp": tp, "dtype": dtype, "cpus": args.cpus, "format": fields,
-                        "batches": [int(b) for b in args.batches.split(",")], "new_tokens": args.new_tokens}
+                        "batches": [int(b) for b in args.batches.split(",")], "new_tokens": args.new_tokens,
+                        "set": overrides}
                 t = time.perf_counter()
                 proc = subprocess.run([python, __file__, "--one", json.dumps(spec)], capture_output=True, text=True)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -143,6 +196,8 @@ def main() -> int:
     bw = aggregate_bandwidth(args.cpus)
     results["bandwidth_gb_s"] = round(bw / 1e9, 2)
     runs = results["runs"]
+    hf = runs.pop("transformers", None)
+    results["transformers"] = hf
     base = runs.get("none/tp1", {})
     lines = [f"# Decode per weight format ({args.model}, {dtype}, {args.cpus} CPUs, {args.new_tokens} greedy tokens)",
              "", f"Command: `python benchmarks/decode.py {' '.join(sys.argv[1:])}`", "",
@@ -166,7 +221,15 @@ def main() -> int:
             f"{' / '.join(map(str, r['peak_rss_mb_per_rank']))} | "
             + " | ".join(str(r.get(f"tok_s_b{b}")) for b in args.batches.split(","))
             + tail + f" {r.get('perplexity', '')} |")
-    _results.write("decode", results, lines)
+    if overrides:
+        lines += ["", "Config fields set for every gang: " + ", ".join(f"`{k}: {v}`" for k, v in overrides.items())]
+    if hf is not None:
+        line = f"plain transformers eager (`generate`, batch 1, {args.cpus} threads): {hf.get('tok_s_b1', hf)} tok/s"
+        if "tok_s_b1" in hf:
+            line += "; " + ", ".join(f"{k} {r['tok_s_b1'] / hf['tok_s_b1']:.2f}x" for k, r in runs.items()
+                                     if "tok_s_b1" in r)
+        lines += ["", line]
+    _results.write(args.output, results, lines)
     return 0
 
 

@@ -8,9 +8,11 @@ prefill chunk, through a rank's ``ModelRunner`` forward (paged KV, the sdpa back
 
     python benchmarks/model_step.py --model raytp-llama-0.5b --dtype bfloat16
     python benchmarks/model_step.py --options decode_kernel --threads 1 --context 200 --batches 1,16
+    python benchmarks/model_step.py --options compiled_vs_prepacked --threads 1 --context 200 --batches 1,16 --starts 2
 
-Each variant runs in its own process (a fresh compile cache entry) and times plain eager steps of the same model
-there too, interleaved with the variant's, so every ratio is within one process and one minute. Results:
+Each variant runs in its own process, over an Inductor cache of its own, empty at first (``--starts 2``: the same
+process again, as a restart finds the cache), and times plain eager steps of the same model there too, interleaved
+with the variant's, so every ratio is within one process and one minute. Results:
 benchmarks/results/model_step.{json,md} (``--output``).
 """
 
@@ -21,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import _results  # noqa: E402 - benchmarks/ is on sys.path when run as a script
@@ -150,23 +153,31 @@ def main() -> None:
                    help="decode batch sizes, comma-separated")
     p.add_argument("--options", default=",".join(OPTION_SETS), help="option sets to compare, comma-separated")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one option set in this process
+    p.add_argument("--starts", type=int, default=1,
+                   help="run each variant's process this many times over one Inductor cache, empty at the first: "
+                        "compile_s of a restart, the cache warm")
     p.add_argument("--output", default="model_step")
     args = p.parse_args()
     if args.one:
         print(json.dumps(measure(args, OPTION_SETS[args.one])))
         return
     rows = {}
-    for name in args.options.split(","):
-        cmd = [sys.executable, __file__, "--one", name, "--model", args.model, "--dtype", args.dtype,
+    for variant in args.options.split(","):
+        cmd = [sys.executable, __file__, "--one", variant, "--model", args.model, "--dtype", args.dtype,
                *(f"--{k}={getattr(args, k)}" for k in ("threads", "context", "steps", "chunk")),
                "--batches=" + ",".join(map(str, args.batches))]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            rows[name] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
-        else:
-            rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(name, rows[name], flush=True)
-    meta = {k: getattr(args, k) for k in ("model", "dtype", "threads", "context", "steps", "chunk", "batches")}
+        with tempfile.TemporaryDirectory(prefix="inductor-") as cache:  # every variant starts from an empty cache
+            for start in range(1, args.starts + 1):
+                name = variant if start == 1 else f"{variant} (start {start})"
+                proc = subprocess.run(cmd, capture_output=True, text=True,
+                                      env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+                if proc.returncode:
+                    rows[name] = {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
+                else:
+                    rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(name, rows[name], flush=True)
+    meta = {k: getattr(args, k) for k in ("model", "dtype", "threads", "context", "steps", "chunk", "batches",
+                                          "starts")}
     cols = ["compile_s"]
     for b in args.batches:
         cols += [f"eager_b{b}_tok_s", f"variant_b{b}_tok_s", f"b{b}_ratio"]

@@ -134,9 +134,9 @@ class RaytpConfig(BaseModel):
     compile_model: bool | None = Field(
         None, description="Compile the model step once with torch.compile (Inductor) at start-up. cpu (sdpa): decode "
         "steps run one compiled graph with the paged attention inside it, prompt chunks run eagerly (batch-1 decode "
-        "~1.2x; ~100 s of start-up per graph for a 0.5B model on 2 cores, not cached across restarts: Inductor "
-        "cannot cache graphs holding oneDNN's packed weights). Other backends: every step one graph, attention an "
-        "opaque op (cached under RAYTP_CACHE_DIR/inductor). The compile time is reported by /health as "
+        "~1.2x; ~200 s of start-up for a 0.5B model on 2 cores, ~95 s when restarted with the graphs in Inductor's "
+        "cache, RAYTP_CACHE_DIR/inductor). Other backends: every step one graph, attention an opaque op (cached "
+        "there too). The compile time is reported by /health as "
         "ranks[].compile_s. null: the device's default (raytp/platforms). enforce_eager turns it off.",
     )
     attention_backend: Literal["auto", "sdpa", "triton"] = Field(

@@ -2,7 +2,8 @@
 
 ``RayExecutor`` creates the workers in the caller's placement group (a Serve replica's
 own, or one it makes when run outside Serve), walks them through their init phases,
-then sends every rank the same ``StepInput`` and returns rank 0's ``StepOutput``. Any
+then sends every rank the same ``StepInput`` and returns rank 0's ``StepOutput`` (over the step channel,
+``raytp.gang.channel``, Unix sockets, where the ranks share the driver's node; else as actor calls). Any
 failure — a dead actor, an unresponsive rank, a worker exception — marks the executor
 dead for good: a broken process group is never retried; the replica is replaced as a unit.
 
@@ -30,6 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raytp import platforms
 from raytp.config import ResolvedConfig
 from raytp.errors import ConfigError, EngineDeadError
+from raytp.gang.channel import StepChannel
 from raytp.gang.worker import Worker
 from raytp.messages import LoadReport, StepInput, StepOutput
 
@@ -63,6 +65,9 @@ def ray_worker_cls(worker_cls=Worker):
         def memory_stats(self) -> dict:
             return super().memory_stats()
 
+        def node_id(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
         def node_address(self) -> tuple[str, int]:
             """Rank 0's rendezvous address: this node's IP and a port free right now."""
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -85,6 +90,7 @@ class RayExecutor:
         self._own_pg = None
         self._dead_reason: str | None = None
         self._rendezvous: tuple[str, int] | None = None
+        self._channel: StepChannel | None = None  # steps over Unix sockets, once the gang has loaded
 
     @property
     def world_size(self) -> int:
@@ -124,18 +130,45 @@ class RayExecutor:
             # 4. All ranks join the process group together (it blocks until all have).
             await self._wait([w.init_distributed.remote() for w in self.workers], timeout, "init_distributed")
             # 5. Load: AutoTP's init is collective, so all ranks load at once.
-            return await self._wait([w.load_model.remote() for w in self.workers], timeout, "load_model",
-                                    all_results=True)
+            reports = await self._wait([w.load_model.remote() for w in self.workers], timeout, "load_model",
+                                       all_results=True)
+            # 6. Steps through the step channel where every rank shares this node.
+            await self._open_channel(timeout)
+            return reports
         except BaseException:
             self.shutdown()
             raise
+
+    async def _open_channel(self, timeout_s: float) -> None:
+        """Steps over Unix sockets (``raytp.gang.channel``) instead of an actor call per rank per step, where every
+        rank runs on this node and ``RAYTP_STEP_CHANNEL`` is not 0."""
+        if os.environ.get("RAYTP_STEP_CHANNEL", "1") == "0":
+            return
+        here = ray.get_runtime_context().get_node_id()
+        nodes = await self._wait([w.node_id.remote() for w in self.workers], timeout_s, "node_id", all_results=True)
+        if any(node != here for node in nodes):
+            logger.info("the gang's ranks run on another node than its driver: steps go as Ray actor calls")
+            return
+        channel = StepChannel(self.world_size)
+        try:
+            path = channel.listen()
+            await self._wait([w.serve_steps.remote(path) for w in self.workers], timeout_s, "serve_steps",
+                             all_results=True)
+            await asyncio.wait_for(channel.accept(), timeout_s)
+        except BaseException:
+            channel.close()
+            raise
+        self._channel = channel
 
     async def step(self, step: StepInput) -> StepOutput:
         """Send ``step`` to every rank; return rank 0's output (the sampled tokens). Waits as long as the step
         takes while every rank answers liveness pings and makes progress (module docstring)."""
         if self._dead_reason:
             raise EngineDeadError(f"TP gang is dead: {self._dead_reason}")
-        running = asyncio.ensure_future(asyncio.gather(*[w.step.remote(step) for w in self.workers]))
+        if self._channel is not None:
+            running = asyncio.ensure_future(asyncio.gather(*await self._channel.send(step)))
+        else:
+            running = asyncio.ensure_future(asyncio.gather(*[w.step.remote(step) for w in self.workers]))
         timeout = self.config.step_timeout_s
         period = min(self.LIVENESS_PERIOD_S, timeout)
         progress: list[tuple[int, float] | None] = [None] * len(self.workers)  # per rank: (count, when it moved)
@@ -219,6 +252,9 @@ class RayExecutor:
             except Exception:  # noqa: BLE001 - already dead is fine
                 pass
         self.workers = []
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
         # A gang that failed between creating its buffers and unlinking them leaves them behind; the replica
         # runs on rank 0's node (bundle 0), where they live.
         for path in self.shm_segments():

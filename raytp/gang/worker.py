@@ -86,6 +86,13 @@ class Worker:
         """Apply one engine step to this rank's rows; rank 0's output carries the sampled tokens."""
         return self.runner.step(step)
 
+    def serve_steps(self, path: str) -> None:
+        """Take steps from the driver's step channel at ``path`` from now on (``raytp.gang.channel``): a thread of
+        this rank runs each through ``step`` and replies; returns once connected."""
+        from raytp.gang.channel import serve_rank
+
+        serve_rank(path, self.rank, self.step, self.platform.init_thread)
+
     def memory_stats(self) -> dict:
         """Host memory of this rank now: RSS, PSS (shared pages split among sharers) and peak RSS, in MB."""
         return memory_stats(self.rank)

@@ -77,8 +77,10 @@ def test_short_request_overtakes_long_one(engine, loop):
             order.append(name)
             return result
 
-        long = asyncio.ensure_future(tracked("long", [11, 12, 13], SamplingParams(max_tokens=200, temperature=0.0,
-                                                                                     ignore_eos=True)))
+        # as long as the model allows: steps of the tiny model take ~2 ms, and 200 tokens were once done before the
+        # short request had run its few steps
+        long = asyncio.ensure_future(tracked("long", [11, 12, 13], SamplingParams(max_tokens=1000, temperature=0.0,
+                                                                                      ignore_eos=True)))
         await asyncio.sleep(0.3)  # the long request is decoding
         assert not long.done()
         await tracked("short", [14, 15], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
