@@ -29,6 +29,9 @@ TARGETS = {
     # serve_config.yaml's args with this model and dtype
     "raytp_default": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16,ingress=in_server,"
                      "compile_model=true",
+    # the same started again right after: Inductor's cache holds the compiled graphs (start-up of a restart)
+    "raytp_default_restart": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16,ingress=in_server,"
+                             "compile_model=true",
     "raytp_default_eager": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16,ingress=in_server,"
                            "compile_model=false",
     "raytp_tp1": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server,compile_model=true",

@@ -91,6 +91,10 @@ class StepChannel:
                     raise RankGone("a rank closed the step channel before naming itself")
                 header += chunk
             self._socks[_LEN.unpack(header)[0]] = sock
+        # every rank is connected: nothing more to accept, and no socket file left behind however the process ends
+        self._listener.close()
+        self._listener = None
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     async def send(self, step) -> list[asyncio.Future]:
         """Send ``step`` to every rank; returns one future per rank (in rank order) for its output. A rank's
@@ -100,6 +104,8 @@ class StepChannel:
                 if self._writers is None:
                     await self._bind()
         loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # streams and futures belong to the loop that bound them
+            raise RuntimeError("the step channel is bound to another event loop than this step's")
         futures = []
         for rank in range(self.world_size):
             future = loop.create_future()
@@ -131,9 +137,15 @@ class StepChannel:
             while True:
                 size = _LEN.unpack(await reader.readexactly(_LEN.size))[0]
                 ok, value = pickle.loads(await reader.readexactly(size))
+                if not self._pending[rank]:  # failed already: another rank went away (the gang is dead)
+                    continue
                 future = self._pending[rank].popleft()
-                if not future.done():
-                    future.set_result(value) if ok else future.set_exception(RankFailed(rank, value))
+                if future.done():  # its step was cancelled
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(RankFailed(rank, value))
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             self._fail(f"rank {rank} closed its step channel (its process exited or was killed: {type(e).__name__})")
         except asyncio.CancelledError:

@@ -1,6 +1,6 @@
 """The step channel's two ends (rank ends on threads, as on a rank, and one in a process that is killed): steps in
 flight are answered in order, a rank's exception reaches the driver as ``RankFailed`` with its cause, a killed rank
-fails what waits on it and every later step at once, and the socket's directory is gone after ``close``."""
+fails what waits on it and every later step at once, and the socket's file is gone once the ranks are connected."""
 
 import asyncio
 import multiprocessing
@@ -32,6 +32,7 @@ def test_steps_in_flight_are_answered_in_order_by_every_rank():
     async def main():
         channel, _ = start(2, step)
         await asyncio.wait_for(channel.accept(), 5)
+        assert not os.path.exists(os.path.dirname(channel.path))  # connected: the socket file is gone already
         try:
             first = asyncio.gather(*await channel.send("first"))
             second = asyncio.gather(*await channel.send("second"))
@@ -43,7 +44,6 @@ def test_steps_in_flight_are_answered_in_order_by_every_rank():
             assert channel.steps == 2
         finally:
             channel.close()
-        assert not os.path.exists(os.path.dirname(channel.path))
 
     asyncio.run(main())
 
