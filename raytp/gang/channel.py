@@ -5,9 +5,10 @@ Why: on this project's 2-core host a step sent to two ranks as Ray actor calls a
 time and 1.05 ms of the driver's CPU even when the ranks do nothing; the same exchange over two Unix sockets costs
 0.10 ms and 0.07 ms (``benchmarks/step_channel.py``). With millisecond steps (a small model, an accelerator) that is
 a third of a step, and on a small CPU host the driver's CPU is taken from the ranks. vLLM's executors broadcast steps
-through shared memory for the same reason. Ray still creates, places, pings and kills the ranks; only the steps take
-this path, and only where every rank runs on the driver's node (a TP group always does; ``RayExecutor`` falls back to
-actor calls otherwise).
+through shared memory for the same reason. Ray still creates, places, pings and kills the ranks (a rank's
+``serve_steps`` call runs the channel's loop on the thread that loaded the model; pings come on another); only the
+steps take this path, and only where every rank runs on the driver's node (a TP group always does;
+``RayExecutor`` falls back to actor calls otherwise).
 
 Framing: a 4-byte little-endian length, then a pickle. Driver to rank: a ``StepInput``. Rank to driver: ``(True,
 StepOutput)`` or ``(False, exception)``. A rank runs its steps one at a time in the order sent, so each reply
@@ -25,7 +26,6 @@ import shutil
 import socket
 import struct
 import tempfile
-import threading
 
 logger = logging.getLogger(__name__)
 _LEN = struct.Struct("<I")
@@ -189,38 +189,33 @@ class StepChannel:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-def serve_rank(path: str, rank: int, step, init_thread=None) -> threading.Thread:
+def serve_rank(path: str, rank: int, step) -> None:
     """The rank's end: connect to the driver's channel at ``path`` and run every step it sends through ``step``
-    (``Worker.step``) on a thread of its own, replying in order, until the driver closes the channel."""
+    (``Worker.step``), replying in order, until the driver closes the channel — in the calling thread, which should
+    be the one that loaded and warmed the model: OpenMP keeps a team of worker threads per thread that starts
+    parallel work, and a second team on a fully used CPU makes libgomp stop spinning between parallel regions
+    (measured: a 2-thread rank's steps ran ~30 % slower from a thread of their own)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(path)
     sock.sendall(_LEN.pack(rank))
-
-    def run():
-        if init_thread is not None:
-            init_thread()
-        stream = sock.makefile("rb")  # (holds the socket open: closed with it below)
-        try:
-            while True:
-                header = stream.read(_LEN.size)
-                if len(header) < _LEN.size:
-                    return  # the driver closed the channel
-                message = pickle.loads(stream.read(_LEN.unpack(header)[0]))
-                try:
-                    reply = (True, step(message))
-                except Exception as e:  # noqa: BLE001 - any failure is the driver's to report
-                    reply = (False, e)
-                try:
-                    data = _frame(reply)
-                except Exception:  # noqa: BLE001 - an exception that does not pickle: its text does
-                    data = _frame((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
-                sock.sendall(data)
-        except OSError as e:
-            logger.warning("rank %d: step channel closed: %s", rank, e)
-        finally:
-            stream.close()
-            sock.close()
-
-    thread = threading.Thread(target=run, name="raytp-steps", daemon=True)
-    thread.start()
-    return thread
+    stream = sock.makefile("rb")  # (holds the socket open: closed with it below)
+    try:
+        while True:
+            header = stream.read(_LEN.size)
+            if len(header) < _LEN.size:
+                return  # the driver closed the channel
+            message = pickle.loads(stream.read(_LEN.unpack(header)[0]))
+            try:
+                reply = (True, step(message))
+            except Exception as e:  # noqa: BLE001 - any failure is the driver's to report
+                reply = (False, e)
+            try:
+                data = _frame(reply)
+            except Exception:  # noqa: BLE001 - an exception that does not pickle: its text does
+                data = _frame((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
+            sock.sendall(data)
+    except OSError as e:
+        logger.warning("rank %d: step channel closed: %s", rank, e)
+    finally:
+        stream.close()
+        sock.close()

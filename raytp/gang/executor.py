@@ -91,6 +91,7 @@ class RayExecutor:
         self._dead_reason: str | None = None
         self._rendezvous: tuple[str, int] | None = None
         self._channel: StepChannel | None = None  # steps over Unix sockets, once the gang has loaded
+        self._serving: asyncio.Future | None = None  # the ranks' serve_steps calls (they end with the channel)
 
     @property
     def world_size(self) -> int:
@@ -150,15 +151,28 @@ class RayExecutor:
             logger.info("the gang's ranks run on another node than its driver: steps go as Ray actor calls")
             return
         channel = StepChannel(self.world_size)
+        path = channel.listen()
+        # each rank's call runs its end of the channel until the channel closes (or the rank dies): not awaited here,
+        # its outcome taken when it ends so that Ray does not report it as unhandled
+        self._serving = asyncio.ensure_future(asyncio.gather(*[w.serve_steps.remote(path) for w in self.workers]))
+        self._serving.add_done_callback(_retrieve)
+        accept = asyncio.ensure_future(channel.accept())
+        accept.add_done_callback(_retrieve)
         try:
-            path = channel.listen()
-            await self._wait([w.serve_steps.remote(path) for w in self.workers], timeout_s, "serve_steps",
-                             all_results=True)
-            await asyncio.wait_for(channel.accept(), timeout_s)
-        except BaseException:
+            await asyncio.wait({accept, self._serving}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # start() cancelled
+            accept.cancel()
             channel.close()
             raise
-        self._channel = channel
+        if accept.done() and not accept.cancelled() and accept.exception() is None:
+            self._channel = channel
+            return
+        accept.cancel()
+        channel.close()
+        if self._serving.done():  # a rank's call ended first: its own error, worded as the other phases'
+            await self._settle(self._serving, "serve_steps")
+        self._mark_dead(f"'serve_steps': not every rank joined the step channel within {timeout_s:.0f}s")
+        raise EngineDeadError(f"TP gang is dead: {self._dead_reason}")
 
     async def step(self, step: StepInput) -> StepOutput:
         """Send ``step`` to every rank; return rank 0's output (the sampled tokens). Waits as long as the step

@@ -87,11 +87,11 @@ class Worker:
         return self.runner.step(step)
 
     def serve_steps(self, path: str) -> None:
-        """Take steps from the driver's step channel at ``path`` from now on (``raytp.gang.channel``): a thread of
-        this rank runs each through ``step`` and replies; returns once connected."""
+        """Take steps from the driver's step channel at ``path`` (``raytp.gang.channel``), each through ``step``,
+        until the driver closes it: returns only then (call it on the thread that loaded the model)."""
         from raytp.gang.channel import serve_rank
 
-        serve_rank(path, self.rank, self.step, self.platform.init_thread)
+        serve_rank(path, self.rank, self.step)
 
     def memory_stats(self) -> dict:
         """Host memory of this rank now: RSS, PSS (shared pages split among sharers) and peak RSS, in MB."""

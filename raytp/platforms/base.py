@@ -109,13 +109,6 @@ class Platform:
         torch.set_num_threads(threads)
         getattr(torch, self.name).set_device(self.torch_device())
 
-    def init_thread(self) -> None:
-        """On the rank, in a thread it starts to run steps (``raytp.gang.channel``): what ``init_rank`` bound per
-        thread (the current device is per thread)."""
-        import torch
-
-        getattr(torch, self.name).set_device(self.torch_device())
-
     # ---- dtypes and weight formats (config validation, then the rank's loader) ---------------------------------
     def check_dtype(self, dtype: str) -> None:
         """``ConfigError`` for a dtype this device kind cannot run (checked where the app is built, too)."""

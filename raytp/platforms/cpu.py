@@ -52,9 +52,6 @@ class CpuPlatform(Platform):
                 os.sched_setaffinity(0, cores)
         torch.set_num_threads(threads)
 
-    def init_thread(self) -> None:
-        """Nothing: a new thread inherits its creator's core mask, and torch applies its thread count per thread."""
-
     @staticmethod
     def rank_cpus(rank: int, world_size: int, threads: int, allowed: list[int]) -> list[int]:
         """The cores rank ``rank`` pins its threads to — its own slice of the node's ``allowed`` cores — when the

@@ -14,10 +14,16 @@ import pytest
 from raytp.gang.channel import RankFailed, RankGone, StepChannel, serve_rank
 
 
+def rank_thread(path: str, rank: int, step) -> threading.Thread:
+    thread = threading.Thread(target=serve_rank, args=(path, rank, step), daemon=True)
+    thread.start()
+    return thread
+
+
 def start(world_size: int, step):
     channel = StepChannel(world_size)
     path = channel.listen()
-    threads = [serve_rank(path, rank, lambda s, rank=rank: step(rank, s)) for rank in range(world_size)]
+    threads = [rank_thread(path, rank, lambda s, rank=rank: step(rank, s)) for rank in range(world_size)]
     return channel, threads
 
 
@@ -70,7 +76,7 @@ def test_a_ranks_exception_reaches_the_driver_with_its_cause():
 
 
 def _rank_process(path: str, rank: int) -> None:
-    serve_rank(path, rank, lambda s: s).join()
+    serve_rank(path, rank, lambda s: s)
 
 
 def test_a_killed_rank_fails_the_waiting_step_and_every_later_one():
@@ -79,7 +85,7 @@ def test_a_killed_rank_fails_the_waiting_step_and_every_later_one():
     async def main():
         channel = StepChannel(2)
         path = channel.listen()
-        serve_rank(path, 0, lambda s: s)
+        rank_thread(path, 0, lambda s: s)
         process = ctx.Process(target=_rank_process, args=(path, 1))
         process.start()
         await asyncio.wait_for(channel.accept(), 30)
@@ -99,3 +105,4 @@ def test_a_killed_rank_fails_the_waiting_step_and_every_later_one():
             process.kill()
 
     asyncio.run(main())
+
