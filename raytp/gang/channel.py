@@ -1,9 +1,9 @@
 """The step channel: each step to every rank, and every rank's output back, over one Unix socket per rank instead of a
 Ray actor call per rank per step.
 
-Why: on this project's 2-core host a step sent to two ranks as Ray actor calls and awaited costs 1.36 ms of wall
-time and 1.05 ms of the driver's CPU even when the ranks do nothing; the same exchange over two Unix sockets costs
-0.10 ms and 0.07 ms (``benchmarks/step_channel.py``). With millisecond steps (a small model, an accelerator) that is
+Why: on this project's 2-core host a step sent to a TP=2 gang as Ray actor calls and awaited costs 1.20 ms of wall
+time and 0.84 ms of the driver's CPU even when the ranks have nothing to do; over two Unix sockets 0.11 ms and
+0.08 ms (``benchmarks/step_channel.py``). With millisecond steps (a small model, an accelerator) that is
 a third of a step, and on a small CPU host the driver's CPU is taken from the ranks. vLLM's executors broadcast steps
 through shared memory for the same reason. Ray still creates, places, pings and kills the ranks (a rank's
 ``serve_steps`` call runs the channel's loop on the thread that loaded the model; pings come on another); only the
