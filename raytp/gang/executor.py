@@ -50,7 +50,8 @@ def _retrieve(future: asyncio.Future) -> None:
 def ray_worker_cls(worker_cls=Worker):
     """``worker_cls`` as a Ray actor class, a thin wrapper: the liveness verbs run on a second thread (the
     "liveness" concurrency group), so a rank busy in a forward or a collective still answers; rank 0 gives the
-    gang's rendezvous address as Ray knows its node."""
+    gang's rendezvous address as Ray knows its node. Once the step channel is open, ``serve_steps`` holds the
+    default group's one thread for good: a method called after start-up belongs to the liveness group."""
 
     class Worker(worker_cls):  # the name Ray shows in process titles: ray::Worker
         @ray.method(concurrency_group="liveness")

@@ -12,6 +12,8 @@ def recording_worker_cls():
     """A ``Worker`` that records, per step: a digest of the logits it samples from, the tokens it sampled, which
     collectives and host syncs (``tolist`` / ``item`` / ``cpu``) ran between the step's start and its forward, and
     how many steps carried pending rows."""
+    import ray
+
     from raytp.gang.worker import Worker
 
     class RecordingWorker(Worker):
@@ -65,6 +67,8 @@ def recording_worker_cls():
             runner.step, runner._forward, runner._sample = step, forward, sample
             return report
 
+        # not the default group: its one thread runs the rank's end of the step channel (``serve_steps``) for good
+        @ray.method(concurrency_group="liveness")
         def records(self) -> dict:
             return self.log
 
