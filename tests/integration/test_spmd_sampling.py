@@ -98,7 +98,7 @@ def test_ranks_sample_identical_logits_and_nothing_waits_before_a_forward(ray_se
                 return [t async for out in engine.generate(f"r{i}", prompt, params) for t in out.token_ids]
 
             outputs = await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests)))
-            return outputs, ray.get([w.records.remote() for w in executor.workers])
+            return outputs, ray.get([w.records.remote() for w in executor.workers], timeout=60)
         finally:
             engine.shutdown()
 
