@@ -48,7 +48,8 @@ def _frame(obj) -> bytes:
     return _LEN.pack(len(data)) + data
 
 
-def _retrieve(future: asyncio.Future) -> None:
+def retrieve(future: asyncio.Future) -> None:
+    """A done callback taking a future's outcome, so that one nobody awaits is not reported as never retrieved."""
     if not future.cancelled():
         future.exception()
 
@@ -67,7 +68,7 @@ class StepChannel:
         self._pending: list[collections.deque] = [collections.deque() for _ in range(world_size)]
         self._bind_lock = asyncio.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._readers: list[asyncio.Task] = []
+        self._readers: list[asyncio.Task] = []  # (held: the loop keeps only weak references to tasks)
         self._gone: str | None = None
         self.steps = 0
 
@@ -109,7 +110,7 @@ class StepChannel:
         futures = []
         for rank in range(self.world_size):
             future = loop.create_future()
-            future.add_done_callback(_retrieve)  # the caller may stop at the first failure
+            future.add_done_callback(retrieve)  # the caller may stop at the first failure
             futures.append(future)
             if self._gone:
                 future.set_exception(RankGone(self._gone))

@@ -31,7 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from raytp import platforms
 from raytp.config import ResolvedConfig
 from raytp.errors import ConfigError, EngineDeadError
-from raytp.gang.channel import StepChannel
+from raytp.gang.channel import StepChannel, retrieve
 from raytp.gang.worker import Worker
 from raytp.messages import LoadReport, StepInput, StepOutput
 
@@ -40,11 +40,6 @@ logger = logging.getLogger(__name__)
 
 class _Timeout(Exception):
     """A wait for the ranks ran out (as opposed to a rank raising TimeoutError itself)."""
-
-
-def _retrieve(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 def ray_worker_cls(worker_cls=Worker):
@@ -156,9 +151,9 @@ class RayExecutor:
         # each rank's call runs its end of the channel until the channel closes (or the rank dies): not awaited here,
         # its outcome taken when it ends so that Ray does not report it as unhandled
         self._serving = asyncio.ensure_future(asyncio.gather(*[w.serve_steps.remote(path) for w in self.workers]))
-        self._serving.add_done_callback(_retrieve)
+        self._serving.add_done_callback(retrieve)
         accept = asyncio.ensure_future(channel.accept())
-        accept.add_done_callback(_retrieve)
+        accept.add_done_callback(retrieve)
         try:
             await asyncio.wait({accept, self._serving}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # start() cancelled
@@ -200,7 +195,7 @@ class RayExecutor:
                         raise EngineDeadError(f"TP gang is dead: {self._dead_reason}")
         except BaseException:  # a dead rank found by a ping, or the engine shutting down
             running.cancel()
-            running.add_done_callback(_retrieve)  # its outcome no longer matters; do not log it as unretrieved
+            running.add_done_callback(retrieve)  # its outcome no longer matters; do not log it as unretrieved
             raise
         return (await self._settle(running, "step"))[0]
 
