@@ -16,7 +16,9 @@ prefixes survive longest.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -36,6 +38,69 @@ def block_hash(parent: bytes, tokens) -> bytes:
     return h.digest()
 
 
+class FreeRuns:
+    """The maximal runs of consecutive blocks that are free and cache nothing, kept up to date as blocks are taken
+    and freed, so the longest run is found in O(log n): placement used to sort every free block, ~57 ms per new
+    sequence with the tiny model's 500k blocks, on the engine core's thread. A run is [start, end)."""
+
+    def __init__(self, first: int, end: int):
+        self._starts: list[int] = []  # sorted
+        self._end_of: dict[int, int] = {}
+        self._start_of: dict[int, int] = {}  # end -> start
+        self._heap: list[tuple[int, int, int]] = []  # (-length, start, end): longest, then lowest start; lazy
+        if end > first:
+            self._add(first, end)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def runs(self) -> list[tuple[int, int]]:
+        return [(s, self._end_of[s]) for s in self._starts]
+
+    def _add(self, start: int, end: int) -> None:
+        bisect.insort(self._starts, start)
+        self._end_of[start], self._start_of[end] = end, start
+        heapq.heappush(self._heap, (start - end, start, end))
+        if len(self._heap) > 4 * len(self._starts) + 64:  # drop stale entries now and then
+            self._heap = [(s - e, s, e) for s, e in self.runs()]
+            heapq.heapify(self._heap)
+
+    def _drop(self, start: int) -> int:
+        del self._starts[bisect.bisect_left(self._starts, start)]
+        end = self._end_of.pop(start)
+        del self._start_of[end]
+        return end
+
+    def add(self, block: int) -> None:
+        """``block`` is now free and caches nothing: joins the runs on either side."""
+        start, end = block, block + 1
+        if end in self._end_of:
+            end = self._drop(end)
+        if block in self._start_of:
+            start = self._start_of[block]
+            self._drop(start)
+        self._add(start, end)
+
+    def remove(self, block: int) -> None:
+        """``block``, in a run, is taken: its run splits around it."""
+        start = self._starts[bisect.bisect_right(self._starts, block) - 1]
+        end = self._drop(start)
+        assert start <= block < end, (block, start, end)
+        if start < block:
+            self._add(start, block)
+        if block + 1 < end:
+            self._add(block + 1, end)
+
+    def longest(self) -> tuple[int, int] | None:
+        """(start, length) of the longest run, the lowest start among equals; None if there is none."""
+        while self._heap:
+            neg, start, end = self._heap[0]
+            if self._end_of.get(start) == end:
+                return start, -neg
+            heapq.heappop(self._heap)
+        return None
+
+
 class BlockManager:
     """Allocates ``num_blocks - 1`` usable blocks of ``block_size`` slots among sequences."""
 
@@ -50,6 +115,7 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}  # hash -> block holding that prefix
         # free blocks, next to reuse first; a freed block that holds a cached prefix goes last (evicted last)
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_blocks))
+        self._clean = FreeRuns(1, num_blocks)  # the free blocks that cache nothing, as runs (placement)
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -115,7 +181,9 @@ class BlockManager:
             block = self._place(kv.table)
             del self._free[block]
             old = self._hash_of[block]
-            if old is not None:  # evict the prefix this block cached
+            if old is None:
+                self._clean.remove(block)
+            else:  # evict the prefix this block cached
                 self._hash_of[block] = None
                 if self._cached.get(old) == block:
                     del self._cached[old]
@@ -132,15 +200,10 @@ class BlockManager:
         nxt = table[-1] + 1 if table else 0
         if 0 < nxt < self.num_blocks and nxt in self._free and self._hash_of[nxt] is None:
             return nxt
-        best_start, best_len, start, prev = 0, 0, 0, -2
-        for b in sorted(b for b in self._free if self._hash_of[b] is None):
-            if b != prev + 1:
-                start = b
-            prev = b
-            if b - start + 1 > best_len:
-                best_start, best_len = start, b - start + 1
-        if best_len:
-            return best_start if best_start == 1 else best_start + best_len // 2
+        run = self._clean.longest()
+        if run is not None:
+            start, length = run
+            return start if start == 1 else start + length // 2
         return next(iter(self._free))
 
     def commit(self, kv: KVState, token_ids: list[int], num_computed: int) -> None:
@@ -166,6 +229,7 @@ class BlockManager:
                 self._free[block] = None
                 if self._hash_of[block] is None:
                     self._free.move_to_end(block, last=False)  # holds nothing reusable: hand it out first
+                    self._clean.add(block)
         kv.table.clear()
         kv.hashes.clear()
 

@@ -81,3 +81,55 @@ def test_concurrent_sequences_grow_into_consecutive_blocks():
             assert bm.allocate(kv, tokens)
     for kv in seqs:
         assert len(kv.table) == 10 and kv.table == list(range(kv.table[0], kv.table[0] + 10)), kv.table
+
+
+def reference_place(bm: BlockManager, table: list[int]) -> int:
+    """Placement as the docstring of ``BlockManager._place`` states it, by sorting every free block."""
+    nxt = table[-1] + 1 if table else 0
+    clean = sorted(b for b in bm._free if bm._hash_of[b] is None)
+    if nxt in clean:
+        return nxt
+    runs, start = [], None
+    for i, b in enumerate(clean):
+        if start is None or b != clean[i - 1] + 1:
+            start = b
+            runs.append([b, 0])
+        runs[-1][1] += 1
+    if runs:
+        best_start, best_len = max(runs, key=lambda r: (r[1], -r[0]))
+        return best_start if best_start == 1 else best_start + best_len // 2
+    return next(iter(bm._free))
+
+
+def test_placement_keeps_its_policy_through_random_allocations_frees_and_cached_prefixes():
+    """The runs of free uncached blocks are tracked as blocks come and go, not recomputed: every placement of a
+    random workload (growing, finishing, prefix hits, evictions) is the block the sort-everything rule picks."""
+    import random
+
+    rng = random.Random(0)
+    bm = BlockManager(num_blocks=97, block_size=2)
+    live: list[tuple[KVState, list[int]]] = []
+    placements = 0
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.5 and live:  # grow a sequence by a few tokens
+            kv, tokens = rng.choice(live)
+            tokens += [rng.randrange(4) for _ in range(rng.randrange(1, 5))]
+            while len(kv.table) < bm.blocks_for(len(tokens)) and bm.num_free:
+                expected = reference_place(bm, kv.table)
+                assert bm.allocate(kv, (len(kv.table) + 1) * bm.block_size)
+                assert kv.table[-1] == expected
+                placements += 1
+            bm.commit(kv, tokens, min(len(tokens), len(kv.table) * bm.block_size))
+        elif op < 0.7 and live:  # finish one
+            kv, _ = live.pop(rng.randrange(len(live)))
+            bm.free(kv)
+        else:  # a new sequence, maybe on a cached prefix (few distinct tokens: prefixes repeat)
+            tokens = [rng.randrange(2) for _ in range(rng.randrange(3, 12))]
+            kv = KVState()
+            bm.reuse_prefix(kv, tokens)
+            live.append((kv, tokens))
+        runs = bm._clean.runs()
+        assert sum(e - s for s, e in runs) == sum(1 for b in bm._free if bm._hash_of[b] is None)
+        assert all(e < s2 for (_, e), (s2, _) in zip(runs, runs[1:])), "runs are maximal and disjoint"
+    assert placements > 500
