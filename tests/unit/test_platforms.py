@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from raytp import platforms
@@ -120,3 +122,20 @@ def test_int4_is_packed_by_each_devices_own_kernel():
     assert type(platforms.get("cpu").int4_config(32)).__name__ == "PrototypeInt4WeightOnlyConfig"
     assert platforms.get("cuda").int4_config(32).int4_packing_format == "tile_packed_to_4d"
     assert platforms.get("xpu").int4_config(32).int4_packing_format == "plain_int32"
+
+
+def test_ranks_cache_compiled_graphs_in_raytps_dir_unless_the_user_chose_another(monkeypatch, tmp_path):
+    """Inductor writes TORCHINDUCTOR_CACHE_DIR (its /tmp default) into the environment the first time it looks
+    for its cache, and Ray's workers inherit it: that value must not move the ranks' cache between starts."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from raytp.platforms.base import inductor_cache_dir
+
+    monkeypatch.setenv("RAYTP_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert inductor_cache_dir() == str(tmp_path / "inductor")
+    cache_dir()  # as saving a model does: Inductor sets the variable to its default
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    assert inductor_cache_dir() == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert inductor_cache_dir() == str(tmp_path / "mine")
