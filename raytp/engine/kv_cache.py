@@ -51,10 +51,8 @@ class FreeRuns:
         if end > first:
             self._add(first, end)
 
-    def __len__(self) -> int:
-        return len(self._starts)
-
     def runs(self) -> list[tuple[int, int]]:
+        """Every run, in block order."""
         return [(s, self._end_of[s]) for s in self._starts]
 
     def _add(self, start: int, end: int) -> None:
