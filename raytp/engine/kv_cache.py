@@ -46,7 +46,6 @@ class FreeRuns:
     def __init__(self, first: int, end: int):
         self._starts: list[int] = []  # sorted
         self._end_of: dict[int, int] = {}
-        self._start_of: dict[int, int] = {}  # end -> start
         self._heap: list[tuple[int, int, int]] = []  # (-length, start, end): longest, then lowest start; lazy
         if end > first:
             self._add(first, end)
@@ -57,7 +56,7 @@ class FreeRuns:
 
     def _add(self, start: int, end: int) -> None:
         bisect.insort(self._starts, start)
-        self._end_of[start], self._start_of[end] = end, start
+        self._end_of[start] = end
         heapq.heappush(self._heap, (start - end, start, end))
         if len(self._heap) > 4 * len(self._starts) + 64:  # drop stale entries now and then
             self._heap = [(s - e, s, e) for s, e in self.runs()]
@@ -65,17 +64,16 @@ class FreeRuns:
 
     def _drop(self, start: int) -> int:
         del self._starts[bisect.bisect_left(self._starts, start)]
-        end = self._end_of.pop(start)
-        del self._start_of[end]
-        return end
+        return self._end_of.pop(start)
 
     def add(self, block: int) -> None:
         """``block`` is now free and caches nothing: joins the runs on either side."""
         start, end = block, block + 1
         if end in self._end_of:
             end = self._drop(end)
-        if block in self._start_of:
-            start = self._start_of[block]
+        before = bisect.bisect_left(self._starts, block) - 1  # the run that may end right at ``block``
+        if before >= 0 and self._end_of[self._starts[before]] == block:
+            start = self._starts[before]
             self._drop(start)
         self._add(start, end)
 
