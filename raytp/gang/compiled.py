@@ -3,7 +3,7 @@ modes, chosen by what the attention backend offers.
 
 *Decode steps, attention inline* (``graph_decode``: the CPU's sdpa backend with its decode kernel). Steps whose
 rows each compute one token — every step of a stream after its prompt — run one graph: embeddings, RMSNorm, RoPE,
-the projections (the prepacked oneDNN linears, graph constants under ``freezing``), the MLP, with TP > 1
+the projections (the prepacked oneDNN linears, called by index: ``raytp.gang.linears.packed_linear``), the MLP, with TP > 1
 DeepSpeed's ``torch.ops.deepspeed.inference_all_reduce_``, and each layer's KV write and paged attention
 (``AttentionBackend.graph_decode``), traced as tensor code: no opaque call per layer, no per-op Python. Its sizes —
 rows and table width — are dynamic: one graph for every decode step of two rows or more, and one for single-row
@@ -20,9 +20,9 @@ metadata from a context, so block tables, plans and row counts never reach the c
 Either way the LM head runs after the graph, eagerly, on the kept positions only: one matmul, and DeepSpeed's
 sharded head (a batched matmul over a data-dependent row count) does not lower in Inductor. Graphs are compiled at
 start-up (``warm_up``); ``compiles`` counts them, and every compile after ``warm_up`` is a recompile in steady
-state, which tests forbid. Compiled artefacts go to Inductor's on-disk cache (``TORCHINDUCTOR_CACHE_DIR``, set per
-rank by the platform), so a restart reuses them; on CPU, whose graphs hold oneDNN's packed weights, which that cache
-refuses by itself, through ``raytp.gang.packed_cache``.
+state, which tests forbid. Compiled artefacts go to AOTAutograd's and Inductor's on-disk caches
+(``TORCHINDUCTOR_CACHE_DIR``, set per rank by the platform), so a restart only traces (Dynamo) and loads them: the
+graphs hold no weight (not frozen), so they are the same for every model of these shapes.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import torch
 
 from raytp.gang.attention import AttentionBackend, AttentionMetadata
 from raytp.gang.attention.op import step_context
+from raytp.gang.linears import graph_weights, packed_weights
 
 logger = logging.getLogger(__name__)
 _instances = itertools.count()
@@ -53,26 +54,30 @@ class CompiledModel:
     docstring (``decode``), else the second (``__call__``)."""
 
     def __init__(self, model, options: dict, decode_only: bool = False):
-        from raytp.gang import packed_cache
-
-        packed_cache.install()  # CPU graphs hold packed weights: cached across restarts only with it
         self.options = dict(options)
         self.decode_only = decode_only
         self.steps = 0  # steps run through the graph (warm-up included)
         self.compiles = 0
         self.warm_up_compiles = 0  # graphs compiled by ``warm_up``: any more are recompiles
+        self.loaded = 0  # graphs ``warm_up`` took whole from the graph store (no tracing, no compiling)
+        self.warm_up_graphs = 0  # graphs ready after ``warm_up``: compiled or loaded
         self.warm_up_s = 0.0
+        # decode_only: the captured graphs (``raytp.gang.graph_store``) by "one row?"; without them (a torch
+        # without aot_compile, a capture that failed) ``_step`` traces and compiles on first use, as below
+        self._graphs: dict[bool, object] = {}
         # Dynamo keeps compiled graphs per code object and stops compiling one after 8 (its recompile limit), falling
         # back to eager without a word: a frame of this instance's own (as ``PagedDecode``'s) keeps every model in
         # a process — tests build many — from sharing the limit of ``LlamaModel.forward``.
         code = _call.__code__.replace(co_name=f"raytp_model_step_{next(_instances)}")
         # No guards on the modules' attributes and weights: a rank never changes its model after loading, and those
         # guards cost ~1 ms per step on a 28-layer model (checked on every call); the inputs' guards stay.
-        self._step = torch.compile(types.FunctionType(code, _call.__globals__, code.co_name), backend=self._compile,
-                                   dynamic=True,
+        self._fn = types.FunctionType(code, _call.__globals__, code.co_name)
+        self._step = torch.compile(self._fn, backend=self._compile, dynamic=True,
                                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self._decoder = model.get_decoder()
         self._head = model.get_output_embeddings()
+        self._weights = packed_weights(model)  # CPU: what the graph's packed linears multiply by (by index)
+        self._config = model.config
 
     def _tracing(self):
         """The settings Dynamo traces under (on a first call or a recompile; a cheap no-op otherwise):
@@ -106,7 +111,7 @@ class CompiledModel:
         torch._dynamo.decorators.mark_dynamic(ids, 1)
         torch._dynamo.decorators.mark_dynamic(meta.positions, 1)
         self.steps += 1
-        with step_context(backend, meta), self._tracing():
+        with step_context(backend, meta), graph_weights(self._weights), self._tracing():
             hidden = self._step(self._decoder, input_ids=ids, position_ids=meta.positions, use_cache=False,
                                 raytp_op=True)
         # [1, K, H] in: DeepSpeed's sharded head slices a 3-D input
@@ -115,6 +120,20 @@ class CompiledModel:
     def decode(self, backend: AttentionBackend, meta: AttentionMetadata, ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of a decode-only step: ``ids`` [1, B], one token per row of ``meta``, written into the
         pool at ``meta.slot_mapping`` and attended by ``backend.graph_decode`` inside the graph."""
+        kwargs = self._decode_inputs(backend, meta, ids)
+        self.steps += 1
+        graph = self._graphs.get(ids.shape[1] == 1)
+        with graph_weights(self._weights):
+            if graph is not None:
+                hidden = graph(self._decoder, **kwargs)
+            else:
+                with self._tracing():
+                    hidden = self._step(self._decoder, **kwargs)
+        return self._head(hidden.last_hidden_state)[0]
+
+    @staticmethod
+    def _decode_inputs(backend: AttentionBackend, meta: AttentionMetadata, ids: torch.Tensor) -> dict:
+        """The decoder's keyword arguments for a decode-only step, their step-dependent sizes marked dynamic."""
         positions, slots, tables, lens = meta.positions, meta.slot_mapping, meta.block_tables, meta.seq_lens
         if tables.shape[1] == 1:  # widths 0 and 1 are specialised: pad (the kernel masks past a row's length)
             tables = torch.nn.functional.pad(tables, (0, 1))
@@ -124,11 +143,63 @@ class CompiledModel:
             torch._dynamo.decorators.mark_dynamic(t, 0)
         torch._dynamo.decorators.mark_dynamic(tables, 1)
         pool = backend.pool
-        self.steps += 1
-        with self._tracing():
-            hidden = self._step(self._decoder, input_ids=ids, position_ids=positions, use_cache=False,
-                                raytp_graph=(backend.graph_decode, (slots, tables, lens, pool.keys, pool.values)))
-        return self._head(hidden.last_hidden_state)[0]
+        return dict(input_ids=ids, position_ids=positions, use_cache=False,
+                    raytp_graph=(backend.graph_decode, (slots, tables, lens, pool.keys, pool.values)))
+
+    def _decode_graph(self, store, name: str, kwargs: dict):
+        """The decode graph for inputs like ``kwargs``: loaded from ``store``, else captured whole
+        (``aot_compile``) and saved there; None where this torch cannot capture (``decode`` then compiles on first
+        use)."""
+        from raytp.gang import graph_store
+
+        if store is None:
+            return None
+        graph = store.load(name, self._fn.__globals__)
+        if graph is not None:
+            self.loaded += 1
+            graph.disable_guard_check()
+            return graph
+        # No guards at all (vLLM's choice for its captured graphs): ``decode`` picks the graph by the step's row
+        # count itself, and the store's facts stand for the rest
+        compiled = torch.compile(self._fn, backend="inductor", fullgraph=True, dynamic=True,
+                                 options={**self.options, "guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+        try:
+            with self._tracing(), torch._dynamo.config.patch(enable_aot_compile=True), graph_weights(self._weights):
+                graph = compiled.aot_compile(((self._decoder,), kwargs))
+        except Exception as e:  # noqa: BLE001 - Dynamo and Inductor raise many types
+            logger.info("decode graph not captured whole (%s: %s): compiled on first use instead", type(e).__name__,
+                        str(e)[:300])
+            return None
+        self.compiles += 1
+        store.save(name, graph, self._fn.__globals__)
+        graph.disable_guard_check()  # it has none to check; this skips binding the arguments for them per call
+        return graph
+
+    def _store(self, backend: AttentionBackend, device: str):
+        """Where this model's captured graphs live (``raytp.gang.graph_store``), with every fact they depend on
+        beyond the source Dynamo traced; None where this torch cannot capture a graph whole."""
+        import transformers
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        from raytp.gang import graph_store
+        from raytp.gang.linears import PackedLinear
+
+        if not graph_store.available():
+            return None
+        dist = torch.distributed
+        pool = backend.pool
+        facts = {
+            "versions": (torch.__version__, transformers.__version__),
+            "model": (self._config.to_json_string(use_diff=False), repr(self._decoder),
+                      str(next(self._decoder.parameters()).dtype),
+                      sorted({m.min_rows for m in self._decoder.modules() if isinstance(m, PackedLinear)})),
+            "tp": (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1),
+            "attention": (type(backend).__qualname__, pool.block_size,
+                          [(tuple(t.shape[1:]), str(t.dtype)) for t in (*pool.keys, *pool.values)]),
+            "inductor": self.options,
+            "host": (device, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability()),
+        }
+        return graph_store.GraphStore(cache_dir(), facts)
 
     def warm_up(self, backend: AttentionBackend, device: str) -> float:
         """Compile now (start-up), on dummy steps in the null block (whose contents every read masks; zeroed
@@ -139,13 +210,19 @@ class CompiledModel:
         if self.decode_only:
             # 16 rows, then one (a second graph: size 1 is specialised, and padding it to two rows would cost ~8 %
             # of a batch-1 step in oneDNN's products), at 256 tokens of context: Inductor's loop choices follow the
-            # first sizes it sees
+            # first sizes it sees. Each graph is loaded whole from the store, else captured and saved there.
             bs = backend.pool.block_size
+            store = self._store(backend, device)
             for rows in (16, 1):
                 layout = [(1, 16 * bs - 1, (0,) * 16)] * rows
                 with torch.inference_mode():
-                    self.decode(backend, build(layout, bs, device),
-                                torch.zeros((1, rows), dtype=torch.long, device=device))
+                    meta = build(layout, bs, device)
+                    ids = torch.zeros((1, rows), dtype=torch.long, device=device)
+                    graph = self._decode_graph(store, f"decode_rows{min(rows, 2)}",
+                                               self._decode_inputs(backend, meta, ids))
+                    if graph is not None:
+                        self._graphs[rows == 1] = graph
+                    self.decode(backend, meta, ids)  # a first run: the graph's own warm-up (or its compile)
             backend.pool.zero_null_block()
             return self._warmed(start)
         # a 2-token step, then a 1-token one: Inductor's cache guards the token count's hint against 1 (a second
@@ -162,6 +239,7 @@ class CompiledModel:
     def _warmed(self, start: float) -> float:
         self.warm_up_s = time.perf_counter() - start
         self.warm_up_compiles = self.compiles
-        logger.info("model step compiled in %.1f s (%d graphs, inductor options %s)", self.warm_up_s, self.compiles,
-                    self.options)
+        self.warm_up_graphs = self.compiles + self.loaded
+        logger.info("model step compiled in %.1f s (%d graphs compiled, %d loaded whole; inductor options %s)",
+                    self.warm_up_s, self.compiles, self.loaded, self.options)
         return self.warm_up_s

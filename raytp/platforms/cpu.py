@@ -28,9 +28,10 @@ class CpuPlatform(Platform):
     # 16 / 32 / 64; a CPU step's time grows with the batch, so past this the queue only moves into the batch
     default_max_num_seqs = 32
     default_max_num_batched_tokens = 512
-    # compile_model: true - Inductor's freezing reorders the linears' weights once for oneDNN, as eager prepacking
-    # does (without it a bf16 product is the slow GEMV; docs/performance.md, "The compiled model step")
-    inductor_options = {"freezing": True}
+    # compile_model: true - Inductor's defaults. The linears' weights are prepacked for oneDNN at load
+    # (raytp.gang.linears), which is what freezing would do; without freezing the graph holds no weight and AOTAutograd
+    # caches it, so a restart skips its tracing (docs/performance.md, "The compiled model step")
+    inductor_options: dict = {}
 
     def torch_device(self) -> str:
         return "cpu"

@@ -90,3 +90,39 @@ def test_a_prepacked_model_keeps_no_view_of_the_checkpoint():
     for param, want in zip((model[0].weight, model[1].weight), before):
         assert param.untyped_storage().data_ptr() != base
         assert torch.equal(param, want)
+
+
+def test_a_compiled_module_reaches_its_packed_weights_by_index_and_holds_none():
+    """Compiled, a prepacked model's linears are ``raytp::packed_linear`` calls by index (no oneDNN tensor in the
+    graph: AOTAutograd caches it, and the same graph serves any model of these shapes) that multiply by the
+    weights of the model being run, as its eager forward does; outside a compiled step the op refuses."""
+    from raytp.gang.linears import graph_weights, packed_linear, packed_weights
+
+    if not can_prepack(torch.float32):
+        pytest.skip("no oneDNN in this torch build")
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8, bias=False))
+        assert prepack_linears(model) == 2
+        models.append(model)
+    step = torch.compile(lambda m, x: m(x), backend=backend, fullgraph=True)
+    x = torch.randn(5, 24)
+    with torch.inference_mode():
+        for model in models:
+            with graph_weights(packed_weights(model)):
+                torch.testing.assert_close(step(model, x), model(x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(models[0](x), models[1](x))  # two models that a mix-up would show
+    assert graphs, "nothing was compiled"
+    ops = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum(op.startswith("raytp.packed_linear") for op in ops) == 2 * len(graphs), ops
+    assert not any("mkldnn" in op for op in ops), ops
+    with pytest.raises(RuntimeError, match="outside a compiled step"):
+        packed_linear(x, 0, 32, None)
