@@ -3,13 +3,16 @@ modes, chosen by what the attention backend offers.
 
 *Decode steps, attention inline* (``graph_decode``: the CPU's sdpa backend with its decode kernel). Steps whose
 rows each compute one token — every step of a stream after its prompt — run one graph: embeddings, RMSNorm, RoPE,
-the projections (the prepacked oneDNN linears, called by index: ``raytp.gang.linears.packed_linear``), the MLP, with TP > 1
-DeepSpeed's ``torch.ops.deepspeed.inference_all_reduce_``, and each layer's KV write and paged attention
+the projections (the prepacked oneDNN linears, called by index: ``raytp.gang.linears.packed_linear``), the MLP,
+with TP > 1 DeepSpeed's ``torch.ops.deepspeed.inference_all_reduce_``, and each layer's KV write and paged attention
 (``AttentionBackend.graph_decode``), traced as tensor code: no opaque call per layer, no per-op Python. Its sizes —
 rows and table width — are dynamic: one graph for every decode step of two rows or more, and one for single-row
 steps (size 1 is specialised; padding such a step to two rows would cost ~8 % of it in oneDNN's products, which
 are cheapest at M = 1). Steps with prompt chunks run eagerly: a chunk's products are compute-bound, where the
-graph gains little (the whole-step graph below measured 0.80x on a 128-token chunk).
+graph gains little (the whole-step graph below measured 0.80x on a 128-token chunk). Both graphs are captured whole
+at start-up (``aot_compile``) and saved (``raytp.gang.graph_store``): a restart loads them in well under a second
+instead of tracing the model again. They hold no weight (the linears are reached by index), so a graph serves any
+model of these shapes.
 
 *Every step, attention opaque* (other backends). The token dimension is dynamic, traced *size-obliviously*
 (vLLM's choice too) with a hint, which Inductor's weight prepacking needs: a 2-token step and a 512-token chunk
@@ -20,9 +23,8 @@ metadata from a context, so block tables, plans and row counts never reach the c
 Either way the LM head runs after the graph, eagerly, on the kept positions only: one matmul, and DeepSpeed's
 sharded head (a batched matmul over a data-dependent row count) does not lower in Inductor. Graphs are compiled at
 start-up (``warm_up``); ``compiles`` counts them, and every compile after ``warm_up`` is a recompile in steady
-state, which tests forbid. Compiled artefacts go to AOTAutograd's and Inductor's on-disk caches
-(``TORCHINDUCTOR_CACHE_DIR``, set per rank by the platform), so a restart only traces (Dynamo) and loads them: the
-graphs hold no weight (not frozen), so they are the same for every model of these shapes.
+state, which tests forbid. Compiled artefacts go to AOTAutograd's and Inductor's on-disk caches and the graph
+store, all under ``TORCHINDUCTOR_CACHE_DIR`` (set per rank by the platform).
 """
 
 from __future__ import annotations
@@ -150,8 +152,6 @@ class CompiledModel:
         """The decode graph for inputs like ``kwargs``: loaded from ``store``, else captured whole
         (``aot_compile``) and saved there; None where this torch cannot capture (``decode`` then compiles on first
         use)."""
-        from raytp.gang import graph_store
-
         if store is None:
             return None
         graph = store.load(name, self._fn.__globals__)
