@@ -179,4 +179,8 @@ class LoadReport:
     # start-up seconds spent compiling: the model step (compile_model) and attention kernels (the CPU decode
     # kernel); part of load_s
     compile_s: float = 0.0
+    # compiled model-step graphs at start-up: compiled here, or loaded whole from the graph store (a restart,
+    # raytp.gang.graph_store)
+    graphs_compiled: int = 0
+    graphs_loaded: int = 0
     attention_backend: str = "sdpa"  # raytp.gang.attention backend of this rank (legacy: transformers 4.x adapter)

@@ -55,10 +55,12 @@ def ray_session():
     ray.shutdown()
 
 
-def run_gang(config: dict, batches: list[list[list[int]]], max_tokens: int, logprobs: bool = False) -> list[list[list]]:
+def run_gang(config: dict, batches: list[list[list[int]]], max_tokens: int, logprobs: bool = False,
+             reports: list | None = None) -> list[list[list]]:
     """On one fresh gang (through the engine, so through the paged KV cache), greedy-generate ``max_tokens``
     tokens for each batch of prompts in turn (a batch's prompts concurrently, the next batch once it is done);
-    return the tokens per prompt, per batch (with ``logprobs``: (token, its log-probability) pairs)."""
+    return the tokens per prompt, per batch (with ``logprobs``: (token, its log-probability) pairs). ``reports``:
+    extended with the ranks' ``LoadReport``s."""
     from transformers import AutoTokenizer
 
     from raytp.config import resolve
@@ -79,6 +81,8 @@ def run_gang(config: dict, batches: list[list[list[int]]], max_tokens: int, logp
 
     async def main():
         await engine.start()
+        if reports is not None:
+            reports.extend(engine.load_reports)
         try:
             assert executor.shm_segments() == [], "each rank unlinks its shm buffer once every rank has mapped it"
             results = []

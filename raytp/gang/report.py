@@ -58,6 +58,8 @@ def load_report(rank: int, start: float, model, runner) -> LoadReport:
         decode_warm_up_s=runner.graphs.warm_up_s if runner.graphs is not None else 0.0,
         compile_s=(runner.compiled.warm_up_s if runner.compiled is not None else 0.0)
         + getattr(runner.backend, "compile_s", 0.0),
+        graphs_compiled=runner.compiled.warm_up_compiles if runner.compiled is not None else 0,
+        graphs_loaded=runner.compiled.loaded if runner.compiled is not None else 0,
         attention_backend=runner.attention_backend,
     )
     logger.info("rank %d: model loaded in %.1fs, peak RSS %.0f MB, KV cache %d blocks of %d tokens (%.0f MB)", rank,

@@ -36,8 +36,11 @@ def runs(ray_session, prompts):
     cfg = {"model": "raytp-tiny-llama", "dtype": "float32", "device": "cpu"}
     batches = [[p] for p in prompts] + [prompts]
     out = {tp: run_gang({**cfg, "tensor_parallel_size": tp}, batches, MAX_TOKENS) for tp in (1, 2)}
-    # TP=2 with the model step compiled: DeepSpeed's all-reduce op inside the compiled graph
-    out["2c"] = run_gang({**cfg, "tensor_parallel_size": 2, "compile_model": True}, batches, MAX_TOKENS)
+    # TP=2 with the model step compiled: DeepSpeed's all-reduce op inside the compiled graph; twice, as a restart
+    for name in ("2c", "2c restarted"):
+        out[name + " reports"] = []
+        out[name] = run_gang({**cfg, "tensor_parallel_size": 2, "compile_model": True}, batches, MAX_TOKENS,
+                             reports=out[name + " reports"])
     return out
 
 
@@ -54,6 +57,20 @@ def test_tp2_batched_with_padding_equals_tp1_batched(runs, hf_reference):
 
 def test_tp2_compiled_equals_tp2_eager(runs):
     assert runs["2c"] == runs[2]
+
+
+def test_a_restarted_tp2_gang_loads_its_compiled_graphs_whole(runs):
+    """Each rank of the second compiled gang loads both decode graphs from the graph store (the first gang saved
+    them, or found them there): no tracing, no compiling; the tokens are the eager gang's."""
+    from raytp.gang import graph_store
+    from raytp.gang.attention import hf
+
+    if not (graph_store.available() and hf.register()):
+        pytest.skip("no compiled decode graphs here (aot_compile: torch >= 2.10; transformers >= 5)")
+    first, restarted = runs["2c reports"], runs["2c restarted reports"]
+    assert [(r.decode_mode, r.graphs_compiled + r.graphs_loaded) for r in first] == [("compiled", 2)] * 2
+    assert [(r.graphs_compiled, r.graphs_loaded) for r in restarted] == [(0, 2)] * 2
+    assert runs["2c restarted"] == runs[2]
 
 
 def test_tp2_batch_invariant_alone_equals_among_others(ray_session, prompts):
