@@ -106,61 +106,8 @@ class PackedLinear(torch.nn.Module):
         if self.index is not None and torch.compiler.is_compiling():  # traced: the opaque op, no weight in the graph
             out = torch.ops.raytp.packed_linear(rows, self.index, self.out_features, self.bias)
         else:
-            out = _product(rows, self.packed, self.bias)
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
         return out[:m].view(*x.shape[:-1], self.out_features)
-
-
-# Rows to compute a product of m rows as (index m; m itself past the end): oneDNN picks its kernel by the row count,
-# and on some CPUs a few rows more cost less than m — on a 2-core AVX-512-BF16 EPYC, bf16, one thread, the 0.5B's
-# linears took 44.7 ms at 1 row, 55.0 at 2 and 38.8 at 4 (docs/performance.md). ``tune_row_padding`` measures it
-# on the rank's own weights at load. Padding rows are copies of the first row and are dropped from the output; a
-# row's own values are the same in any product of two rows or more (``PackedLinear``'s note), so padding changes no
-# bits except that a single row gets a batch's.
-_pad_to: list[tuple[int, ...]] = [()]
-
-
-def _product(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    m = rows.shape[0]
-    pad = _pad_to[0]
-    if m < len(pad) and pad[m] > m:
-        out = torch.ops.mkldnn._linear_pointwise(torch.cat([rows, rows[:1].expand(pad[m] - m, -1)]), packed, bias,
-                                                 "none", [], "")
-        return out[:m]
-    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
-
-
-def tune_row_padding(model: torch.nn.Module, max_rows: int = 8, min_bytes: int = 64 << 20) -> tuple[int, ...]:
-    """Choose, by timing ``model``'s own packed products at 1..``max_rows`` rows, what each row count below
-    ``max_rows`` is computed as (the cheapest count at least as large), set it for this process and return it.
-    A model whose packed weights are under ``min_bytes`` keeps every row count as it is: its products run from the
-    CPU's caches, which says nothing about streaming a real model's weights from memory."""
-    import time
-
-    linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
-    chosen, total = [], 0
-    for linear in linears:  # whole layers' worth, until enough bytes stream from memory
-        chosen.append(linear)
-        total += linear.in_features * linear.out_features * linear.packed.element_size()
-        if total >= 2 * min_bytes:
-            break
-    if total < min_bytes:
-        _pad_to[0] = ()
-        return ()
-    dtype = linears[0].packed.dtype
-    inputs = {m: [torch.randn(m, lin.in_features, dtype=dtype) for lin in chosen] for m in range(1, max_rows + 1)}
-    best = dict.fromkeys(inputs, float("inf"))
-    with torch.inference_mode():
-        for _ in range(3):  # interleaved rounds, the minimum of each: drift hits every count alike
-            for m, xs in inputs.items():
-                start = time.perf_counter()
-                for lin, x in zip(chosen, xs):
-                    torch.ops.mkldnn._linear_pointwise(x, lin.packed, lin.bias, "none", [], "")
-                best[m] = min(best[m], time.perf_counter() - start)
-    # a count is padded only where the larger one saves 5 % or more: no change for noise
-    pad = (0,) + tuple(min((n for n in range(m, max_rows + 1) if best[n] < 0.95 * best[m]), key=best.get, default=m)
-                       for m in range(1, max_rows))
-    _pad_to[0] = pad
-    return pad
 
 
 # A compiled step calls its packed linears by index, not with the weight: a oneDNN tensor in a graph must be a
@@ -192,7 +139,7 @@ def packed_linear(x: torch.Tensor, index: int, out_features: int, bias: torch.Te
     weights = _weights[0]
     if weights is None:
         raise RuntimeError("raytp::packed_linear called outside a compiled step (raytp.gang.linears.graph_weights)")
-    return _product(x, weights[index], bias)
+    return torch.ops.mkldnn._linear_pointwise(x, weights[index], bias, "none", [], "")
 
 
 # registered as a plain CPU kernel, not through ``torch.library.custom_op``, whose wrapper costs ~4 us more per call

@@ -23,7 +23,7 @@ import torch
 from raytp.compat import dtype_kwarg
 from raytp.config import ResolvedConfig
 from raytp.errors import ConfigError
-from raytp.gang.linears import can_prepack, plain_linears, prepack_linears, release_checkpoint, tune_row_padding
+from raytp.gang.linears import can_prepack, plain_linears, prepack_linears, release_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,11 @@ def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
     if cfg.quantization:
         quantize_shard(model, cfg.quantization, device, cfg.quantization_group_size, head=cfg.quantize_lm_head)
     elif cfg.prepack_weights and not cfg.low_bit and device == "cpu" and can_prepack(dtype):
+        # (compile_model too: under the CPU's `freezing` the packed weights are the graph's constants, no copy)
         if tp > 1:
             plain_linears(model, head=True)
         packed = prepack_linears(model, min_rows=2 if cfg.batch_invariant else 1)
-        pad = tune_row_padding(model)
-        logger.info("rank %d: %d linears prepacked for oneDNN; products of 1..%d rows computed as %s", rank, packed,
-                    len(pad) - 1, pad[1:] or "themselves")
+        logger.info("rank %d: %d linears prepacked for oneDNN", rank, packed)
         release_checkpoint(model)
     elif cfg.batch_invariant:
         raise ConfigError("batch_invariant", f"needs oneDNN's prepacked linears, which this rank's CPU cannot run "
