@@ -84,8 +84,8 @@ class CompiledModel:
     def _tracing(self):
         """The settings Dynamo traces under (on a first call or a recompile; a cheap no-op otherwise):
         size-oblivious dynamic sizes that keep a hint, which Inductor's weight prepacking needs (an unbacked size
-        fails it); and the Inductor options, whose ``freezing`` Dynamo reads too: only then are the weights graph
-        constants that Inductor can reorder once for oneDNN."""
+        fails it); and the Inductor options, some of which Dynamo reads too (``freezing``: the weights become graph
+        constants; CPU's options no longer set it, ``raytp.gang.linears.packed_linear``)."""
         import torch._inductor.config as inductor_config
         import torch.fx.experimental._config as fx_config
 

@@ -172,8 +172,8 @@ def test_a_restart_loads_the_compiled_step_whole_and_runs_it_with_its_own_weight
     """The compiled CPU decode graphs hold no weight (their packed linears are ``raytp::packed_linear`` calls by
     index) and are saved whole (``raytp.gang.graph_store``): a second model of the same shapes — a restart —
     loads both, compiling nothing and looking nothing up in AOTAutograd's or Inductor's caches, and its steps
-    compute with its own weights, not those of the model that saved them. The store's files are the ones used:
-    corrupted, the next start compiles again."""
+    compute with its own weights, not those of the model that saved them, over a KV pool of another size. The
+    store's files are the ones used: corrupted, the next start compiles again."""
     from torch._dynamo.utils import counters
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -203,7 +203,8 @@ def test_a_restart_loads_the_compiled_step_whole_and_runs_it_with_its_own_weight
             wanted.append(model(torch.tensor([prompt])).logits[0, -1])
         prepack_linears(model)  # as a rank loads it
         before = {k: counters[g][k] for g, k in keys}
-        runner = ModelRunner(model, "cpu", 0, 1, block_size=BLOCK, kv_cache_bytes=1 << 20, max_batch=4,
+        # another KV budget at each start (the pool's size is not a fact of the store: the graphs are dynamic in it)
+        runner = ModelRunner(model, "cpu", 0, 1, block_size=BLOCK, kv_cache_bytes=(1 + seed) << 20, max_batch=4,
                              max_model_len=64, compile_options=get("cpu").compile_options(False, True))
         assert runner.compiled is not None
         made.append((runner.compiled.compiles, runner.compiled.loaded,
