@@ -172,8 +172,8 @@ def test_a_restart_loads_the_compiled_step_whole_and_runs_it_with_its_own_weight
     """The compiled CPU decode graphs hold no weight (their packed linears are ``raytp::packed_linear`` calls by
     index) and are saved whole (``raytp.gang.graph_store``): a second model of the same shapes — a restart —
     loads both, compiling nothing and looking nothing up in AOTAutograd's or Inductor's caches, and its steps
-    compute with its own weights, not those of the model that saved them, over a KV pool of another size. The
-    store's files are the ones used: corrupted, the next start compiles again."""
+    compute with its own weights, not those of the model that saved them, over a KV pool of another size.
+    (Unreadable and stale files: ``tests/unit/test_graph_store.py``.)"""
     from torch._dynamo.utils import counters
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -193,10 +193,7 @@ def test_a_restart_loads_the_compiled_step_whole_and_runs_it_with_its_own_weight
     wanted, got, made = [], [], []
     keys = [("inductor", "fxgraph_cache_hit"), ("inductor", "fxgraph_cache_miss"),
             ("aot_autograd", "autograd_cache_hit"), ("aot_autograd", "autograd_cache_miss")]
-    for seed in (0, 1, 2):
-        if seed == 2:  # a start that finds the files unreadable compiles again
-            for path in (tmp_path / "raytp-graphs").rglob("*.graph"):
-                path.write_bytes(b"not a graph")
+    for seed in (0, 1):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config).eval()  # random weights, the same shapes
         with torch.inference_mode():
@@ -217,7 +214,7 @@ def test_a_restart_loads_the_compiled_step_whole_and_runs_it_with_its_own_weight
             runner._forward(meta, torch.tensor([prompt[:-1]]), torch.tensor([len(prompt) - 2]))
             meta = attention.build([(1, len(prompt) - 1, table)], BLOCK, "cpu")
             got.append(runner.compiled.decode(runner.backend, meta, torch.tensor([[prompt[-1]]]))[0])
-    assert made[0][:2] == (2, 0) and made[2][:2] == (2, 0), made  # compiled (the first start; after corruption)
+    assert made[0][:2] == (2, 0), made  # compiled and saved (the first start)
     assert made[1] == (0, 2, dict.fromkeys(made[1][2], 0)), made  # loaded whole: no cache lookup at all
     assert len(list((tmp_path / "raytp-graphs").rglob("*.graph"))) == 2
     assert not torch.allclose(wanted[0], wanted[1], atol=1e-2)  # two models that a mix-up would show
