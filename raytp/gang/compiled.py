@@ -62,7 +62,6 @@ class CompiledModel:
         self.compiles = 0
         self.warm_up_compiles = 0  # graphs compiled by ``warm_up``: any more are recompiles
         self.loaded = 0  # graphs ``warm_up`` took whole from the graph store (no tracing, no compiling)
-        self.warm_up_graphs = 0  # graphs ready after ``warm_up``: compiled or loaded
         self.warm_up_s = 0.0
         # decode_only: the captured graphs (``raytp.gang.graph_store``) by "one row?"; without them (a torch
         # without aot_compile, a capture that failed) ``_step`` traces and compiles on first use, as below
@@ -157,7 +156,6 @@ class CompiledModel:
         graph = store.load(name, self._fn.__globals__)
         if graph is not None:
             self.loaded += 1
-            graph.disable_guard_check()
             return graph
         # No guards at all (vLLM's choice for its captured graphs): ``decode`` picks the graph by the step's row
         # count itself, and the store's facts stand for the rest
@@ -172,7 +170,6 @@ class CompiledModel:
             return None
         self.compiles += 1
         store.save(name, graph, self._fn.__globals__)
-        graph.disable_guard_check()  # it has none to check; this skips binding the arguments for them per call
         return graph
 
     def _store(self, backend: AttentionBackend, device: str):
@@ -221,6 +218,7 @@ class CompiledModel:
                     graph = self._decode_graph(store, f"decode_rows{min(rows, 2)}",
                                                self._decode_inputs(backend, meta, ids))
                     if graph is not None:
+                        graph.disable_guard_check()  # it has none; this skips binding the arguments per call
                         self._graphs[rows == 1] = graph
                     self.decode(backend, meta, ids)  # a first run: the graph's own warm-up (or its compile)
             backend.pool.zero_null_block()
@@ -236,10 +234,14 @@ class CompiledModel:
                      torch.arange(tokens, device=device))
         return self._warmed(start)
 
+    @property
+    def warm_up_graphs(self) -> int:
+        """Graphs ready after ``warm_up``: compiled or loaded (only ``warm_up`` loads)."""
+        return self.warm_up_compiles + self.loaded
+
     def _warmed(self, start: float) -> float:
         self.warm_up_s = time.perf_counter() - start
         self.warm_up_compiles = self.compiles
-        self.warm_up_graphs = self.compiles + self.loaded
         logger.info("model step compiled in %.1f s (%d graphs compiled, %d loaded whole; inductor options %s)",
                     self.warm_up_s, self.compiles, self.loaded, self.options)
         return self.warm_up_s
