@@ -1,7 +1,8 @@
 """Console entry point ``raytp``: small operator commands.
 
   raytp tiny-model [--preset NAME]   generate (once) and print a built-in random-weight checkpoint's path
-  raytp build-ops                    compile DeepSpeed's CPU shared-memory all-reduce op ahead of time
+  raytp build-ops                    compile DeepSpeed's CPU shared-memory all-reduce op (and raytp's CPU bf16
+                                     linear, where the CPU runs it) ahead of time
   raytp bench [...]                  benchmark OpenAI-compatible endpoints (raytp bench --help)
 """
 
@@ -27,6 +28,10 @@ def _build_ops(_args) -> int:
     os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir()  # where the ranks will look for it
     from deepspeed.accelerator import get_accelerator
 
+    from raytp.gang import cpu_linear
+
+    if cpu_linear.unsupported_reason() is None:
+        print(f"built {cpu_linear.build()}")
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None:
         print("no shared-memory all-reduce op for this accelerator; nothing to build")
@@ -51,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("tiny-model", help="generate a built-in random-weight checkpoint and print its path")
     p.add_argument("--preset", default="raytp-tiny-llama", choices=sorted(tiny_model.PRESETS))
     p.set_defaults(func=_tiny_model)
-    p = sub.add_parser("build-ops", help="compile DeepSpeed's CPU shm all-reduce op now")
+    p = sub.add_parser("build-ops", help="compile DeepSpeed's CPU shm all-reduce op and raytp's "
+                                            "CPU linear now")
     p.set_defaults(func=_build_ops)
     sub.add_parser("bench", help="benchmark OpenAI-compatible endpoints (see raytp bench --help)")
     args = parser.parse_args(argv)

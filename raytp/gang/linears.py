@@ -1,5 +1,5 @@
 """What a rank's linears become after loading: plain ``nn.Linear``s over DeepSpeed's AutoTP shards, and on CPU
-oneDNN linears over prepacked weights.
+linears over prepacked weights (oneDNN's, or raytp's bf16 kernel: ``cpu_linear_kernel``).
 
 DeepSpeed's AutoTP layers compute ``matmul(x, weight.T)`` themselves, which neither torchao's weight tensors nor a
 prepacked weight implement; so each becomes a module whose *local* product is a plain ``nn.Linear``
@@ -9,11 +9,13 @@ replaces by a ``PackedLinear`` — the all-reduce of a row-parallel layer stays 
 Why prepacking: at decode sizes (a few rows) a bf16 ``F.linear`` on CPU reads its weight at about a quarter of the
 machine's bandwidth; oneDNN's matmul over a weight reordered once into its blocked layout (the op Inductor's
 freezing pass emits, ``torch.ops.mkldnn._linear_pointwise``; vLLM's CPU backend does the same through its own
-oneDNN handle) streams it several times faster (``benchmarks/compiled_step.py`` and docs/performance.md measure
-it). The products agree with ``F.linear`` within rounding (fp32 accumulation in both), not bit for bit: oneDNN's
+oneDNN handle) streams it several times faster (``benchmarks/model_step.py`` and docs/performance.md measure
+it), and raytp's own bf16 kernel (``raytp.gang.cpu_linear``, the default on CPUs with AVX512_BF16 and no AMX)
+1.4-2x faster still at 1-4 rows. The products agree with ``F.linear`` within rounding (fp32 accumulation in both), not bit for bit: oneDNN's
 path for a single row (M = 1) rounds differently from the same row in a longer matrix (any M >= 2 gives a row the
 same bits, measured for float32 and bf16 at 1 and 2 threads), which the prefix cache and the scheduler allow for
 (neither leaves a one-token piece of a prompt); with ``batch_invariant`` a one-row product is computed as two rows.
+raytp's kernel computes a row alike in any batch.
 """
 
 from __future__ import annotations
@@ -83,19 +85,28 @@ def plain_linears(model: torch.nn.Module, head: bool = False) -> None:
 
 
 class PackedLinear(torch.nn.Module):
-    """``F.linear`` of a CPU weight reordered once into oneDNN's blocked layout (the original is dropped).
+    """``F.linear`` of a CPU weight packed once (the original is dropped) for ``kernel``: ``'onednn'`` (oneDNN's
+    blocked layout, its matmul) or ``'raytp'`` (raytp's bf16 layout and kernel, ``raytp.gang.cpu_linear``).
     ``index``: its place among its model's packed linears (``prepack_linears`` numbers them), through which a
     compiled step reaches the weight (``packed_linear``); None: not reachable from a graph."""
 
-    def __init__(self, linear: torch.nn.Linear, min_rows: int = 1, index: int | None = None):
+    def __init__(self, linear: torch.nn.Linear, min_rows: int = 1, index: int | None = None,
+                 kernel: str = "onednn"):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.min_rows = min_rows  # 2: a single row computed as two (the same bits as in any larger batch)
         self.index = index
-        # batch-size hint 1: decode rows are what is bandwidth-bound; larger batches stay compute-bound either way
+        weight = linear.weight.detach()
+        if kernel == "raytp":
+            from raytp.gang import cpu_linear
+
+            packed = cpu_linear.pack(weight)
+            self.min_rows = 1  # its rows are computed alike in any batch: nothing to pad
+        else:
+            # batch-size hint 1: decode rows are what is bandwidth-bound; larger batches stay compute-bound anyway
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            self.min_rows = min_rows  # 2: a single row computed as two (the same bits as in any larger batch)
         # a buffer, not an attribute, so whatever walks a model's tensors (weight counts in reports) sees it
-        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1),
-                             persistent=False)
+        self.register_buffer("packed", packed, persistent=False)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +117,17 @@ class PackedLinear(torch.nn.Module):
         if self.index is not None and torch.compiler.is_compiling():  # traced: the opaque op, no weight in the graph
             out = torch.ops.raytp.packed_linear(rows, self.index, self.out_features, self.bias)
         else:
-            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
+            out = _product(rows, self.packed, self.out_features, self.bias)
         return out[:m].view(*x.shape[:-1], self.out_features)
+
+
+def _product(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] times a weight ``PackedLinear`` packed (either kernel's: a oneDNN tensor or raytp's layout)."""
+    if packed.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    from raytp.gang import cpu_linear
+
+    return cpu_linear.linear(x, packed, out_features, bias)
 
 
 # A compiled step calls its packed linears by index, not with the weight: a oneDNN tensor in a graph must be a
@@ -139,7 +159,7 @@ def packed_linear(x: torch.Tensor, index: int, out_features: int, bias: torch.Te
     weights = _weights[0]
     if weights is None:
         raise RuntimeError("raytp::packed_linear called outside a compiled step (raytp.gang.linears.graph_weights)")
-    return torch.ops.mkldnn._linear_pointwise(x, weights[index], bias, "none", [], "")
+    return _product(x, weights[index], out_features, bias)
 
 
 # registered as a plain CPU kernel, not through ``torch.library.custom_op``, whose wrapper costs ~4 us more per call
@@ -161,14 +181,17 @@ def can_prepack(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def prepack_linears(model: torch.nn.Module, min_rows: int = 1) -> int:
-    """Replace every plain ``nn.Linear`` of a CPU model by a ``PackedLinear`` (``min_rows``: its argument); returns
-    how many."""
+def prepack_linears(model: torch.nn.Module, min_rows: int = 1, kernel: str = "onednn") -> int:
+    """Replace every plain ``nn.Linear`` of a CPU model by a ``PackedLinear`` (``min_rows``, ``kernel``: its
+    arguments; raytp's kernel only where the width is even and the bias bf16, oneDNN's elsewhere); returns how
+    many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(parent, name, PackedLinear(child, min_rows, index=count))
+                fits = child.in_features % 2 == 0 and (child.bias is None or child.bias.dtype == torch.bfloat16)
+                setattr(parent, name, PackedLinear(child, min_rows, index=count,
+                                                   kernel=kernel if fits else "onednn"))
                 count += 1
     return count
 
@@ -183,5 +206,5 @@ def release_checkpoint(model: torch.nn.Module) -> None:
             for name, param in list(module.named_parameters(recurse=False)):
                 param.data = param.data.clone()
             for name, buf in list(module.named_buffers(recurse=False)):
-                if buf is not None and not buf.is_mkldnn:
+                if buf is not None and not buf.is_mkldnn and not isinstance(module, PackedLinear):
                     module._buffers[name] = buf.clone()

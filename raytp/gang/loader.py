@@ -23,6 +23,7 @@ import torch
 from raytp.compat import dtype_kwarg
 from raytp.config import ResolvedConfig
 from raytp.errors import ConfigError
+from raytp.gang import cpu_linear
 from raytp.gang.linears import can_prepack, plain_linears, prepack_linears, release_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -96,8 +97,9 @@ def load_shard(cfg: ResolvedConfig, rank: int, device: str) -> torch.nn.Module:
         # (compile_model too: under the CPU's `freezing` the packed weights are the graph's constants, no copy)
         if tp > 1:
             plain_linears(model, head=True)
-        packed = prepack_linears(model, min_rows=2 if cfg.batch_invariant else 1)
-        logger.info("rank %d: %d linears prepacked for oneDNN", rank, packed)
+        kernel = cpu_linear.kernel_for(dtype, cfg.cpu_linear_kernel)
+        packed = prepack_linears(model, min_rows=2 if cfg.batch_invariant else 1, kernel=kernel)
+        logger.info("rank %d: %d linears prepacked for %s's kernel", rank, packed, kernel)
         release_checkpoint(model)
     elif cfg.batch_invariant:
         raise ConfigError("batch_invariant", f"needs oneDNN's prepacked linears, which this rank's CPU cannot run "

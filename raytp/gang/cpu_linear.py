@@ -1,0 +1,106 @@
+"""raytp's CPU bf16 linear (``csrc/bf16_linear.cpp``): weights packed once into its own layout, products by an
+AVX-512 BF16 kernel for every row count.
+
+Why by hand: at decode sizes (1-16 rows) oneDNN's bf16 matmul reads a prepacked weight at about half of what the
+memory delivers on a CPU without AMX (its one-row kernel bounds the step: docs/performance.md), and neither torch,
+Inductor nor oneDNN offers a faster one. This kernel streams one 64-byte line per 16 outputs per ``vdpbf16ps``;
+measured on the 0.5B's shapes (``benchmarks/cpu_linear.py``) it reads weights 1.5-1.8x faster than oneDNN at 1-4
+rows and matches it on prompt chunks, from one copy of the weights. It also computes a row the same way whatever
+else the batch holds (one fp32 lane per output, k ascending): greedy answers do not depend on batching.
+
+Where it is used (``kernel_for``): bf16 on CPUs with AVX512_BF16 and without AMX (with AMX oneDNN's tile kernels
+compute prompts several times faster than any AVX-512 kernel; not measurable here). The library is built just in
+time by torch's ``cpp_extension`` into ``TORCH_EXTENSIONS_DIR`` (``raytp build-ops`` builds it ahead), with the
+C ABI (no torch headers, about a second) and called through ctypes, which releases the GIL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+
+import torch
+
+from raytp.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "bf16_linear.cpp")
+
+
+def unsupported_reason() -> str | None:
+    """Why this CPU cannot run the kernel, or None if it can (a node fact: ask on the rank's node)."""
+    if not torch.cpu._is_avx512_bf16_supported():
+        return "the CPU has no AVX512_BF16"
+    return None
+
+
+def kernel_for(dtype: torch.dtype, requested: str) -> str:
+    """Which kernel a rank's packed linears use: ``'raytp'`` or ``'onednn'``, for ``requested`` (the config's
+    ``cpu_linear_kernel``: auto / raytp / onednn) on this CPU. ``ConfigError`` if ``'raytp'`` was asked for and
+    cannot run here; ``auto`` falls back to oneDNN with a log line."""
+    if requested == "onednn" or dtype != torch.bfloat16:
+        if requested == "raytp" and dtype != torch.bfloat16:
+            raise ConfigError("cpu_linear_kernel", f"'raytp' computes bfloat16 only, not {dtype}")
+        return "onednn"
+    if requested == "auto" and torch.cpu._is_amx_tile_supported():
+        return "onednn"
+    reason = unsupported_reason()
+    if reason is None:
+        try:
+            _library()
+        except Exception as exc:  # noqa: BLE001 - a compiler missing or failing is a fallback, not a crash
+            reason = f"building it failed: {exc}"
+    if reason is None:
+        return "raytp"
+    if requested == "raytp":
+        raise ConfigError("cpu_linear_kernel", f"'raytp' cannot run on this node: {reason}")
+    logger.warning("raytp's CPU linear unavailable (%s); using oneDNN's", reason)
+    return "onednn"
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    from torch.utils.cpp_extension import load
+
+    path = load("raytp_bf16_linear", [_SOURCE], extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+                extra_ldflags=["-fopenmp"], is_python_module=False)
+    lib = ctypes.CDLL(path)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.raytp_pack_bf16.argtypes = [p, p, i64, i64]
+    lib.raytp_pack_bf16.restype = None
+    lib.raytp_linear_bf16.argtypes = [p, i64, p, p, p, i64, i64, i64, ctypes.c_int]
+    lib.raytp_linear_bf16.restype = None
+    return lib
+
+
+def build() -> str:
+    """Build (or find) the library now; its path."""
+    return _library()._name
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [N, K] (bf16, K even) in the kernel's layout: a new 1-D tensor, the original untouched."""
+    n, k = weight.shape
+    if weight.dtype != torch.bfloat16 or k % 2:
+        raise ValueError(f"raytp's CPU linear packs bf16 weights of even width, not {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    weight = weight.contiguous()
+    out = torch.empty(((n + 15) // 16) * k * 16, dtype=torch.bfloat16)
+    _library().raytp_pack_bf16(weight.data_ptr(), out.data_ptr(), n, k)
+    return out
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] (bf16) times the weight ``pack`` returned (+ ``bias``, bf16) → [M, out_features] bf16."""
+    m, k = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = x.new_empty((m, out_features))
+    if m:
+        _library().raytp_linear_bf16(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                                     None if bias is None else bias.data_ptr(), out.data_ptr(), m, out_features, k,
+                                     torch.get_num_threads())
+    return out

@@ -1,0 +1,102 @@
+// raytp's CPU bf16 linear: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), fp32 accumulation, AVX-512 BF16 (vdpbf16ps).
+// Why by hand: see raytp/gang/cpu_linear.py. Plain C ABI (no torch headers: builds in about a second), called
+// through ctypes; OpenMP from the process's runtime (torch's libgomp, already loaded).
+//
+// Packed weight layout: [ceil(N/16)][K/2][16][2] bf16, zero padded past N. One 64-byte line holds two
+// consecutive k of 16 outputs, the operand vdpbf16ps takes; a block of 16 outputs is one sequential stream.
+//
+// Every output is accumulated in the same order (k ascending, one fp32 lane per output) whatever M, the row's
+// place among the M rows and the thread count: a row's result is bit-identical alone or in any batch.
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+extern "C" void raytp_pack_bf16(const uint16_t* w, uint16_t* out, int64_t N, int64_t K) {
+  const int64_t blocks = (N + 15) / 16, K2 = K / 2;
+  memset(out, 0, blocks * K2 * 32 * sizeof(uint16_t));
+#pragma omp parallel for
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t n = b * 16; n < N && n < b * 16 + 16; ++n)
+      for (int64_t k = 0; k < 2 * K2; ++k) out[(b * K2 + k / 2) * 32 + (n - b * 16) * 2 + (k & 1)] = w[n * K + k];
+}
+
+// MR rows x NB blocks of 16 outputs: MR*NB fp32 accumulators (<= 24 of the 32 zmm registers).
+template <int MR, int NB>
+TARGET static inline void tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K2, uint16_t* y,
+                               int64_t ldy, int64_t n_left, const uint16_t* bias) {
+  __m512 acc[MR][NB];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  const int64_t block = K2 * 32;  // elements between consecutive 16-output blocks
+  for (int64_t k2 = 0; k2 < K2; ++k2) {
+    __m512bh wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_loadu_si512(w + j * block + k2 * 32);
+    for (int m = 0; m < MR; ++m) {
+      int32_t pair;
+      memcpy(&pair, x + m * ldx + 2 * k2, sizeof pair);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], wv[j], xv);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int64_t left = n_left - j * 16;
+    const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512 b = _mm512_setzero_ps();
+    if (bias) {
+      const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, bias + j * 16));
+      b = _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));  // bf16 -> fp32: the high half of the word
+    }
+    for (int m = 0; m < MR; ++m) {
+      const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(acc[m][j], b));
+      _mm256_mask_storeu_epi16(y + m * ldy + j * 16, mask, (__m256i)r);
+    }
+  }
+}
+
+// Every row (MR at a time) times NB blocks of 16 outputs: the blocks' weights (64 x K bf16 at most) stay in L2
+// while the row tiles pass over them, so memory streams each weight once per call whatever M.
+template <int NB>
+TARGET static void column(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t K2, uint16_t* y, int64_t N,
+                          int64_t M, int64_t left, const uint16_t* bias) {
+  constexpr int64_t MR = 6;
+  for (int64_t m0 = 0; m0 < M; m0 += MR) {
+    const uint16_t* xm = x + m0 * ldx;
+    uint16_t* ym = y + m0 * N;
+    switch (M - m0 < MR ? M - m0 : MR) {
+      case 6: tile<6, NB>(xm, ldx, w, K2, ym, N, left, bias); break;
+      case 5: tile<5, NB>(xm, ldx, w, K2, ym, N, left, bias); break;
+      case 4: tile<4, NB>(xm, ldx, w, K2, ym, N, left, bias); break;
+      case 3: tile<3, NB>(xm, ldx, w, K2, ym, N, left, bias); break;
+      case 2: tile<2, NB>(xm, ldx, w, K2, ym, N, left, bias); break;
+      default: tile<1, NB>(xm, ldx, w, K2, ym, N, left, bias); break;
+    }
+  }
+}
+
+// x: M rows of K (even) bf16, row stride ldx; w: packed as above; bias: N bf16 or null; y: [M][N] contiguous.
+// The output blocks are split evenly among `threads` OpenMP threads; each takes its blocks four (64 outputs) at a
+// time, over every row.
+extern "C" void raytp_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, const uint16_t* bias,
+                                  uint16_t* y, int64_t M, int64_t N, int64_t K, int threads) {
+  const int64_t blocks = (N + 15) / 16, K2 = K / 2;
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
+    for (int64_t b = b0; b < b1; b += 4) {
+      const uint16_t* wb = w + b * K2 * 32;
+      const uint16_t* bb = bias ? bias + b * 16 : nullptr;
+      uint16_t* yb = y + b * 16;
+      const int64_t left = N - b * 16;
+      switch (b1 - b < 4 ? b1 - b : 4) {
+        case 4: column<4>(x, ldx, wb, K2, yb, N, M, left, bb); break;
+        case 3: column<3>(x, ldx, wb, K2, yb, N, M, left, bb); break;
+        case 2: column<2>(x, ldx, wb, K2, yb, N, M, left, bb); break;
+        default: column<1>(x, ldx, wb, K2, yb, N, M, left, bb); break;
+      }
+    }
+  }
+}
