@@ -11,11 +11,11 @@ machine's bandwidth; oneDNN's matmul over a weight reordered once into its block
 freezing pass emits, ``torch.ops.mkldnn._linear_pointwise``; vLLM's CPU backend does the same through its own
 oneDNN handle) streams it several times faster (``benchmarks/model_step.py`` and docs/performance.md measure
 it), and raytp's own bf16 kernel (``raytp.gang.cpu_linear``, the default on CPUs with AVX512_BF16 and no AMX)
-1.4-2x faster still at 1-4 rows. The products agree with ``F.linear`` within rounding (fp32 accumulation in both), not bit for bit: oneDNN's
-path for a single row (M = 1) rounds differently from the same row in a longer matrix (any M >= 2 gives a row the
-same bits, measured for float32 and bf16 at 1 and 2 threads), which the prefix cache and the scheduler allow for
-(neither leaves a one-token piece of a prompt); with ``batch_invariant`` a one-row product is computed as two rows.
-raytp's kernel computes a row alike in any batch.
+1.3-2x faster still at 1-8 rows. The products agree with ``F.linear`` within rounding (fp32 accumulation in both),
+not bit for bit: oneDNN's path for a single row (M = 1) rounds differently from the same row in a longer matrix
+(any M >= 2 gives a row the same bits, measured for float32 and bf16 at 1 and 2 threads), which the prefix cache
+and the scheduler allow for (neither leaves a one-token piece of a prompt); with ``batch_invariant`` a one-row
+product is computed as two rows. raytp's kernel computes a row alike in any batch.
 """
 
 from __future__ import annotations
