@@ -46,7 +46,7 @@ lint: venv
 	$(VENV)/bin/ruff check raytp tests benchmarks
 
 test-default: venv
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest tests --durations=25
 
 test-ipex: venv-ipex
 	$(IPEX_VENV)/bin/python -m pytest tests/unit tests/ipex tests/integration/test_parity.py
