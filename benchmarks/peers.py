@@ -35,6 +35,11 @@ TARGETS = {
     "raytp_default_eager": "raytp:tensor_parallel_size=2,num_cpus_per_worker=1,dtype=bfloat16,ingress=in_server,"
                            "compile_model=false",
     "raytp_tp1": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server,compile_model=true",
+    # TP=1 with streamed tokens crossing Serve's hops in groups of 4 (vLLM's --stream-interval), or 1024-token steps
+    "raytp_tp1_interval4": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server,compile_model=true,"
+                           "stream_interval=4",
+    "raytp_tp1_chunk1024": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server,compile_model=true,"
+                           "max_num_batched_tokens=1024",
     "raytp_tp1_eager": "raytp:tensor_parallel_size=1,dtype=bfloat16,ingress=in_server,compile_model=false",
     "transformers_serve": "transformers-serve:dtype=bfloat16",
 }
