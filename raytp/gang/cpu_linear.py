@@ -96,6 +96,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x [M, K] (bf16) times the weight ``pack`` returned (+ ``bias``, bf16) → [M, out_features] bf16."""
     m, k = x.shape
+    # the kernel trusts its pointers: a wrong width or dtype would read past the weight, not fail
+    if x.dtype != torch.bfloat16 or packed.numel() != (out_features + 15) // 16 * 16 * k:
+        raise ValueError(f"x {x.dtype} [{m}, {k}] does not fit a packed bf16 weight of {packed.numel()} elements "
+                         f"for {out_features} outputs")
     if x.stride(1) != 1:
         x = x.contiguous()
     out = x.new_empty((m, out_features))

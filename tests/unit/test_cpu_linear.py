@@ -71,6 +71,17 @@ def test_pack_refuses_what_the_kernel_cannot_read():
         cpu_linear.pack(torch.randn(4, 7, dtype=torch.bfloat16))
 
 
+@needs_kernel
+def test_an_input_that_does_not_fit_the_weight_is_refused_not_read_past():
+    packed = cpu_linear.pack(torch.randn(20, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_linear.linear(torch.randn(3, 96, dtype=torch.bfloat16), packed, 20, None)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_linear.linear(torch.randn(3, 64), packed, 20, None)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_linear.linear(torch.randn(3, 64, dtype=torch.bfloat16), packed, 40, None)
+
+
 def test_kernel_choice():
     assert cpu_linear.kernel_for(torch.float32, "auto") == "onednn"
     assert cpu_linear.kernel_for(torch.bfloat16, "onednn") == "onednn"
