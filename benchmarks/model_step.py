@@ -1,5 +1,6 @@
 """One rank's model step, plain eager against each variant, on this machine, in one run: torch's plain linears vs
-oneDNN-prepacked ones (``raytp.gang.linears``, the ``prepack_weights`` default on CPU), vs the step compiled
+prepacked ones (``raytp.gang.linears``, the ``prepack_weights`` default on CPU; packed for the kernel a rank picks
+here, ``cpu_linear_kernel: auto``: raytp's or oneDNN's), vs the step compiled
 (``raytp.gang.compiled``) with each set of Inductor options, and (``decode_kernel``, prepacked both ways) decode
 rows attended per row vs by the compiled CPU decode kernel (``raytp.gang.attention.cpu_decode``, the default), and
 (``compiled_vs_prepacked``) the compiled step with CPU's compile options against the eager prepacked step.
@@ -65,10 +66,12 @@ def measure(args, options: dict) -> dict:
         from raytp.platforms import get
 
         options = get("cpu").compile_options(False, True)
-    if kernel or against_packed:  # (compiled: as a rank loads it, prepacked; the graph holds the packed weights)
-        from raytp.gang.linears import prepack_linears
+    from raytp.gang.cpu_linear import kernel_for
+    from raytp.gang.linears import prepack_linears
 
-        prepack_linears(model)
+    linear_kernel = kernel_for(getattr(torch, args.dtype), "auto")  # a rank's choice here (cpu_linear_kernel: auto)
+    if kernel or against_packed:  # (compiled: as a rank loads it, prepacked; the graph calls them by index)
+        prepack_linears(model, kernel=linear_kernel)
     runner = ModelRunner(model, "cpu", 0, 1, block_size=bs, kv_cache_bytes=2 << 30, max_batch=max(args.batches),
                          max_model_len=width * bs, compile_options=None if kernel else options)
     variant, compile_s = None, 0.0
@@ -76,10 +79,8 @@ def measure(args, options: dict) -> dict:
         variant, compile_s = runner.backend, runner.backend.compile_s
         per_row = attention.create("sdpa", runner.pool, tiled_prefill=True)
     elif options is None:  # a second copy of the model, its linears prepacked, over the same paged KV pool
-        from raytp.gang.linears import prepack_linears
-
         packed = AutoModelForCausalLM.from_pretrained(path, **dtype_kwarg(getattr(torch, args.dtype))).eval()
-        prepack_linears(packed)
+        prepack_linears(packed, kernel=linear_kernel)
         plain = runner.model
     else:
         compile_s = runner.compiled.warm_up_s
@@ -120,7 +121,7 @@ def measure(args, options: dict) -> dict:
     rows = max(args.batches)
     for r in range(rows):  # every row's context written once (prefill), eagerly
         step([(args.context, 0, tables(rows)[r])], False)
-    out = {"compile_s": round(compile_s, 1)}
+    out = {"compile_s": round(compile_s, 1), "linear_kernel": linear_kernel}
     chunk_s(True)  # the variant's first prefill-sized call (oneDNN creates a primitive per new shape)
     for mode in (False, True, False, True):  # interleaved: drift hits both alike
         key = "variant" if mode else "eager"
