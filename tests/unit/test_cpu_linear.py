@@ -13,6 +13,13 @@ needs_kernel = pytest.mark.skipif(cpu_linear.unsupported_reason() is not None,
                                   reason=f"raytp's CPU linear: {cpu_linear.unsupported_reason()}")
 
 
+def random_packed(n, k):
+    """A seeded random bf16 weight [n, k] and its packed form."""
+    torch.manual_seed(n * k)
+    weight = torch.randn(n, k, dtype=torch.bfloat16)
+    return weight, cpu_linear.pack(weight)
+
+
 def reference(x, weight, bias):
     return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
 
@@ -23,10 +30,8 @@ def reference(x, weight, bias):
 def test_equals_the_float_product_within_bf16_rounding(n, k, bias):
     """Output widths off the 16-wide blocks (17, 40, 300) are masked, not written past; every row count from the
     one-row decode through the 6-row tiles and their remainders to a prompt chunk."""
-    torch.manual_seed(n * k)
-    weight = torch.randn(n, k, dtype=torch.bfloat16)
+    weight, packed = random_packed(n, k)
     b = torch.randn(n, dtype=torch.bfloat16) if bias else None
-    packed = cpu_linear.pack(weight)
     for m in (1, 2, 5, 6, 7, 13, 64):
         x = torch.randn(m, k, dtype=torch.bfloat16)
         got = cpu_linear.linear(x, packed, n, b)
@@ -38,9 +43,7 @@ def test_equals_the_float_product_within_bf16_rounding(n, k, bias):
 
 @needs_kernel
 def test_a_row_has_the_same_bits_alone_in_any_batch_and_at_any_thread_count():
-    torch.manual_seed(0)
-    weight = torch.randn(200, 256, dtype=torch.bfloat16)
-    packed = cpu_linear.pack(weight)
+    _, packed = random_packed(200, 256)
     x = torch.randn(40, 256, dtype=torch.bfloat16)
     batched = cpu_linear.linear(x, packed, 200, None)
     for start, m in ((0, 1), (3, 1), (5, 2), (7, 6), (11, 13), (1, 39)):
@@ -56,9 +59,7 @@ def test_a_row_has_the_same_bits_alone_in_any_batch_and_at_any_thread_count():
 
 @needs_kernel
 def test_rows_of_a_strided_view_read_at_their_stride():
-    torch.manual_seed(0)
-    weight = torch.randn(32, 64, dtype=torch.bfloat16)
-    packed = cpu_linear.pack(weight)
+    _, packed = random_packed(32, 64)
     wide = torch.randn(5, 160, dtype=torch.bfloat16)
     for x in (wide[:, 16:80], wide[:, ::2].t().contiguous().t()[:, :64]):
         assert torch.equal(cpu_linear.linear(x, packed, 32, None), cpu_linear.linear(x.contiguous(), packed, 32, None))
@@ -73,7 +74,7 @@ def test_pack_refuses_what_the_kernel_cannot_read():
 
 @needs_kernel
 def test_an_input_that_does_not_fit_the_weight_is_refused_not_read_past():
-    packed = cpu_linear.pack(torch.randn(20, 64, dtype=torch.bfloat16))
+    _, packed = random_packed(20, 64)
     with pytest.raises(ValueError, match="does not fit"):
         cpu_linear.linear(torch.randn(3, 96, dtype=torch.bfloat16), packed, 20, None)
     with pytest.raises(ValueError, match="does not fit"):
