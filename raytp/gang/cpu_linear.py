@@ -32,9 +32,14 @@ _SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "bf16_linear.cpp")
 
 def unsupported_reason() -> str | None:
     """Why this CPU cannot run the kernel, or None if it can (a node fact: ask on the rank's node)."""
-    if not torch.cpu._is_avx512_bf16_supported():
+    if not _cpu_has("_is_avx512_bf16_supported"):
         return "the CPU has no AVX512_BF16"
     return None
+
+
+def _cpu_has(check: str) -> bool:
+    """torch's CPU feature check ``check`` (private helpers of ``torch.cpu``; False where this torch lacks one)."""
+    return bool(getattr(torch.cpu, check, lambda: False)())
 
 
 def kernel_for(dtype: torch.dtype, requested: str) -> str:
@@ -45,7 +50,7 @@ def kernel_for(dtype: torch.dtype, requested: str) -> str:
         if requested == "raytp" and dtype != torch.bfloat16:
             raise ConfigError("cpu_linear_kernel", f"'raytp' computes bfloat16 only, not {dtype}")
         return "onednn"
-    if requested == "auto" and torch.cpu._is_amx_tile_supported():
+    if requested == "auto" and _cpu_has("_is_amx_tile_supported"):
         return "onednn"
     reason = unsupported_reason()
     if reason is None:
