@@ -80,7 +80,7 @@ class RaytpConfig(BaseModel):
     )
     cpu_linear_kernel: Literal["auto", "raytp", "onednn"] = Field(
         "auto", description="cpu, prepacked bfloat16 weights: whose kernel computes the linears. 'raytp': raytp's "
-        "AVX-512 BF16 kernel over its own weight layout (raytp/gang/cpu_linear.py; decode reads weights 1.5-1.8x "
+        "AVX-512 BF16 kernel over its own weight layout (raytp/gang/cpu_linear.py; decode reads weights 1.3-2x "
         "faster than oneDNN's, rows computed alike in any batch); 'onednn': oneDNN's matmul; 'auto': raytp's on "
         "CPUs with AVX512_BF16 and no AMX (each rank checks its own node), oneDNN's elsewhere.",
     )

@@ -4,7 +4,7 @@ AVX-512 BF16 kernel for every row count.
 Why by hand: at decode sizes (1-16 rows) oneDNN's bf16 matmul reads a prepacked weight at about half of what the
 memory delivers on a CPU without AMX (its one-row kernel bounds the step: docs/performance.md), and neither torch,
 Inductor nor oneDNN offers a faster one. This kernel streams one 64-byte line per 16 outputs per ``vdpbf16ps``;
-measured on the 0.5B's shapes (``benchmarks/cpu_linear.py``) it reads weights 1.5-1.8x faster than oneDNN at 1-4
+measured on the 0.5B's shapes (``benchmarks/cpu_linear.py``) it reads weights 1.3-2x faster than oneDNN at 1-8
 rows and matches it on prompt chunks, from one copy of the weights. It also computes a row the same way whatever
 else the batch holds (one fp32 lane per output, k ascending): greedy answers do not depend on batching.
 

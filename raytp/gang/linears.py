@@ -183,13 +183,14 @@ def can_prepack(dtype: torch.dtype) -> bool:
 
 def prepack_linears(model: torch.nn.Module, min_rows: int = 1, kernel: str = "onednn") -> int:
     """Replace every plain ``nn.Linear`` of a CPU model by a ``PackedLinear`` (``min_rows``, ``kernel``: its
-    arguments; raytp's kernel only where the width is even and the bias bf16, oneDNN's elsewhere); returns how
-    many."""
+    arguments; raytp's kernel only where the weight and bias are bf16 and the width even, oneDNN's elsewhere);
+    returns how many."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                fits = child.in_features % 2 == 0 and (child.bias is None or child.bias.dtype == torch.bfloat16)
+                fits = (child.weight.dtype == torch.bfloat16 and child.in_features % 2 == 0
+                        and (child.bias is None or child.bias.dtype == torch.bfloat16))
                 setattr(parent, name, PackedLinear(child, min_rows, index=count,
                                                    kernel=kernel if fits else "onednn"))
                 count += 1

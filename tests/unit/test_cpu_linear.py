@@ -100,8 +100,10 @@ def test_kernel_choice():
 
 @needs_kernel
 def test_a_model_packed_for_it_runs_eager_and_compiled_by_index():
-    """``prepack_linears(kernel='raytp')``: every even-width linear gets raytp's layout (an odd-width one keeps
-    oneDNN's); eager and a compiled step (``raytp::packed_linear`` by index) give the same bits."""
+    """``prepack_linears(kernel='raytp')``: every even-width bf16 linear gets raytp's layout (an odd-width or a
+    float32 one keeps oneDNN's); eager and a compiled step (``raytp::packed_linear`` by index) give the same bits."""
+    fp32 = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    assert prepack_linears(fp32, kernel="raytp") == 1 and fp32[0].packed.is_mkldnn
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(24, 32), torch.nn.ReLU(), torch.nn.Linear(32, 9, bias=False),
                                 torch.nn.Linear(9, 7)).to(torch.bfloat16)
