@@ -24,6 +24,8 @@ from contextlib import contextmanager
 
 import torch
 
+from raytp.gang import cpu_linear
+
 
 class RowParallelLinear(torch.nn.Module):
     """A DeepSpeed ``LinearAllreduce``: this rank's input slice times its weight shard (``local``, an ``nn.Linear``
@@ -97,8 +99,6 @@ class PackedLinear(torch.nn.Module):
         self.index = index
         weight = linear.weight.detach()
         if kernel == "raytp":
-            from raytp.gang import cpu_linear
-
             packed = cpu_linear.pack(weight)
             self.min_rows = 1  # its rows are computed alike in any batch: nothing to pad
         else:
@@ -125,8 +125,6 @@ def _product(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: tor
     """x [M, K] times a weight ``PackedLinear`` packed (either kernel's: a oneDNN tensor or raytp's layout)."""
     if packed.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    from raytp.gang import cpu_linear
-
     return cpu_linear.linear(x, packed, out_features, bias)
 
 
