@@ -8,6 +8,7 @@
 // Every output is accumulated in the same order (k ascending, one fp32 lane per output) whatever M, the row's
 // place among the M rows and the thread count: a row's result is bit-identical alone or in any batch.
 #include <immintrin.h>
+#include <atomic>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -77,26 +78,27 @@ TARGET static void column(const uint16_t* x, int64_t ldx, const uint16_t* w, int
 }
 
 // x: M rows of K (even) bf16, row stride ldx; w: packed as above; bias: N bf16 or null; y: [M][N] contiguous.
-// The output blocks are split evenly among `threads` OpenMP threads; each takes its blocks four (64 outputs) at a
-// time, over every row.
+// The work is cut into units of four blocks (64 outputs) over every row, which the `threads` OpenMP threads take
+// from a shared counter, not in fixed shares: a thread the OS preempts (on a CPU shared with the server's own
+// processes) delays the call by the unit it holds, not by its whole share. A unit's weights (64 x K bf16) stay in
+// L2 while its row tiles pass over them, so memory streams each weight once per call whatever M.
 extern "C" void raytp_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, const uint16_t* bias,
                                   uint16_t* y, int64_t M, int64_t N, int64_t K, int threads) {
-  const int64_t blocks = (N + 15) / 16, K2 = K / 2;
+  const int64_t blocks = (N + 15) / 16, K2 = K / 2, groups = (blocks + 3) / 4;
+  std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(threads)
-  {
-    const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t b0 = blocks * t / T, b1 = blocks * (t + 1) / T;
-    for (int64_t b = b0; b < b1; b += 4) {
-      const uint16_t* wb = w + b * K2 * 32;
-      const uint16_t* bb = bias ? bias + b * 16 : nullptr;
-      uint16_t* yb = y + b * 16;
-      const int64_t left = N - b * 16;
-      switch (b1 - b < 4 ? b1 - b : 4) {
-        case 4: column<4>(x, ldx, wb, K2, yb, N, M, left, bb); break;
-        case 3: column<3>(x, ldx, wb, K2, yb, N, M, left, bb); break;
-        case 2: column<2>(x, ldx, wb, K2, yb, N, M, left, bb); break;
-        default: column<1>(x, ldx, wb, K2, yb, N, M, left, bb); break;
-      }
+  for (int64_t u = next.fetch_add(1, std::memory_order_relaxed); u < groups;
+       u = next.fetch_add(1, std::memory_order_relaxed)) {
+    const int64_t b = u * 4;
+    const uint16_t* wb = w + b * K2 * 32;
+    const uint16_t* bb = bias ? bias + b * 16 : nullptr;
+    uint16_t* yb = y + b * 16;
+    const int64_t left = N - b * 16;
+    switch (blocks - b < 4 ? blocks - b : 4) {
+      case 4: column<4>(x, ldx, wb, K2, yb, N, M, left, bb); break;
+      case 3: column<3>(x, ldx, wb, K2, yb, N, M, left, bb); break;
+      case 2: column<2>(x, ldx, wb, K2, yb, N, M, left, bb); break;
+      default: column<1>(x, ldx, wb, K2, yb, N, M, left, bb); break;
     }
   }
 }
