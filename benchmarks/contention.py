@@ -5,10 +5,10 @@ threads wait for each other at every parallel region.
     python benchmarks/contention.py --model raytp-llama-0.5b --busy 0,0.1,0.25
 
 One rank (TP=1, bf16, ``compile_model``, on every core) loaded as a worker loads it (``LocalExecutor``: the steps'
-thread loads the model), ``--batch`` rows of 100-token prompts prefilled once, then decode steps for ``--seconds``
-per setting: none, then a process busy for ``busy`` of every 10 ms (a Python spin loop), each setting in turn in one
-process. Reports each batch's decode step p50 (ms) and tok/s, and the slowdown against the step alone. Results:
-benchmarks/results/contention.{json,md} (``--output``).
+thread loads the model); for each of ``--batches``, that many rows of 100-token prompts prefilled once, then
+decode steps for ``--seconds``, per setting: none, then a process busy for ``busy`` of every 10 ms (a Python spin
+loop), each setting in turn in one process. Reports each batch's decode step p50 (ms) and tok/s, and the slowdown
+against the step alone. Results: benchmarks/results/contention.{json,md} (``--output``).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@
 // place among the M rows and the thread count: a row's result is bit-identical alone or in any batch.
 #include <immintrin.h>
 #include <atomic>
-#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
