@@ -58,7 +58,7 @@ async def run(args) -> dict:
     start = time.perf_counter()
     report = (await executor.start())[0]
     out = {"start_s": round(time.perf_counter() - start, 1), "decode_mode": report.decode_mode, "settings": {}}
-    for busy in args.busy:
+    for busy in args.busy:  # alone first: every ratio is to it
         spinner = subprocess.Popen([sys.executable, "-c", SPIN, str(busy)]) if busy else None
         try:
             steps = {b: await steps_p50(executor, b, args.seconds) for b in args.batches}
@@ -76,14 +76,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="raytp-llama-0.5b")
     p.add_argument("--busy", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 0.1, 0.25],
-                   help="shares of one core the other process takes, comma-separated (0: alone)")
+                   help="shares of one core the other process takes, comma-separated (alone is always measured first)")
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--output", default="contention")
     args = p.parse_args()
+    args.busy = [0.0] + [b for b in args.busy if b]
 
     out = asyncio.run(run(args))
-    alone = out["settings"][str(args.busy[0])]
+    alone = out["settings"]["0.0"]
     md = [f"{args.model}, TP=1 bf16 compiled, {os.cpu_count()} cores; decode step p50 (ms) beside a process busy for "
           f"a share of one core (ready after {out['start_s']} s, decode {out['decode_mode']})", "",
           "| other process | " + " | ".join(f"batch {b} step ms | tok/s | vs alone" for b in args.batches) + " |",
