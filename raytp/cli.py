@@ -29,9 +29,12 @@ def _build_ops(_args) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from raytp.gang import cpu_linear
+    from raytp.gang.attention import cpu_decode
 
     if cpu_linear.unsupported_reason() is None:
         print(f"built {cpu_linear.build()}")
+    if cpu_decode.native_available():
+        print(f"built {cpu_decode.build()}")
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None:
         print("no shared-memory all-reduce op for this accelerator; nothing to build")

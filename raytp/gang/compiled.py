@@ -5,7 +5,8 @@ modes, chosen by what the attention backend offers.
 rows each compute one token — every step of a stream after its prompt — run one graph: embeddings, RMSNorm, RoPE,
 the projections (the prepacked oneDNN linears, called by index: ``raytp.gang.linears.packed_linear``), the MLP,
 with TP > 1 DeepSpeed's ``torch.ops.deepspeed.inference_all_reduce_``, and each layer's KV write and paged attention
-(``AttentionBackend.graph_decode``), traced as tensor code: no opaque call per layer, no per-op Python. Its sizes —
+(``AttentionBackend.graph_decode``): traced as tensor code, or for bf16 on AVX-512 CPUs raytp's decode kernel as
+one opaque op per layer (``raytp::cpu_paged_decode``); no per-op Python either way. Its sizes —
 rows and table width — are dynamic: one graph for every decode step of two rows or more, and one for single-row
 steps (size 1 is specialised; padding such a step to two rows would cost ~8 % of it in oneDNN's products, which
 are cheapest at M = 1). Steps with prompt chunks run eagerly: a chunk's products are compute-bound, where the
@@ -192,7 +193,9 @@ class CompiledModel:
                       sorted({m.min_rows for m in self._decoder.modules() if isinstance(m, PackedLinear)})),
             "tp": (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1),
             "attention": (type(backend).__qualname__, pool.block_size,
-                          [(tuple(t.shape[1:]), str(t.dtype)) for t in (*pool.keys, *pool.values)]),
+                          [(tuple(t.shape[1:]), str(t.dtype)) for t in (*pool.keys, *pool.values)],
+                          # e.g. whether raytp's CPU decode kernel or Inductor's loops attend in the graph
+                          sorted(getattr(getattr(backend, "graph_decode", None), "keywords", {}).items())),
             "inductor": self.options,
             "host": (device, torch.get_num_threads(), torch.backends.cpu.get_cpu_capability()),
         }

@@ -10,25 +10,20 @@ else the batch holds (one fp32 lane per output, k ascending): greedy answers do 
 
 Where it is used (``kernel_for``): bf16 on CPUs with AVX512_BF16 and without AMX (with AMX oneDNN's tile kernels
 compute prompts several times faster than any AVX-512 kernel; not measurable here). The library is built just in
-time by torch's ``cpp_extension`` into ``TORCH_EXTENSIONS_DIR`` (``raytp build-ops`` builds it ahead), with the
-C ABI (no torch headers, about a second) and called through ctypes, which releases the GIL.
+time as raytp's other CPU kernels are (``raytp.gang.cpu_kernels``).
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
-import os
 
 import torch
 
 from raytp.errors import ConfigError
+from raytp.gang import cpu_kernels
 
 logger = logging.getLogger(__name__)
-
-_SOURCE = os.path.join(os.path.dirname(__file__), "csrc", "bf16_linear.cpp")
-
 
 def unsupported_reason() -> str | None:
     """Why this CPU cannot run the kernel, or None if it can (a node fact: ask on the rank's node)."""
@@ -66,19 +61,13 @@ def kernel_for(dtype: torch.dtype, requested: str) -> str:
     return "onednn"
 
 
-@functools.cache
-def _library() -> ctypes.CDLL:
-    from torch.utils.cpp_extension import load
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = (("raytp_pack_bf16", (_P, _P, _I64, _I64)),
+               ("raytp_linear_bf16", (_P, _I64, _P, _P, _P, _I64, _I64, _I64, ctypes.c_int)))
 
-    path = load("raytp_bf16_linear", [_SOURCE], extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
-                extra_ldflags=["-fopenmp"], is_python_module=False)
-    lib = ctypes.CDLL(path)
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.raytp_pack_bf16.argtypes = [p, p, i64, i64]
-    lib.raytp_pack_bf16.restype = None
-    lib.raytp_linear_bf16.argtypes = [p, i64, p, p, p, i64, i64, i64, ctypes.c_int]
-    lib.raytp_linear_bf16.restype = None
-    return lib
+
+def _library() -> ctypes.CDLL:
+    return cpu_kernels.library("bf16_linear", _SIGNATURES)
 
 
 def build() -> str:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from raytp.gang.attention.backend import AttentionBackend
-from raytp.gang.attention.cpu_decode import PagedDecode, write_and_decode
+from raytp.gang.attention.cpu_decode import PagedDecode, native_supported, write_and_decode
 from raytp.gang.attention.kv_pool import KVPool
 from raytp.gang.attention.metadata import AttentionMetadata, Layout
 from raytp.gang.attention.shapes import DecodeBuckets
@@ -67,7 +67,8 @@ class SdpaBackend(AttentionBackend):
         self.kernel_min_rows = 1 if batch_invariant else 2
         self.decode_kernel = PagedDecode.shared() if decode_kernel else None  # compiled at its first use
         if decode_kernel:  # the same loops traced into a compiled decode step, where one is compiled
-            self.graph_decode = functools.partial(write_and_decode, block_size=pool.block_size)
+            native = all(native_supported(keys) for keys in pool.keys if keys is not None)
+            self.graph_decode = functools.partial(write_and_decode, block_size=pool.block_size, native=native)
 
     def shapes(self, *, max_tokens: int, max_rows: int, max_blocks: int) -> DecodeBuckets:
         """Decode-only steps: their metadata without a plan takes the batched path, from its tensors alone."""
