@@ -92,11 +92,10 @@ def build() -> str:
     return cpu_kernels.library("paged_decode", _SIGNATURES)._name
 
 
-@torch.library.custom_op("raytp::cpu_paged_decode", mutates_args=())
 def native_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, keys: torch.Tensor,
                   values: torch.Tensor, slots: torch.Tensor | None, tables: torch.Tensor, lens: torch.Tensor,
                   scale: float, block_size: int) -> torch.Tensor:
-    """raytp's kernel: ``paged_decode`` of ``q`` [B, Hq, D] (bf16) scaled by ``scale`` over the layer pool ``keys``
+    """``torch.ops.raytp.cpu_paged_decode``, raytp's kernel: ``paged_decode`` of ``q`` [B, Hq, D] (bf16) scaled by ``scale`` over the layer pool ``keys``
     / ``values`` [N * block_size, Hkv, D] (bf16) → [B, Hq, D] bf16; first, with ``k`` / ``v`` [B, Hkv, D] given,
     writes them into the rows' ``slots``. That write is a side effect the compiler is not told of (declaring the
     pool mutated would make a functional graph copy it): safe as for ``raytp::paged_attention``, since nothing
@@ -119,7 +118,15 @@ def native_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | Non
     return out
 
 
-@native_decode.register_fake
+# registered as a plain CPU kernel, not through ``torch.library.custom_op``, whose wrapper costs ~18 us more per
+# call (measured: 22.5 us against 4.4 for the kernel alone, a 1-row step; one call per layer of every decode step)
+_lib = torch.library.Library("raytp", "FRAGMENT")
+_lib.define("cpu_paged_decode(Tensor q, Tensor? k, Tensor? v, Tensor keys, Tensor values, Tensor? slots, "
+            "Tensor tables, Tensor lens, float scale, int block_size) -> Tensor")
+_lib.impl("cpu_paged_decode", native_decode, "CPU")
+
+
+@torch.library.register_fake("raytp::cpu_paged_decode")
 def _(q, k, v, keys, values, slots, tables, lens, scale, block_size):
     return torch.empty_like(q)
 
