@@ -95,11 +95,12 @@ def build() -> str:
 def native_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, keys: torch.Tensor,
                   values: torch.Tensor, slots: torch.Tensor | None, tables: torch.Tensor, lens: torch.Tensor,
                   scale: float, block_size: int) -> torch.Tensor:
-    """``torch.ops.raytp.cpu_paged_decode``, raytp's kernel: ``paged_decode`` of ``q`` [B, Hq, D] (bf16) scaled by ``scale`` over the layer pool ``keys``
-    / ``values`` [N * block_size, Hkv, D] (bf16) → [B, Hq, D] bf16; first, with ``k`` / ``v`` [B, Hkv, D] given,
-    writes them into the rows' ``slots``. That write is a side effect the compiler is not told of (declaring the
-    pool mutated would make a functional graph copy it): safe as for ``raytp::paged_attention``, since nothing
-    else in a step's graph reads the layer's pool and the op's output is always used."""
+    """``torch.ops.raytp.cpu_paged_decode``, raytp's kernel: ``paged_decode`` of ``q`` [B, Hq, D] (bf16) scaled by
+    ``scale`` over the layer pool ``keys`` / ``values`` [N * block_size, Hkv, D] (bf16) → [B, Hq, D] bf16; first,
+    with ``k`` / ``v`` [B, Hkv, D] given, writes them into the rows' ``slots``. That write is a side effect the
+    compiler is not told of (declaring the pool mutated would make a functional graph copy it): safe as for
+    ``raytp::paged_attention``, since nothing else in a step's graph reads the layer's pool and the op's output is
+    always used."""
     b, hq, d = q.shape
     if q.dtype != torch.bfloat16 or keys.dtype != torch.bfloat16 or hq % keys.shape[-2] or d != keys.shape[-1]:
         raise ValueError(f"raytp's CPU decode kernel takes bf16 q [B, Hq, D] over a bf16 pool [slots, Hkv, D] with "
