@@ -94,6 +94,9 @@ def test_refuses_what_it_cannot_read():
         run(torch.randn(1, 4, 64), keys, values, [(1,)], [3], 0.125)
     with pytest.raises(ValueError, match="Hkv dividing Hq"):
         run(torch.randn(1, 3, 64).bfloat16(), keys, values, [(1,)], [3], 0.125)
+    narrow_keys, narrow_values = pool(2, 24)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        run(torch.randn(1, 4, 24).bfloat16(), narrow_keys, narrow_values, [(1,)], [3], 0.125)
 
 
 def test_only_bf16_cpu_pools_take_the_kernel():
