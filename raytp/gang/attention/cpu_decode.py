@@ -63,6 +63,10 @@ _SIGNATURES = (("raytp_paged_decode_bf16", (_P, _P, _P, _P, _P, _P, _P, _P, _P, 
                                             ctypes.c_float, ctypes.c_int)),)
 
 
+def _library() -> ctypes.CDLL:
+    return cpu_kernels.library("paged_decode", _SIGNATURES)
+
+
 def native_supported(pool: torch.Tensor) -> bool:
     """raytp's decode kernel (``csrc/paged_decode.cpp``) can attend over the layer pool ``pool`` ([slots, Hkv, D]
     or [N, block_size, Hkv, D]) here: bf16 on the CPU, D a multiple of 16, a CPU with AVX-512 and the library
@@ -79,7 +83,7 @@ def native_available() -> bool:
         reason = "the CPU has no AVX-512"
     else:
         try:
-            cpu_kernels.library("paged_decode", _SIGNATURES)
+            _library()
         except Exception as exc:  # noqa: BLE001 - a compiler missing or failing is a fallback, not a crash
             reason = f"building it failed: {exc}"
     if reason is not None:
@@ -89,7 +93,7 @@ def native_available() -> bool:
 
 def build() -> str:
     """Build (or find) the kernel's library now; its path."""
-    return cpu_kernels.library("paged_decode", _SIGNATURES)._name
+    return _library()._name
 
 
 def native_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, keys: torch.Tensor,
@@ -115,7 +119,7 @@ def native_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | Non
         slots = slots.to(torch.int64).contiguous()
     out = torch.empty_like(q)
     if b:
-        cpu_kernels.library("paged_decode", _SIGNATURES).raytp_paged_decode_bf16(
+        _library().raytp_paged_decode_bf16(
             q.data_ptr(), None if k is None else k.data_ptr(), None if v is None else v.data_ptr(), keys.data_ptr(),
             values.data_ptr(), None if k is None else slots.data_ptr(), tables.data_ptr(), lens.data_ptr(),
             out.data_ptr(), b, hq, keys.shape[-2], d, tables.shape[1], block_size, scale, torch.get_num_threads())

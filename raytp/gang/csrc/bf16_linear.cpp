@@ -98,18 +98,19 @@ extern "C" void raytp_linear_bf16(const uint16_t* x, int64_t ldx, const uint16_t
   const bool ahead = M > MR;
   std::atomic<int64_t> counter{0};
   auto take = [&counter] { return counter.fetch_add(1, std::memory_order_relaxed); };
+  auto unit_blocks = [blocks](int64_t g) { return blocks - g * 4 < 4 ? blocks - g * 4 : 4; };  // the last may be short
 #pragma omp parallel num_threads(threads)
   {
     int64_t u = take();
     while (u < groups) {
       const int64_t next = ahead ? take() : groups;  // taken before computing u, to be prefetched meanwhile
-      const int64_t b = u * 4, nb = blocks - b < 4 ? blocks - b : 4;
+      const int64_t b = u * 4, nb = unit_blocks(u);
       const uint16_t* wb = w + b * K2 * 32;
       const uint16_t* bb = bias ? bias + b * 16 : nullptr;
       uint16_t* yb = y + b * 16;
       const int64_t left = N - b * 16;
       const uint16_t* wn = next < groups ? w + next * 4 * K2 * 32 : nullptr;
-      const int64_t nb_next = next < groups ? (blocks - next * 4 < 4 ? blocks - next * 4 : 4) : 0;
+      const int64_t nb_next = next < groups ? unit_blocks(next) : 0;
       switch (nb) {
         case 4: column<4>(x, ldx, wb, K2, yb, N, M, left, bb, wn, nb_next); break;
         case 3: column<3>(x, ldx, wb, K2, yb, N, M, left, bb, wn, nb_next); break;
