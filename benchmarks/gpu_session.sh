@@ -7,7 +7,7 @@
 #   0. installs the carried wheels and the trimmed Ray into $SITE (pip --target, on PYTHONPATH), checks the tree
 #      against .carry/MANIFEST (a tree edited after the prepare script is reported, not passed off as its commit),
 #      prints versions (torch, triton, transformers, GPU) and checks raytp's engine-path imports;
-#   1. kernel_tests  the attention kernel tests (tests/unit/test_attention*.py, *kernel*) on the device, in their own
+#   1. kernel_tests  the Triton attention kernel tests (tests/unit/test_attention*.py) on the device, in their own
 #                    processes (an illegal memory access is sticky per CUDA context), concurrently with
 #      device_tests  tests/device (CUDA graphs == eager, triton == sdpa, int4) in another process;
 #   2. kernel_bench  benchmarks/attention_kernel.py --device cuda: kernel == contiguous reference, µs per case;
@@ -151,7 +151,8 @@ echo "== set-up done at ${SECONDS}s"
 # 1. kernel tests and device tests: separate processes (a sticky CUDA error stays in its own), run side by side;
 #    each line of theirs is prefixed with its step's name. Full tracebacks (--tb=long), nothing cut.
 PYTEST=(python3 -m pytest -p no:cacheprovider -o addopts= -q -rfEs --tb=long)
-mapfile -t KERNEL_TESTS < <(ls tests/unit/test_attention*.py tests/unit/test_*kernel*.py 2>/dev/null | sort -u)
+# (not test_cpu_decode_kernel.py: raytp's CPU kernel, built with the host's compiler, has nothing to do with the GPU)
+mapfile -t KERNEL_TESTS < <(ls tests/unit/test_attention*.py 2>/dev/null | sort -u)
 workers=()
 [ "$TEST_WORKERS" -gt 0 ] && python3 -c "import xdist" 2>/dev/null && workers=(-n "$TEST_WORKERS")
 (step kernel_tests 150 60 "${PYTEST[@]}" "${workers[@]}" --junitxml="$RUN/kernel_tests.xml" "${KERNEL_TESTS[@]}" \
