@@ -8,12 +8,20 @@ comma := ,
 
 .PHONY: serve test lint test-default test-ipex venv venv-ipex
 
-# $(call make_venv,DIR,EXTRAS): a fresh environment with the CPU torch on disk and raytp[EXTRAS], op prebuilt
+# $(call make_venv,DIR,EXTRAS): a fresh environment with the CPU torch on disk and raytp[EXTRAS], ops prebuilt.
+# `make test` builds both environments at once (most of the time is downloads). Building raytp writes
+# raytp.egg-info in this tree, so the two short steps that build it hold a lock: a wheel of raytp, whose
+# dependencies then install unlocked, and the editable install that replaces it.
+LOCK := flock build/.install.lock
 define make_venv
+	mkdir -p build
+	rm -rf $(1)/raytp-wheel
 	$(PY) -m venv $(1)
 	$(1)/bin/pip install -q -U pip
 	$(1)/bin/pip install -q torch==2.13.0
-	$(1)/bin/pip install -q -e '.[$(2)]'
+	$(LOCK) sh -c '$(1)/bin/pip wheel -q --no-deps -w $(1)/raytp-wheel . && rm -rf build/lib build/bdist.*'
+	$(1)/bin/pip install -q "$$(ls $(1)/raytp-wheel/raytp-*.whl)[$(2)]"
+	$(LOCK) $(1)/bin/pip install -q --no-deps -e .
 	$(1)/bin/raytp build-ops
 	touch $@
 endef
@@ -35,7 +43,8 @@ serve: venv
 # continuous batching) and the TP=2 == TP=1 == transformers parity tests; the serving, fault and deploy
 # tests do not change with them and would double CI time. Both environments always run (a failure in
 # one does not hide the other's result); `make test` fails if lint or either of them failed.
-test: venv venv-ipex
+test:
+	@$(MAKE) --no-print-directory -j2 venv venv-ipex
 	@status=0; \
 	$(MAKE) --no-print-directory lint || status=1; \
 	$(MAKE) --no-print-directory test-default || status=1; \
