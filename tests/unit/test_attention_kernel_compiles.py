@@ -4,8 +4,9 @@ The interpreter tests (test_attention_backends.py) check the kernel's arithmetic
 lowering: it upcasts bf16 before every dot and has no layouts, shared memory or tensor cores. Triton's NVIDIA
 backend (its wheel brings ptxas) compiles for a named target with no device present, so every launch
 configuration raytp uses (``launch_config``'s tiles, warps and stages; segments or none; each dtype) is built here
-for sm_90 down to a cubin: a kernel that Triton cannot lower, or that asks for more shared memory than one block of
-an H100 may have, fails in CI instead of on a lent GPU. The GPU session runs this file too, with the image's
+for sm_90 down to a cubin: a kernel that Triton cannot lower, that asks for more shared memory than one block of
+an H100 may have, or that spills registers (its stack frame, read by ``cuobjdump``), fails in CI instead of on a
+lent GPU. The GPU session runs this file too, with the image's
 Triton.
 
 The compiling runs in a child process: where there is no GPU the tests' conftest turns Triton's interpreter on,
@@ -57,20 +58,44 @@ def compile_for_sm90(kernel, dtype: str, constexprs: dict, num_warps: int, num_s
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def resource_usage(cubin: bytes) -> dict | None:
+    """Registers and stack of the cubin's kernel, as ``cuobjdump -res-usage`` reads them (a stack frame is where
+    ptxas spills registers); None without a cuobjdump (Triton's wheel brings one, as it brings ptxas)."""
+    import re
+    import shutil
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return {"registers": int(usage.group(1)), "stack": int(usage.group(2))}
+
+
 def compile_case(dtype: str, queries_per_kv: int, head_dim: int, segments: int) -> dict:
     """What the kernels of one case compiled to (run in the child, interpreter off)."""
+    import torch
     import triton
 
     from raytp.gang.attention import triton_kernel as tk
 
-    gqa_pad, block_q, tile_n, num_warps, num_stages = tk.launch_config(queries_per_kv, head_dim)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    gqa_pad, block_q, tile_n, num_warps, num_stages = tk.launch_config(queries_per_kv, head_dim, torch_dtype)
     shape = dict(NUM_Q_HEADS=8 * queries_per_kv, QUERIES_PER_KV=queries_per_kv, GQA_PAD=gqa_pad, HEAD_DIM=head_dim,
                  HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_Q=block_q, NUM_SEGMENTS=segments)
     attention = compile_for_sm90(tk._paged_attention_kernel, dtype,
                                  {**shape, "BLOCK_SIZE": 16, "TILE_N": tile_n, "FP32_DOT": dtype == "fp32"},
                                  num_warps, num_stages)
     result = {"cubin_bytes": len(attention.asm["cubin"]), "shared": attention.metadata.shared,
-              "mma": "mma" in attention.asm["ptx"], "merge_cubin_bytes": None}
+              "mma": "mma" in attention.asm["ptx"], "merge_cubin_bytes": None,
+              "resources": resource_usage(attention.asm["cubin"])}
     if segments > 1:
         merge = compile_for_sm90(tk._merge_segments_kernel, dtype, shape, num_warps=4, num_stages=1)
         result["merge_cubin_bytes"] = len(merge.asm["cubin"])
@@ -115,6 +140,8 @@ def test_the_kernels_compile_for_sm90(compiled, case):
     assert result["shared"] <= SM90_SHARED_BYTES, f"{result['shared']} bytes of shared memory"
     # 16-bit dots run on tensor cores; float32 ones are exact FMAs (input_precision="ieee", not tf32)
     assert result["mma"] == (case[0] != "fp32")
+    if result["resources"] is not None:  # no spills: registers are all the kernel keeps its tiles in
+        assert result["resources"]["stack"] == 0, f"spills registers: {result['resources']}"
     if case[3] > 1:
         assert result["merge_cubin_bytes"], "the merge kernel made no machine code"
 

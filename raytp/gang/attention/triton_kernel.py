@@ -31,7 +31,9 @@ width; and the device's SM count), so one token bucket is one grid and one graph
 (no scratch, no merge).
 
 Launch policy (``launch_config``, fixed, not autotuned: graphs and determinism want one configuration per
-shape): 64-key tiles, 4 warps, 2 stages for head dims up to 128; 32-key tiles and 8 warps above that.
+shape): 8 warps, 2 stages; 64-key tiles for 16-bit K/V up to head dim 128, 32-key tiles for float32 or larger
+heads. Chosen so that no configuration spills registers on sm_90 (``tests/unit/test_attention_kernel_compiles.py``
+compiles each for an H100 and reads its registers and stack).
 """
 
 from __future__ import annotations
@@ -202,18 +204,18 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def launch_config(queries_per_kv: int, head_dim: int) -> tuple[int, int, int, int, int]:
+def launch_config(queries_per_kv: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(GQA_PAD, BLOCK_Q, TILE_N, num_warps, num_stages). Query heads per kv head padded to a power of two, and
-    enough query tokens per tile that a tile has at least 16 rows (Triton's smallest dot). Keys per tile: 64 up to
-    head dim 128 (a 64 x 128 bf16 K and V tile each, double-buffered, fit every GPU's shared memory), 32 above
-    that, with 8 warps for the larger accumulator. A fixed policy rather than autotuning: one configuration per
-    shape, the same at capture and at every replay."""
+    enough query tokens per tile that a tile has at least 16 rows (Triton's smallest dot). Keys per tile: 64 for
+    16-bit K/V up to head dim 128, 32 for float32 or larger heads; 8 warps, 2 stages. Compiled for sm_90 (ptxas,
+    Triton 3.6 and 3.9), every such configuration fits in registers, where 4 warps on a 64 x 128 tile spilled 16-250
+    bytes a thread at 255 registers (bf16) and a float32 64-key tile spilled at either warp count. A fixed policy
+    rather than autotuning: one configuration per shape, the same at capture and at every replay."""
     gqa_pad = triton.next_power_of_2(queries_per_kv)
     block_q = max(1, 16 // gqa_pad)
     head_pad = max(16, triton.next_power_of_2(head_dim))
-    if head_pad <= 128:
-        return gqa_pad, block_q, 64, 4, 2
-    return gqa_pad, block_q, 32, 8, 2
+    tile_n = 64 if head_pad <= 128 and dtype.itemsize == 2 else 32
+    return gqa_pad, block_q, tile_n, 8, 2
 
 
 def segments_for(num_tokens: int, num_kv_heads: int, *, num_sms: int, max_kv_len: int | None = None,
@@ -261,7 +263,7 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     queries_per_kv = num_q_heads // num_kv_heads
-    gqa_pad, block_q, default_tile, num_warps, num_stages = launch_config(queries_per_kv, head_dim)
+    gqa_pad, block_q, default_tile, num_warps, num_stages = launch_config(queries_per_kv, head_dim, k_cache.dtype)
     tile_n = tile_n or default_tile
     bound = num_tokens if num_tokens_bound is None else num_tokens_bound
     if num_segments is None:
