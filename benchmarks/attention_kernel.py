@@ -11,12 +11,14 @@ and row counts 16x (the interpreter runs them in seconds); it writes a result on
 
 Per case: ``reference`` = one SDPA call on contiguous K/V (decode: [rows, 8, context, 128]; prefill: causal
 lower-right); ``kernel`` = ``paged_attention`` alone with its default segment policy (or ``--segments``), and
-``kernel_1seg`` the single pass (no split-KV) where that splits; per backend (``--backends``) the layer's KV
-write + attention (``backend.forward``). Every output is compared with the reference: max abs error and
-``equal`` (within the dtype's tolerance). Time per call in µs: on CUDA from device events around a CUDA graph of
-``--iters`` calls (what a captured step costs, without Python's launch overhead; eager events if capture fails,
-noted as ``timing``), backends eagerly; on CPU the wall-clock median. Decode cases also report the K+V bytes
-read per second and, on CUDA, their fraction of ``--peak-tbps`` (an H100/H200's HBM: 3.35 / 4.8 TB/s).
+``kernel_1seg`` the single pass (no split-KV) where that splits, ``kernel_wN`` the default at N warps (``--warps``;
+on a GPU 4 by default: the launch policy before its spill check, to be measured against it); per backend
+(``--backends``) the layer's KV write + attention (``backend.forward``). Every output is compared with the
+reference: max abs error and ``equal`` (within the dtype's tolerance). Time per call in µs: on CUDA from device
+events around a CUDA graph of ``--iters`` calls (what a captured step costs, without Python's launch overhead; eager
+events if capture fails, noted as ``timing``), backends eagerly; on CPU the wall-clock median. Decode cases also
+report the K+V bytes read per second and, on CUDA, their fraction of ``--peak-tbps`` (an H100/H200's HBM: 3.35 / 4.8
+TB/s).
 Results: benchmarks/results/attention_kernel_<device>.json and .md, or ``--output PATH`` (JSON; .md beside it).
 """
 
@@ -177,14 +179,16 @@ def run_case(name, rows, args, names, dtype) -> dict:
 
         row["segments"] = args.segments or segments_for(meta.num_tokens, HKV, num_sms=sm_count(q.device),
                                                         max_kv_len=meta.block_tables.shape[1] * BS)
-        for prefix, segments in (("kernel", row["segments"]), ("kernel_1seg", 1)):
+        variants = [("kernel", row["segments"], None), ("kernel_1seg", 1, None)]
+        variants += [(f"kernel_w{warps}", row["segments"], warps) for warps in args.warps]
+        for prefix, segments, warps in variants:
             if prefix == "kernel_1seg" and row["segments"] == 1:
                 continue
             out = torch.empty_like(q)
 
-            def call(out=out, segments=segments):
+            def call(out=out, segments=segments, warps=warps):
                 return paged_attention(out, q, pool.keys[0], pool.values[0], meta.query_start_loc, meta.seq_lens,
-                                       meta.block_tables, BS, scale, num_segments=segments)
+                                       meta.block_tables, BS, scale, num_segments=segments, num_warps=warps)
             row[f"{prefix}_us"], timing = timed(call, device, args.iters, graph)
             timings.add(timing)
             check(prefix, call())
@@ -220,6 +224,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help=f"every length and row count / {QUICK} (a rehearsal)")
     ap.add_argument("--segments", type=int, default=None,
                     help="the kernel's split-KV segments in every case (default: segments_for's policy)")
+    ap.add_argument("--warps", default=None,
+                    help="comma-separated num_warps to time the kernel at too, beside launch_config's (default on a "
+                         "GPU: 4, the policy before it was checked for register spills; none on cpu)")
     ap.add_argument("--eager", action="store_true", help="on CUDA, time eager calls instead of graph replays")
     ap.add_argument("--peak-tbps", type=float, default=4.8, help="HBM bandwidth for the fraction (H200: 4.8)")
     ap.add_argument("--output", default=None, help="write the JSON here (and the .md beside it)")
@@ -228,6 +235,7 @@ def main():
 
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.iters = args.iters or (3 if args.quick else 20)
+    args.warps = [int(w) for w in (args.warps or ("4" if args.device != "cpu" else "")).split(",") if w]
     dtype = getattr(torch, args.dtype)
     interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
     default = "sdpa,triton" if args.device != "cpu" or interpreted else "sdpa"
@@ -250,12 +258,13 @@ def main():
     results["equal"] = all(val for row in results["cases"].values() for key, val in row.items()
                            if key.endswith("_equal"))
 
-    columns = ["reference"] + (["kernel", "kernel_1seg"] if "triton" in names else []) + names
+    kernels = ["kernel", "kernel_1seg"] + [f"kernel_w{warps}" for warps in args.warps]
+    columns = ["reference"] + (kernels if "triton" in names else []) + names
     lines = [f"One attention layer on {results['device']} ({args.dtype}, {results['shape']}"
              f"{', quick sizes' if args.quick else ''}): µs per call (median of {args.iters}; CUDA: device events "
              "over a graph of the calls), reference = SDPA on contiguous K/V; kernel = paged_attention alone "
-             "(default segments; _1seg: single pass); backends = KV write + attention. Decode cases: the kernel's K+V "
-             f"read GB/s (on CUDA: the fraction of {args.peak_tbps} TB/s).", "",
+             "(default segments; _1seg: single pass; _wN: at N warps); backends = KV write + attention. Decode "
+             f"cases: the kernel's K+V read GB/s (on CUDA: the fraction of {args.peak_tbps} TB/s).", "",
              "| case | segments | " + " | ".join(f"{c} µs" for c in columns) + " | kernel K+V GB/s | equal |",
              "| --- | --- | " + " | ".join("---" for _ in columns) + " | --- | --- |"]
     for case, row in results["cases"].items():

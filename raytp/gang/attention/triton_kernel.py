@@ -248,7 +248,8 @@ def sm_count(device: torch.device) -> int:
 def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
                     block_size: int, scale: float, num_tokens_bound: int | None = None, *,
-                    num_segments: int | None = None, tile_n: int | None = None) -> torch.Tensor:
+                    num_segments: int | None = None, tile_n: int | None = None,
+                    num_warps: int | None = None) -> torch.Tensor:
     """Attention of every query token over its row's context, causal within the row.
 
     ``q`` [T, Hq, D] and ``out`` [T, Hq, D] (any strides with a unit last one); ``k_cache`` / ``v_cache``
@@ -258,13 +259,15 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v
     context are never read). Tokens of no row (a padded step's tail) are not written. ``num_tokens_bound``: an
     upper bound on T fixing the grid (graph capture); T by default. ``num_segments``: split-KV segments,
     ``segments_for`` of the launch shape by default; ``tile_n``: keys per tile (a power of two >= 16),
-    ``launch_config``'s by default. Every launch parameter depends on shapes only. Returns ``out``."""
+    ``launch_config``'s by default, as is ``num_warps`` (overrides for benchmarks). Every launch parameter depends
+    on shapes only. Returns ``out``."""
     num_rows = seq_lens.shape[0]
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     queries_per_kv = num_q_heads // num_kv_heads
-    gqa_pad, block_q, default_tile, num_warps, num_stages = launch_config(queries_per_kv, head_dim, k_cache.dtype)
+    gqa_pad, block_q, default_tile, default_warps, num_stages = launch_config(queries_per_kv, head_dim, k_cache.dtype)
     tile_n = tile_n or default_tile
+    num_warps = num_warps or default_warps
     bound = num_tokens if num_tokens_bound is None else num_tokens_bound
     if num_segments is None:
         num_segments = segments_for(bound, num_kv_heads, num_sms=sm_count(q.device),
