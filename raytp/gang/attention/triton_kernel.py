@@ -208,8 +208,8 @@ def launch_config(queries_per_kv: int, head_dim: int, dtype: torch.dtype) -> tup
     """(GQA_PAD, BLOCK_Q, TILE_N, num_warps, num_stages). Query heads per kv head padded to a power of two, and
     enough query tokens per tile that a tile has at least 16 rows (Triton's smallest dot). Keys per tile: 64 for
     16-bit K/V up to head dim 128, 32 for float32 or larger heads; 8 warps, 2 stages. Compiled for sm_90 (ptxas,
-    Triton 3.6 and 3.9), every such configuration fits in registers, where 4 warps on a 64 x 128 tile spilled 16-250
-    bytes a thread at 255 registers (bf16) and a float32 64-key tile spilled at either warp count. A fixed policy
+    Triton 3.6 and 3.9), every such configuration fits in registers, where 4 warps on a 64 x 128 bf16 tile spilled
+    (255 registers and 16-88 bytes a thread) and a float32 64-key tile spilled at either warp count. A fixed policy
     rather than autotuning: one configuration per shape, the same at capture and at every replay."""
     gqa_pad = triton.next_power_of_2(queries_per_kv)
     block_q = max(1, 16 // gqa_pad)
