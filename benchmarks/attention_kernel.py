@@ -12,9 +12,9 @@ and row counts 16x (the interpreter runs them in seconds); it writes a result on
 Per case: ``reference`` = one SDPA call on contiguous K/V (decode: [rows, 8, context, 128]; prefill: causal
 lower-right); ``kernel`` = ``paged_attention`` alone with its default segment policy (or ``--segments``), and
 ``kernel_1seg`` the single pass (no split-KV) where that splits, ``kernel_wN`` the default at N warps (``--warps``;
-on a GPU 4 by default: the launch policy before its spill check, to be measured against it); per backend
-(``--backends``) the layer's KV write + attention (``backend.forward``). Every output is compared with the
-reference: max abs error and ``equal`` (within the dtype's tolerance). Time per call in µs: on CUDA from device
+on a GPU 8 by default: the other warp count at which a 64-key bf16 tile fits in registers, against the policy's 4);
+per backend (``--backends``) the layer's KV write + attention (``backend.forward``). Every output is compared with
+the reference: max abs error and ``equal`` (within the dtype's tolerance). Time per call in µs: on CUDA from device
 events around a CUDA graph of ``--iters`` calls (what a captured step costs, without Python's launch overhead; eager
 events if capture fails, noted as ``timing``), backends eagerly; on CPU the wall-clock median. Decode cases also
 report the K+V bytes read per second and, on CUDA, their fraction of ``--peak-tbps`` (an H100/H200's HBM: 3.35 / 4.8
@@ -226,7 +226,7 @@ def main():
                     help="the kernel's split-KV segments in every case (default: segments_for's policy)")
     ap.add_argument("--warps", default=None,
                     help="comma-separated num_warps to time the kernel at too, beside launch_config's (default on a "
-                         "GPU: 4, the policy before it was checked for register spills; none on cpu)")
+                         "GPU: 8, the other count at which a 64-key bf16 tile fits in registers; none on cpu)")
     ap.add_argument("--eager", action="store_true", help="on CUDA, time eager calls instead of graph replays")
     ap.add_argument("--peak-tbps", type=float, default=4.8, help="HBM bandwidth for the fraction (H200: 4.8)")
     ap.add_argument("--output", default=None, help="write the JSON here (and the .md beside it)")
@@ -235,7 +235,7 @@ def main():
 
     args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     args.iters = args.iters or (3 if args.quick else 20)
-    args.warps = [int(w) for w in (args.warps or ("4" if args.device != "cpu" else "")).split(",") if w]
+    args.warps = [int(w) for w in (args.warps or ("8" if args.device != "cpu" else "")).split(",") if w]
     dtype = getattr(torch, args.dtype)
     interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
     default = "sdpa,triton" if args.device != "cpu" or interpreted else "sdpa"

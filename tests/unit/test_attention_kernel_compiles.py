@@ -27,16 +27,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SM90_SHARED_BYTES = 232448  # the most shared memory one block may opt in to on sm_90 (227 KiB)
 INT32_POINTERS = {"query_start_loc_ptr", "seq_lens_ptr", "block_tables_ptr"}
 FP32_POINTERS = {"part_acc_ptr", "part_m_ptr", "part_l_ptr"}
+ALIGNED_STRIDES = {"stride_q_tok", "stride_q_head", "stride_o_tok", "stride_o_head", "stride_cache_slot",
+                   "stride_cache_head"}
 
 # (dtype, query heads per kv head, head dim, segments): an 8B Llama's decode (GQA 4, D 128) single pass and split,
-# in each dtype; the most segments (32); MHA at D 64 (16 query tokens a tile); D 256 (32-key tiles, 8 warps)
+# in each dtype; the most segments (32); MHA at D 64 (16 query tokens a tile); D 256 (8 warps)
 CASES = [("bf16", 4, 128, 1), ("bf16", 4, 128, 8), ("fp16", 4, 128, 8), ("fp32", 4, 128, 1),
-         ("bf16", 8, 128, 32), ("bf16", 1, 64, 1), ("bf16", 2, 256, 4)]
+         ("bf16", 8, 128, 32), ("bf16", 1, 64, 1), ("fp32", 1, 64, 1), ("bf16", 2, 256, 4), ("fp16", 8, 256, 1),
+         ("fp32", 2, 256, 1)]
 
 
 def compile_for_sm90(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int):
     """``kernel`` compiled for sm_90: pointers by name (the step's tensors in ``dtype``, metadata int32, segment
-    partials fp32), ``scale`` fp32, every other runtime argument int32."""
+    partials fp32), ``scale`` fp32, every other runtime argument int32, specialised as a launch here would be."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -53,7 +56,12 @@ def compile_for_sm90(kernel, dtype: str, constexprs: dict, num_warps: int, num_s
             signature[name] = f"*{dtype}"
         else:
             signature[name] = "fp32" if name == "scale" else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    # what Triton's launcher specialises at run time, as its AOT tool writes it: the tensors (the caching
+    # allocator's blocks) and the q / out / cache strides (head dims and head counts times them) divisible by 16
+    names = list(signature)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names)
+             if signature[name].startswith("*") or name in ALIGNED_STRIDES}
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
 

@@ -31,9 +31,9 @@ width; and the device's SM count), so one token bucket is one grid and one graph
 (no scratch, no merge).
 
 Launch policy (``launch_config``, fixed, not autotuned: graphs and determinism want one configuration per
-shape): 8 warps, 2 stages; 64-key tiles for 16-bit K/V up to head dim 128, 32-key tiles for float32 or larger
-heads. Chosen so that no configuration spills registers on sm_90 (``tests/unit/test_attention_kernel_compiles.py``
-compiles each for an H100 and reads its registers and stack).
+shape): 2 stages; 16-bit K/V in 64-key tiles, 4 warps up to head dim 128 and 8 above; float32 in 32-key tiles, 8
+warps. No configuration spills registers on sm_90 as a launch specialises it
+(``tests/unit/test_attention_kernel_compiles.py`` compiles each for an H100 and reads its registers and stack).
 """
 
 from __future__ import annotations
@@ -206,16 +206,17 @@ def _interpreted() -> bool:
 
 def launch_config(queries_per_kv: int, head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
     """(GQA_PAD, BLOCK_Q, TILE_N, num_warps, num_stages). Query heads per kv head padded to a power of two, and
-    enough query tokens per tile that a tile has at least 16 rows (Triton's smallest dot). Keys per tile: 64 for
-    16-bit K/V up to head dim 128, 32 for float32 or larger heads; 8 warps, 2 stages. Compiled for sm_90 (ptxas,
-    Triton 3.6 and 3.9), every such configuration fits in registers, where 4 warps on a 64 x 128 bf16 tile spilled
-    (255 registers and 16-88 bytes a thread) and a float32 64-key tile spilled at either warp count. A fixed policy
+    enough query tokens per tile that a tile has at least 16 rows (Triton's smallest dot). 16-bit K/V: 64 keys per
+    tile, 4 warps up to head dim 128, 8 above (the larger accumulator); float32: 32 keys, 8 warps; 2 stages. Each fits
+    in registers on sm_90 under Triton 3.6 and 3.9 (64 to 128 registers), where float32 at 4 warps spilled 272-536
+    bytes a thread and a 16-bit 32-key tile at head dim 256 and 8 warps 8 bytes under Triton 3.9. A fixed policy
     rather than autotuning: one configuration per shape, the same at capture and at every replay."""
     gqa_pad = triton.next_power_of_2(queries_per_kv)
     block_q = max(1, 16 // gqa_pad)
     head_pad = max(16, triton.next_power_of_2(head_dim))
-    tile_n = 64 if head_pad <= 128 and dtype.itemsize == 2 else 32
-    return gqa_pad, block_q, tile_n, 8, 2
+    if dtype.itemsize == 2:
+        return gqa_pad, block_q, 64, 4 if head_pad <= 128 else 8, 2
+    return gqa_pad, block_q, 32, 8, 2
 
 
 def segments_for(num_tokens: int, num_kv_heads: int, *, num_sms: int, max_kv_len: int | None = None,
