@@ -2,12 +2,12 @@
 
 The interpreter tests (test_attention_backends.py) check the kernel's arithmetic, but the interpreter runs no GPU
 lowering: it upcasts bf16 before every dot and has no layouts, shared memory or tensor cores. Triton's NVIDIA
-backend (its wheel brings ptxas) compiles for a named target with no device present, so every launch
-configuration raytp uses (``launch_config``'s tiles, warps and stages; segments or none; each dtype) is built here
-for sm_90 down to a cubin: a kernel that Triton cannot lower, that asks for more shared memory than one block of
-an H100 may have, or that spills registers (its stack frame, read by ``cuobjdump``), fails in CI instead of on a
-lent GPU. The GPU session runs this file too, with the image's
-Triton.
+backend (its wheel brings ptxas) compiles for a named target with no device present, so every launch configuration
+raytp uses (``launch_config``'s tiles, warps and stages; segments or none; each dtype) is built here for sm_90 down
+to a cubin, specialised as a launch is: a kernel that Triton cannot lower, that asks for more shared memory than one
+block of an H100 may have, that spills registers (its stack frame, read by ``cuobjdump``) or whose K/V tiles are no
+longer pipelined (``cp.async``), fails in CI instead of on a lent GPU. The GPU session runs this file too, with the
+image's Triton.
 
 The compiling runs in a child process: where there is no GPU the tests' conftest turns Triton's interpreter on,
 and ``triton.jit`` decides at definition, for Triton's own helpers too, whether a function is interpreted.
@@ -102,7 +102,8 @@ def compile_case(dtype: str, queries_per_kv: int, head_dim: int, segments: int) 
                                  {**shape, "BLOCK_SIZE": 16, "TILE_N": tile_n, "FP32_DOT": dtype == "fp32"},
                                  num_warps, num_stages)
     result = {"cubin_bytes": len(attention.asm["cubin"]), "shared": attention.metadata.shared,
-              "mma": "mma" in attention.asm["ptx"], "merge_cubin_bytes": None,
+              "mma": "mma" in attention.asm["ptx"], "cp_async": "cp.async" in attention.asm["ptx"],
+              "merge_cubin_bytes": None,
               "resources": resource_usage(attention.asm["cubin"])}
     if segments > 1:
         merge = compile_for_sm90(tk._merge_segments_kernel, dtype, shape, num_warps=4, num_stages=1)
@@ -148,6 +149,7 @@ def test_the_kernels_compile_for_sm90(compiled, case):
     assert result["shared"] <= SM90_SHARED_BYTES, f"{result['shared']} bytes of shared memory"
     # 16-bit dots run on tensor cores; float32 ones are exact FMAs (input_precision="ieee", not tf32)
     assert result["mma"] == (case[0] != "fp32")
+    assert result["cp_async"], "K/V tiles are not brought in asynchronously (no software pipelining)"
     if result["resources"] is not None:  # no spills: registers are all the kernel keeps its tiles in
         assert result["resources"]["stack"] == 0, f"spills registers: {result['resources']}"
     if case[3] > 1:
