@@ -90,23 +90,20 @@ def resource_usage(cubin: bytes) -> dict | None:
 def compile_case(dtype: str, queries_per_kv: int, head_dim: int, segments: int) -> dict:
     """What the kernels of one case compiled to (run in the child, interpreter off)."""
     import torch
-    import triton
 
     from raytp.gang.attention import triton_kernel as tk
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    gqa_pad, block_q, tile_n, num_warps, num_stages = tk.launch_config(queries_per_kv, head_dim, torch_dtype)
-    shape = dict(NUM_Q_HEADS=8 * queries_per_kv, QUERIES_PER_KV=queries_per_kv, GQA_PAD=gqa_pad, HEAD_DIM=head_dim,
-                 HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_Q=block_q, NUM_SEGMENTS=segments)
-    attention = compile_for_sm90(tk._paged_attention_kernel, dtype,
-                                 {**shape, "BLOCK_SIZE": 16, "TILE_N": tile_n, "FP32_DOT": dtype == "fp32"},
-                                 num_warps, num_stages)
+    _, _, tile_n, num_warps, num_stages = tk.launch_config(queries_per_kv, head_dim, torch_dtype)
+    attention_constants, merge_constants = tk.kernel_constants(8 * queries_per_kv, 8, head_dim, torch_dtype,
+                                                               block_size=16, tile_n=tile_n, num_segments=segments)
+    attention = compile_for_sm90(tk._paged_attention_kernel, dtype, attention_constants, num_warps, num_stages)
     result = {"cubin_bytes": len(attention.asm["cubin"]), "shared": attention.metadata.shared,
               "mma": "mma" in attention.asm["ptx"], "cp_async": "cp.async" in attention.asm["ptx"],
               "merge_cubin_bytes": None,
               "resources": resource_usage(attention.asm["cubin"])}
     if segments > 1:
-        merge = compile_for_sm90(tk._merge_segments_kernel, dtype, shape, num_warps=4, num_stages=1)
+        merge = compile_for_sm90(tk._merge_segments_kernel, dtype, merge_constants, **tk.MERGE_OPTIONS)
         result["merge_cubin_bytes"] = len(merge.asm["cubin"])
     return result
 

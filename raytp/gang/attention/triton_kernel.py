@@ -48,6 +48,7 @@ MAX_SEGMENTS = 32
 # programs in flight per SM that a split step aims for: several tiles' loads outstanding per SM is what it takes
 # to approach HBM bandwidth (a 132-SM H100/H200: 528 programs)
 PROGRAMS_PER_SM = 4
+MERGE_OPTIONS = {"num_warps": 4, "num_stages": 1}  # the merge reads a few partials per (token, head): small
 
 
 @triton.jit
@@ -219,6 +220,18 @@ def launch_config(queries_per_kv: int, head_dim: int, dtype: torch.dtype) -> tup
     return gqa_pad, block_q, 32, 8, 2
 
 
+def kernel_constants(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *, block_size: int,
+                     tile_n: int, num_segments: int) -> tuple[dict, dict]:
+    """The constexprs one ``paged_attention`` call compiles its kernels with: (the attention kernel's, the merge
+    kernel's). Float32 dots are exact (ieee); under the interpreter bf16 operands are upcast too (``_interpreted``)."""
+    queries_per_kv = num_q_heads // num_kv_heads
+    gqa_pad, block_q, *_ = launch_config(queries_per_kv, head_dim, dtype)
+    merge = dict(NUM_Q_HEADS=num_q_heads, QUERIES_PER_KV=queries_per_kv, GQA_PAD=gqa_pad, HEAD_DIM=head_dim,
+                 HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_Q=block_q, NUM_SEGMENTS=num_segments)
+    fp32_dot = dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
+    return {**merge, "BLOCK_SIZE": block_size, "TILE_N": tile_n, "FP32_DOT": fp32_dot}, merge
+
+
 def segments_for(num_tokens: int, num_kv_heads: int, *, num_sms: int, max_kv_len: int | None = None,
                  tile_n: int = 64) -> int:
     """How many segments each query block's keys are split into: a pure function of the launch shape (and the
@@ -266,7 +279,7 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[1]
     queries_per_kv = num_q_heads // num_kv_heads
-    gqa_pad, block_q, default_tile, default_warps, num_stages = launch_config(queries_per_kv, head_dim, k_cache.dtype)
+    _, block_q, default_tile, default_warps, num_stages = launch_config(queries_per_kv, head_dim, k_cache.dtype)
     tile_n = tile_n or default_tile
     num_warps = num_warps or default_warps
     bound = num_tokens if num_tokens_bound is None else num_tokens_bound
@@ -280,21 +293,20 @@ def paged_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v
                                      device=q.device)
     else:
         part_acc = part_m = part_l = out  # never touched: the single pass writes ``out`` directly
-    shape = dict(NUM_Q_HEADS=num_q_heads, QUERIES_PER_KV=queries_per_kv, GQA_PAD=gqa_pad, HEAD_DIM=head_dim,
-                 HEAD_PAD=max(16, triton.next_power_of_2(head_dim)), BLOCK_Q=block_q, NUM_SEGMENTS=num_segments)
+    attention_constants, merge_constants = kernel_constants(num_q_heads, num_kv_heads, head_dim, q.dtype,
+                                                            block_size=block_size, tile_n=tile_n,
+                                                            num_segments=num_segments)
     num_q_blocks = bound // block_q + num_rows
     _paged_attention_kernel[(num_q_blocks, num_kv_heads, num_segments)](
         out, part_acc, part_m, part_l, q, k_cache, v_cache, query_start_loc, seq_lens, block_tables,
         scale, num_rows, num_tokens,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        BLOCK_SIZE=block_size, TILE_N=tile_n,
-        FP32_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and _interpreted()),
-        num_warps=num_warps, num_stages=num_stages, **shape,
+        num_warps=num_warps, num_stages=num_stages, **attention_constants,
     )
     if num_segments > 1:
         _merge_segments_kernel[(num_q_blocks, num_kv_heads)](
             out, part_acc, part_m, part_l, query_start_loc, num_rows, num_tokens, out.stride(0), out.stride(1),
-            num_warps=4, num_stages=1, **shape,
+            **MERGE_OPTIONS, **merge_constants,
         )
     return out
